@@ -1,0 +1,469 @@
+"""Turning ChatGPT conversations into `{"messages": [...]}` training records: policy, filters, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import export
+from .errors import ChatkitError
+from .redact import Redactor
+
+TOOL_BLOCK = "```{label}\n{text}\n```"
+
+
+@dataclass
+class ConvertOptions:
+    inputs: List[str]
+    output: str
+    jsonl: bool = False
+    metadata: bool = False
+    min_exchanges: int = 1
+    max_length: Optional[int] = None
+    max_tokens: Optional[int] = None
+    tokenizer: Optional[str] = None
+    truncate: bool = False
+    all_branches: bool = False
+    include_tools: bool = False
+    image_placeholder: Optional[str] = None
+    system_prompt: Optional[str] = None
+    custom_instructions: bool = False
+    redact: bool = False
+    since: Optional[float] = None
+    until: Optional[float] = None
+    title: Optional[str] = None
+    model: Optional[str] = None
+    exclude_archived: bool = False
+    preview: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Stats:
+    read: int = 0
+    kept: int = 0
+    records: int = 0
+    messages: int = 0
+    characters: int = 0
+    branches: int = 0  # conversations whose tree has more than one root-to-leaf path
+    dropped: Counter = field(default_factory=Counter)
+    skipped_content: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    redactions: Counter = field(default_factory=Counter)
+    warnings: List[str] = field(default_factory=list)
+
+
+def parse_date(value: str, end_of_day: bool = False) -> float:
+    """Epoch seconds for YYYY-MM-DD or an ISO datetime (UTC unless it says otherwise)."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ChatkitError(f"date {value!r} is not YYYY-MM-DD or an ISO date-time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    if end_of_day and len(value) == 10:
+        moment += timedelta(days=1)
+    return moment.timestamp()
+
+
+# ---------------------------------------------------------------------------------------------
+# One message
+
+
+def _text_of_parts(parts, options: ConvertOptions, stats: Stats) -> str:
+    pieces = []
+    for part in parts or []:
+        if isinstance(part, str):
+            pieces.append(part)
+        elif isinstance(part, dict):
+            kind = part.get("content_type") or "unknown_part"
+            if kind == "audio_transcription" and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            elif options.image_placeholder is not None and "image" in kind:
+                pieces.append(options.image_placeholder)
+            else:
+                stats.skipped_content[kind] += 1
+    return "\n".join(p for p in pieces if p)
+
+
+def _tool_text(message: dict) -> str:
+    content = message.get("content") or {}
+    for key in ("text", "result"):
+        if isinstance(content.get(key), str):
+            return content[key]
+    if isinstance(content.get("parts"), list):
+        return "\n".join(p for p in content["parts"] if isinstance(p, str))
+    return ""
+
+
+def message_turn(node: dict, options: ConvertOptions, stats: Stats) -> Optional[Tuple[str, str]]:
+    """(role, text) for one tree node, or None when the user did not see it as a turn."""
+    message = node.get("message") if isinstance(node, dict) else None
+    if not isinstance(message, dict):
+        return None
+    role = (message.get("author") or {}).get("role")
+    content = message.get("content") or {}
+    kind = content.get("content_type", "missing")
+    metadata = message.get("metadata") or {}
+    if metadata.get("is_visually_hidden_from_conversation") or message.get("weight") == 0:
+        return None
+    if role == "system":
+        return None
+    if message.get("channel") == "analysis":  # hidden reasoning
+        stats.skipped_content["analysis"] += 1
+        return None
+    tool_call = role == "assistant" and message.get("recipient") not in (None, "all")
+    if role == "tool" or tool_call:
+        if not options.include_tools:
+            return None
+        if tool_call:
+            label = content.get("language") if kind == "code" else None
+            label = label or message.get("recipient") or "tool"
+        else:
+            label = f"{(message.get('author') or {}).get('name') or 'tool'} output"
+        text = _tool_text(message)
+        return ("assistant", TOOL_BLOCK.format(label=label, text=text)) if text else None
+    if role not in ("user", "assistant"):
+        stats.skipped_content[f"role:{role}"] += 1
+        return None
+    if kind == "text":
+        return role, _text_of_parts(content.get("parts"), options, stats)
+    if kind == "multimodal_text":
+        return role, _text_of_parts(content.get("parts"), options, stats)
+    stats.skipped_content[kind] += 1
+    return None
+
+
+def custom_instructions(conversation: dict) -> Optional[str]:
+    """The user's custom instructions as stored in the conversation, if any."""
+    for node in (conversation.get("mapping") or {}).values():
+        message = (node or {}).get("message") if isinstance(node, dict) else None
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content") or {}
+        data = (message.get("metadata") or {}).get("user_context_message_data") or {}
+        if content.get("content_type") == "user_editable_context":
+            profile, instructions = content.get("user_profile"), content.get("user_instructions")
+        elif data:
+            profile, instructions = data.get("about_user_message"), data.get("about_model_message")
+        else:
+            continue
+        parts = [p.strip() for p in (profile, instructions) if isinstance(p, str) and p.strip()]
+        if parts:
+            return "\n\n".join(parts)
+    return None
+
+
+def normalise_turns(turns: Sequence[Tuple[str, str]]) -> List[dict]:
+    """Drop empty turns, join adjacent same-role turns, trim a leading assistant and a trailing user."""
+    messages: List[dict] = []
+    for role, text in turns:
+        if not text or not text.strip():
+            continue
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + text
+        else:
+            messages.append({"role": role, "content": text})
+    while messages and messages[0]["role"] == "assistant":
+        messages.pop(0)
+    while messages and messages[-1]["role"] == "user":
+        messages.pop()
+    return messages
+
+
+def count_exchanges(messages: Sequence[dict]) -> int:
+    return sum(1 for a, b in zip(messages, messages[1:]) if a["role"] == "user" and b["role"] == "assistant")
+
+
+# ---------------------------------------------------------------------------------------------
+# One conversation
+
+
+def _conversation_model(conversation: dict) -> Optional[str]:
+    if conversation.get("default_model_slug"):
+        return conversation["default_model_slug"]
+    for node in (conversation.get("mapping") or {}).values():
+        message = node.get("message") if isinstance(node, dict) else None
+        slug = ((message or {}).get("metadata") or {}).get("model_slug") if isinstance(message, dict) else None
+        if slug:
+            return slug
+    return None
+
+
+def _model_slugs(conversation: dict) -> set:
+    slugs = {conversation.get("default_model_slug")}
+    for node in (conversation.get("mapping") or {}).values():
+        message = node.get("message") if isinstance(node, dict) else None
+        if isinstance(message, dict):
+            slugs.add((message.get("metadata") or {}).get("model_slug"))
+    return {s.lower() for s in slugs if isinstance(s, str)}
+
+
+def filter_reason(conversation: dict, options: ConvertOptions, title_re) -> Optional[str]:
+    """Why a conversation is excluded by the user's filters, or None."""
+    created = conversation.get("create_time")
+    if options.since is not None and (not isinstance(created, (int, float)) or created < options.since):
+        return "before --since"
+    if options.until is not None and (not isinstance(created, (int, float)) or created >= options.until):
+        return "after --until"
+    if title_re is not None and not title_re.search(conversation.get("title") or ""):
+        return "title does not match --title"
+    if options.model and options.model.lower() not in _model_slugs(conversation):
+        return "model does not match --model"
+    if options.exclude_archived and conversation.get("is_archived"):
+        return "archived"
+    return None
+
+
+class Converter:
+    """Converts conversations one at a time, keeping statistics."""
+
+    def __init__(self, options: ConvertOptions):
+        self.options = options
+        self.stats = Stats()
+        self.title_re = None
+        if options.title:
+            try:
+                self.title_re = re.compile(options.title, re.IGNORECASE)
+            except re.error as exc:
+                raise ChatkitError(f"--title {options.title!r} is not a valid regular expression ({exc})") from None
+        self.redactor = Redactor() if options.redact else None
+        self.count_tokens = self._token_counter() if options.max_tokens else None
+
+    def _token_counter(self) -> Callable[[List[dict]], int]:
+        if not self.options.tokenizer:
+            raise ChatkitError("--max-tokens needs --tokenizer MODEL (the model you will train, e.g. smollm2-135m)")
+        from .formatting import render
+        from .models import load_tokenizer, resolve_model
+
+        tokenizer = load_tokenizer(resolve_model(self.options.tokenizer))
+
+        def count(messages: List[dict]) -> int:
+            return len(tokenizer(render(messages, tokenizer), add_special_tokens=False)["input_ids"])
+
+        return count
+
+    def convert(self, conversation) -> List[dict]:
+        """Records for one conversation (several with --all-branches); drops are counted in stats."""
+        stats, options = self.stats, self.options
+        stats.read += 1
+        if not isinstance(conversation, dict):
+            stats.dropped["not a conversation object"] += 1
+            return []
+        reason = filter_reason(conversation, options, self.title_re)
+        if reason:
+            stats.dropped[reason] += 1
+            return []
+        try:
+            paths = export.all_paths(conversation) if options.all_branches else [export.current_path(conversation)]
+        except export.SkipConversation as exc:
+            stats.dropped[str(exc)] += 1
+            return []
+        mapping = conversation["mapping"]
+        if any(isinstance(n, dict) and len(n.get("children") or []) > 1 for n in mapping.values()):
+            stats.branches += 1
+        records = []
+        for path in paths:
+            messages = self._messages(conversation, path)
+            if messages is None:
+                continue
+            if any(_is_prefix(messages, other["messages"]) for other in records):
+                continue
+            records = [r for r in records if not _is_prefix(r["messages"], messages)]
+            records.append(self._record(conversation, messages))
+        if not records:
+            return []
+        stats.kept += 1
+        return records
+
+    def _messages(self, conversation: dict, path: List[dict]) -> Optional[List[dict]]:
+        stats, options = self.stats, self.options
+        turns = [turn for turn in (message_turn(node, options, stats) for node in path) if turn]
+        messages = normalise_turns(turns)
+        if count_exchanges(messages) < max(options.min_exchanges, 1):
+            reason = "no exchange" if count_exchanges(messages) == 0 else "fewer than --min-exchanges"
+            stats.dropped[reason] += 1
+            return None
+        if self.redactor:
+            for message in messages:
+                message["content"] = self.redactor(message["content"])
+        system = options.system_prompt
+        if options.custom_instructions:
+            system = custom_instructions(conversation) or system
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return self._limit_length(messages)
+
+    def _limit_length(self, messages: List[dict]) -> Optional[List[dict]]:
+        options, stats = self.options, self.stats
+        limits = []
+        if options.max_length:
+            limits.append((options.max_length, lambda ms: sum(len(m["content"]) for m in ms), "--max-length"))
+        if options.max_tokens:
+            limits.append((options.max_tokens, self.count_tokens, "--max-tokens"))
+        for limit, measure, flag in limits:
+            if measure(messages) <= limit:
+                continue
+            if not options.truncate:
+                stats.dropped[f"longer than {flag}"] += 1
+                return None
+            cut = _cut_at_exchange(messages, limit, measure)
+            if cut is None or count_exchanges(cut) < max(options.min_exchanges, 1):
+                stats.dropped[f"first exchange longer than {flag}"] += 1
+                return None
+            stats.truncated += 1
+            messages = cut
+        return messages
+
+    def _record(self, conversation: dict, messages: List[dict]) -> dict:
+        record = {"messages": messages}
+        if self.options.metadata:
+            title = conversation.get("title")
+            if self.redactor and isinstance(title, str):
+                title = self.redactor(title)
+            record.update(
+                id=conversation.get("id") or conversation.get("conversation_id"),
+                title=title,
+                create_time=conversation.get("create_time"),
+                model=_conversation_model(conversation),
+            )
+        return record
+
+
+def _is_prefix(short: List[dict], long: List[dict]) -> bool:
+    return len(short) <= len(long) and long[: len(short)] == short
+
+
+def _cut_at_exchange(messages: List[dict], limit: int, measure) -> Optional[List[dict]]:
+    """The longest leading run of whole exchanges (ending on an assistant turn) within the limit."""
+    best = None
+    for end in range(1, len(messages) + 1):
+        if messages[end - 1]["role"] != "assistant":
+            continue
+        if measure(messages[:end]) > limit:
+            break
+        best = messages[:end]
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run
+
+
+def _write_atomically(path: str, write: Callable) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=".tmp-", suffix=".part",
+                                         delete=False)
+    try:
+        with handle:
+            write(handle)
+        os.replace(handle.name, path)
+    except BaseException:
+        os.unlink(handle.name)
+        raise
+
+
+def run(options: ConvertOptions) -> Stats:
+    """Convert every input into one output file, merging duplicates by newest update_time."""
+    read_stats = export.ReadStats()
+    sources = export.find_sources(options.inputs, read_stats)
+    converter = Converter(options)
+    stats = converter.stats
+    for member in read_stats.unsafe_members:
+        stats.warnings.append(f"skipped zip member with an unsafe path: {member}")
+    newest: Dict[str, Tuple[float, int]] = {}  # conversation id -> (update_time, copy number)
+    staging = tempfile.TemporaryFile("w+", encoding="utf-8")
+    copy = 0
+    with staging:
+        for label, index, conversation in export.iter_conversations(sources, read_stats, options.progress):
+            try:
+                records = converter.convert(conversation)
+            except (TypeError, AttributeError, KeyError, ValueError) as exc:
+                stats.dropped["malformed conversation"] += 1
+                stats.warnings.append(f"{label}, conversation {index}: malformed ({type(exc).__name__}: {exc}); skipped")
+                continue
+            if not records:
+                continue
+            copy += 1
+            key = conversation.get("id") or conversation.get("conversation_id") or f"#{copy}"
+            updated = conversation.get("update_time") or conversation.get("create_time") or 0
+            previous = newest.get(key)
+            if previous is None or updated >= previous[0]:
+                newest[key] = (updated, copy)
+            for record in records:
+                staging.write(f"{copy}\t{json.dumps(record, ensure_ascii=False)}\n")
+        winners = {number for _, number in newest.values()}
+        stats.dropped["duplicate (older copy)"] += copy - len(winners)
+        stats.kept -= copy - len(winners)
+        stats.warnings += [f"{read_stats.replaced_bytes} bytes were not valid UTF-8 and became U+FFFD"] * bool(
+            read_stats.replaced_bytes)
+        staging.seek(0)
+        preview: List[dict] = []
+
+        def write(out) -> None:
+            first = True
+            if not options.jsonl:
+                out.write("[\n")
+            for line in staging:
+                number, payload = line.rstrip("\n").split("\t", 1)
+                if int(number) not in winners:
+                    continue
+                record = json.loads(payload)
+                stats.records += 1
+                stats.messages += len(record["messages"])
+                stats.characters += sum(len(m["content"]) for m in record["messages"])
+                if len(preview) < options.preview:
+                    preview.append(record)
+                if options.jsonl:
+                    out.write(payload + "\n")
+                else:
+                    out.write(("" if first else ",\n") + "  " + payload)
+                first = False
+            if not options.jsonl:
+                out.write("\n]\n")
+
+        _write_atomically(options.output, write)
+    if converter.redactor:
+        stats.redactions = converter.redactor.counts
+    for record in preview:
+        print_preview(record)
+    return stats
+
+
+def print_preview(record: dict, stream=None) -> None:
+    stream = stream or sys.stderr
+    title = record.get("title")
+    print("=" * 60 + (f"\n{title}" if title else ""), file=stream)
+    for message in record["messages"]:
+        print(f"[{message['role']}]\n{message['content']}\n", file=stream)
+
+
+def format_stats(stats: Stats, options: ConvertOptions) -> str:
+    lines = [
+        f"conversations read:    {stats.read}",
+        f"conversations kept:    {stats.kept}" + (f" ({stats.records} records, all branches)" if options.all_branches else ""),
+        f"messages written:      {stats.messages}",
+        f"characters written:    {stats.characters}",
+        f"conversations with branches: {stats.branches}",
+    ]
+    if stats.truncated:
+        lines.append(f"truncated at an exchange: {stats.truncated}")
+    if any(stats.dropped.values()):
+        lines.append("dropped:")
+        lines += [f"  {reason}: {count}" for reason, count in sorted(stats.dropped.items()) if count]
+    if stats.skipped_content:
+        lines.append("content skipped (by type):")
+        lines += [f"  {kind}: {count}" for kind, count in sorted(stats.skipped_content.items())]
+    if options.redact:
+        total = sum(stats.redactions.values())
+        lines.append(f"redacted: {total}" + "".join(f"\n  {k}: {v}" for k, v in sorted(stats.redactions.items())))
+    lines += [f"warning: {w}" for w in stats.warnings]
+    return "\n".join(lines)

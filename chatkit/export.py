@@ -1,0 +1,278 @@
+"""Reading ChatGPT's "Export data" archives: finding the files, streaming conversations, walking trees.
+
+Conversations are parsed one at a time with `json.JSONDecoder.raw_decode` over a sliding text buffer
+(C-speed parsing, memory bounded by the buffer and the largest single conversation), straight from
+the zip member or file, so exports of several GB convert without loading them whole.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import json
+import os
+import re
+import sys
+import time
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from .errors import ChatkitError
+
+CONVERSATION_FILE = re.compile(r"(^|/)conversations(-\d+)?\.json$")
+CHUNK_CHARS = 4 * 1024 * 1024  # text decoded per read; bounds memory together with the largest conversation
+MAX_PENDING_CHARS = 512 * 1024 * 1024  # one conversation larger than this is treated as broken JSON
+
+_replaced_bytes = [0]
+
+
+def _count_replacement(error: UnicodeDecodeError):
+    _replaced_bytes[0] += error.end - error.start
+    return "\ufffd", error.end
+
+
+codecs.register_error("chatkit-count", _count_replacement)
+
+
+@dataclass
+class Source:
+    """One conversations file: where it is, how to open it, and its size in bytes."""
+
+    label: str
+    open: Callable[[], IO[bytes]]
+    size: int
+
+
+@dataclass
+class ReadStats:
+    files: int = 0
+    bytes_total: int = 0
+    bytes_read: int = 0
+    replaced_bytes: int = 0
+    unsafe_members: List[str] = field(default_factory=list)
+
+
+def _zip_sources(path: Path, stats: ReadStats) -> List[Source]:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ChatkitError(f"{path}: not a readable zip file ({exc}); download the export again") from None
+    sources = []
+    for info in archive.infolist():
+        name = info.filename.replace("\\", "/")
+        if not CONVERSATION_FILE.search(name) or info.is_dir():
+            continue
+        if name.startswith("/") or ".." in name.split("/"):
+            stats.unsafe_members.append(f"{path}:{info.filename}")
+            continue
+        sources.append(Source(f"{path}:{name}", lambda info=info: archive.open(info), info.file_size))
+    if not sources:
+        raise ChatkitError(
+            f"{path}: the zip holds no conversations.json or conversations-NNN.json; "
+            "is this the archive from ChatGPT's Settings > Data controls > Export data?"
+        )
+    return sources
+
+
+def _natural_key(label: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", label)]
+
+
+def find_sources(inputs: Sequence[str], stats: ReadStats) -> List[Source]:
+    """Every conversations file in the inputs: zips, extracted folders, or JSON files."""
+    sources: List[Source] = []
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise ChatkitError(f"{raw}: no such file or directory")
+        if path.is_dir():
+            found = [p for p in path.rglob("*.json") if CONVERSATION_FILE.search(p.relative_to(path).as_posix())]
+            if not found:
+                raise ChatkitError(
+                    f"{raw}: the folder holds no conversations.json or conversations-NNN.json; "
+                    "pass the folder you extracted the export into, or the zip itself"
+                )
+            found.sort(key=lambda p: _natural_key(str(p)))
+            sources += [Source(str(p), lambda p=p: open(p, "rb"), p.stat().st_size) for p in found]
+        elif zipfile.is_zipfile(path):
+            sources += sorted(_zip_sources(path, stats), key=lambda s: _natural_key(s.label))
+        else:
+            with open(path, "rb") as handle:
+                head = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+            if not head.startswith((b"[", b"{")):
+                raise ChatkitError(
+                    f"{raw}: not a ChatGPT export (expected a .zip, an extracted folder, or a conversations .json file)"
+                )
+            sources.append(Source(str(path), lambda p=path: open(p, "rb"), path.stat().st_size))
+    stats.files = len(sources)
+    stats.bytes_total = sum(s.size for s in sources)
+    return sources
+
+
+class _TextStream:
+    """Decodes a byte stream to text in chunks, counting invalid UTF-8 bytes instead of failing."""
+
+    def __init__(self, handle: IO[bytes], on_bytes: Callable[[int], None]):
+        self.handle = handle
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="chatkit-count")
+        self.on_bytes = on_bytes
+        self.eof = False
+
+    def read(self) -> str:
+        data = self.handle.read(CHUNK_CHARS)
+        self.on_bytes(len(data))
+        if not data:
+            self.eof = True
+            return self.decoder.decode(b"", final=True)
+        return self.decoder.decode(data)
+
+
+_WS = re.compile(r"[\s,]*")
+_WRAPPER = re.compile(r'\{\s*"conversations"\s*:\s*\[')
+
+
+def iter_json_values(source: Source, on_bytes: Callable[[int], None]) -> Iterator[Tuple[int, object]]:
+    """Yield (index, conversation) from one file: a JSON array, one object, or {"conversations": [...]}."""
+    decoder = json.JSONDecoder()
+    with source.open() as handle:
+        stream = _TextStream(handle, on_bytes)
+        buffer = stream.read()
+        while not stream.eof and len(buffer.lstrip()) < 64:
+            buffer += stream.read()
+        stripped = buffer.lstrip()
+        if stripped.startswith("["):
+            pos = len(buffer) - len(stripped) + 1
+        elif _WRAPPER.match(stripped):
+            pos = len(buffer) - len(stripped) + _WRAPPER.match(stripped).end()
+        elif stripped.startswith("{"):  # one conversation object: parse it whole
+            while not stream.eof:
+                buffer += stream.read()
+            try:
+                value, _ = decoder.raw_decode(buffer, len(buffer) - len(stripped))
+            except json.JSONDecodeError as exc:
+                raise ChatkitError(f"{source.label}: invalid JSON ({exc}); download the export again") from None
+            yield 0, value
+            return
+        else:
+            raise ChatkitError(f"{source.label}: not JSON (it should start with '[' or '{{')")
+        index = 0
+        consumed_chars = 0
+        while True:
+            pos = _WS.match(buffer, pos).end()
+            if pos >= len(buffer):
+                if stream.eof:
+                    raise ChatkitError(
+                        f"{source.label}: the file ends after conversation {index} without closing ']'; "
+                        "it is truncated: download the export again"
+                    )
+                consumed_chars += pos
+                buffer, pos = stream.read(), 0
+                continue
+            if buffer[pos] in "]}":
+                return
+            try:
+                value, end = decoder.raw_decode(buffer, pos)
+            except json.JSONDecodeError as exc:
+                if stream.eof:
+                    where = "the file ends inside" if exc.pos >= len(buffer) - 1 or "Unterminated" in exc.msg else "invalid JSON in"
+                    raise ChatkitError(
+                        f"{source.label}: {where} conversation {index} (character {consumed_chars + exc.pos}: "
+                        f"{exc.msg}); the export is damaged or truncated: download it again"
+                    ) from None
+                if len(buffer) - pos > MAX_PENDING_CHARS:
+                    raise ChatkitError(
+                        f"{source.label}: invalid JSON in conversation {index} "
+                        f"(character {consumed_chars + exc.pos}: {exc.msg})"
+                    ) from None
+                consumed_chars += pos
+                buffer = buffer[pos:] + stream.read()
+                pos = 0
+                continue
+            yield index, value
+            index += 1
+            pos = end
+
+
+def iter_conversations(
+    sources: Sequence[Source], stats: ReadStats, progress: bool = True
+) -> Iterator[Tuple[str, int, object]]:
+    """Yield (file label, index in file, conversation) across every source, reporting progress."""
+    started = last = time.monotonic()
+
+    def on_bytes(count: int) -> None:
+        nonlocal last
+        stats.bytes_read += count
+        now = time.monotonic()
+        if progress and now - last > 2 and now - started > 2:
+            last = now
+            share = stats.bytes_read / stats.bytes_total * 100 if stats.bytes_total else 100
+            print(f"  read {stats.bytes_read / 1e6:,.0f} of {stats.bytes_total / 1e6:,.0f} MB ({share:.0f}%)",
+                  file=sys.stderr)
+
+    _replaced_bytes[0] = 0
+    for source in sources:
+        for index, conversation in iter_json_values(source, on_bytes):
+            yield source.label, index, conversation
+    stats.replaced_bytes = _replaced_bytes[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tree of one conversation
+
+
+class SkipConversation(Exception):
+    """A conversation that cannot be converted; the message is the counted reason."""
+
+
+def _node_parent(mapping: dict, node_id: str) -> Optional[str]:
+    node = mapping.get(node_id)
+    parent = node.get("parent") if isinstance(node, dict) else None
+    return parent if parent in mapping else None
+
+
+def current_path(conversation: dict) -> List[dict]:
+    """Nodes from the root to `current_node`: the conversation as the user last saw it."""
+    mapping = conversation.get("mapping")
+    if not isinstance(mapping, dict) or not mapping:
+        raise SkipConversation("no mapping")
+    node_id = conversation.get("current_node")
+    if node_id not in mapping:
+        raise SkipConversation("current_node not in mapping")
+    path, seen = [], set()
+    while node_id is not None:
+        if node_id in seen:
+            raise SkipConversation("cycle in parent links")
+        seen.add(node_id)
+        path.append(mapping[node_id])
+        node_id = _node_parent(mapping, node_id)
+    path.reverse()
+    return path
+
+
+def all_paths(conversation: dict) -> List[List[dict]]:
+    """Every root-to-leaf path of the tree, the current one first."""
+    mapping = conversation.get("mapping")
+    if not isinstance(mapping, dict) or not mapping:
+        raise SkipConversation("no mapping")
+    paths: List[List[dict]] = []
+    try:
+        paths.append(current_path(conversation))
+    except SkipConversation as exc:
+        if str(exc) == "cycle in parent links":
+            raise
+    roots = [key for key in mapping if _node_parent(mapping, key) is None]
+    for root in roots:
+        stack = [(root, [mapping[root]], {root})]
+        while stack:
+            node_id, path, seen = stack.pop()
+            children = [c for c in (mapping[node_id].get("children") or []) if c in mapping]
+            if not children:
+                paths.append(path)
+            for child in reversed(children):
+                if child in seen:
+                    raise SkipConversation("cycle in parent links")
+                stack.append((child, path + [mapping[child]], seen | {child}))
+    return paths
