@@ -1,0 +1,564 @@
+"""Fine-tuning a causal chat model on conversations with transformers' Trainer (LoRA, QLoRA or full)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import __version__
+from .datasets import default_val_split, read_conversations, split_train_val
+from .device import Placement, choose_placement
+from .errors import ChatkitError
+from .formatting import (IGNORE_INDEX, ensure_chat_template, ensure_pad_token, tokenize_conversation,
+                         with_system_prompt)
+from .models import TRAINING_INFO_FILE, ModelSource, load_model, resolve_model
+
+CHECKPOINTS = "checkpoints"
+RUNS = "runs"
+
+
+@dataclass
+class TrainOptions:
+    """Every training setting; the script's flags and --config keys have the same names."""
+
+    data: List[str]
+    model: Optional[str] = None  # None: the starter model
+    output: str = "./chat-model"
+    epochs: float = 3.0
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "all-linear"
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    learning_rate: Optional[float] = None  # None: 1e-3 with LoRA, 2e-5 for full fine-tuning
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_length: int = 1024
+    warmup_ratio: float = 0.05
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    val_split: Optional[float] = None  # None: 0.1 with 10 or more conversations, else 0
+    eval_steps: Optional[int] = None  # None: once per epoch
+    save_steps: Optional[int] = None  # None: once per epoch
+    logging_steps: int = 5
+    early_stopping_patience: Optional[int] = None
+    resume: Optional[str] = None
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    merge: bool = False
+    system_prompt: Optional[str] = None
+    train_on_prompt: bool = False
+    overwrite: bool = False
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    trust_remote_code: bool = False
+    push_to_hub: bool = False
+    hub_name: Optional[str] = None
+
+    @property
+    def effective_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-3 if self.lora else 2e-5
+
+    def problems(self) -> List[str]:
+        """Every inconsistency, named by flag, so one run reports them all."""
+        found = []
+        if self.load_in_4bit and self.load_in_8bit:
+            found.append("--load-in-4bit and --load-in-8bit: choose one")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.lora:
+            found.append("--load-in-4bit/--load-in-8bit train a LoRA adapter: drop --no-lora")
+        if self.push_to_hub and not self.hub_name:
+            found.append("--push-to-hub needs --hub-name USER/NAME")
+        if self.val_split is not None and not 0 <= self.val_split < 1:
+            found.append("--val-split must be at least 0 and below 1")
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "max_length", "lora_r", "logging_steps"):
+            if getattr(self, name) <= 0:
+                found.append(f"--{name.replace('_', '-')} must be positive")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            found.append("--learning-rate must be positive")
+        if self.max_length < 16:
+            found.append("--max-length must be at least 16 tokens")
+        return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Data -> token examples
+
+
+@dataclass
+class ExampleReport:
+    conversations: int = 0
+    examples: int = 0
+    split_conversations: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    tokens: int = 0
+    trained_tokens: int = 0
+
+
+def _segments(messages: List[dict]) -> Tuple[Optional[dict], List[List[dict]]]:
+    """The system message (if any) and the exchanges: each a user turn with the assistant turn after it."""
+    system = messages[0] if messages and messages[0]["role"] == "system" else None
+    turns = messages[1:] if system else messages
+    exchanges, current = [], []
+    for message in turns:
+        if message["role"] == "user" and current:
+            exchanges.append(current)
+            current = []
+        current.append(message)
+    if current:
+        exchanges.append(current)
+    return system, exchanges
+
+
+def tokenize_examples(conversations: Sequence[List[dict]], tokenizer, options: TrainOptions,
+                      report: ExampleReport) -> List[Dict[str, list]]:
+    """Token ids and labels per conversation; ones over --max-length are split between exchanges."""
+    examples = []
+    for messages in conversations:
+        report.conversations += 1
+        messages = with_system_prompt(messages, options.system_prompt)
+        ids, labels = tokenize_conversation(messages, tokenizer, options.train_on_prompt)
+        if len(ids) <= options.max_length:
+            pieces = [(ids, labels)]
+        else:
+            report.split_conversations += 1
+            pieces = _split_long(messages, tokenizer, options, report)
+        for ids, labels in pieces:
+            if all(label == IGNORE_INDEX for label in labels):
+                report.dropped["with no trained token"] += 1
+                continue
+            examples.append({"input_ids": ids, "labels": labels, "length": len(ids)})
+            report.tokens += len(ids)
+            report.trained_tokens += sum(1 for label in labels if label != IGNORE_INDEX)
+    report.examples = len(examples)
+    return examples
+
+
+def _split_long(messages, tokenizer, options: TrainOptions, report: ExampleReport):
+    """Greedy runs of whole exchanges that fit, each with the system message; never cut mid-answer."""
+    system, exchanges = _segments(messages)
+    head = [system] if system else []
+    pieces, run = [], []
+    for exchange in exchanges:
+        candidate = head + run + exchange
+        ids, labels = tokenize_conversation(candidate, tokenizer, options.train_on_prompt)
+        if len(ids) <= options.max_length:
+            run, best = run + exchange, (ids, labels)
+            continue
+        if run:
+            pieces.append(best)
+        ids, labels = tokenize_conversation(head + exchange, tokenizer, options.train_on_prompt)
+        if len(ids) <= options.max_length:
+            run, best = list(exchange), (ids, labels)
+        else:
+            report.dropped["exchanges longer than --max-length on their own"] += 1
+            run = []
+    if run:
+        pieces.append(best)
+    return pieces
+
+
+class PaddingCollator:
+    """Pads a batch to its longest example (never to a fixed length); counts the real tokens it sees.
+
+    With packing, examples carry position_ids that restart at each conversation and there is no
+    attention mask: transformers then builds a block-diagonal mask so conversations cannot see each other.
+    """
+
+    def __init__(self, pad_token_id: int, packed: bool = False):
+        self.pad_token_id = pad_token_id
+        self.packed = packed
+        self.tokens_seen = 0
+
+    def __call__(self, batch: List[dict]) -> dict:
+        import torch
+
+        width = max(len(example["input_ids"]) for example in batch)
+        input_ids, labels, mask, positions = [], [], [], []
+        for example in batch:
+            length = len(example["input_ids"])
+            pad = width - length
+            self.tokens_seen += length
+            input_ids.append(list(example["input_ids"]) + [self.pad_token_id] * pad)
+            labels.append(list(example["labels"]) + [IGNORE_INDEX] * pad)
+            mask.append([1] * length + [0] * pad)
+            if self.packed:
+                positions.append(list(example["position_ids"]) + list(range(pad)))
+        out = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+        if self.packed:
+            out["position_ids"] = torch.tensor(positions)
+        else:
+            out["attention_mask"] = torch.tensor(mask)
+        return out
+
+
+def pack_examples(examples: List[dict], max_length: int) -> List[dict]:
+    """First-fit-decreasing bins of whole examples up to max_length tokens, with restarting positions."""
+    bins: List[List[dict]] = []
+    sizes: List[int] = []
+    for example in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        size = len(example["input_ids"])
+        for index, used in enumerate(sizes):
+            if used + size <= max_length:
+                bins[index].append(example)
+                sizes[index] += size
+                break
+        else:
+            bins.append([example])
+            sizes.append(size)
+    packed = []
+    for group in bins:
+        ids, labels, positions = [], [], []
+        for example in group:
+            ids += example["input_ids"]
+            # The first token of a conversation is never predicted from the one before it.
+            labels += [IGNORE_INDEX] + list(example["labels"][1:])
+            positions += list(range(len(example["input_ids"])))
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions, "length": len(ids)})
+    return packed
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _print(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def check_output_dir(options: TrainOptions) -> None:
+    output = Path(options.output)
+    if options.resume or options.overwrite or not output.exists():
+        return
+    markers = ("adapter_config.json", "config.json", TRAINING_INFO_FILE, CHECKPOINTS)
+    if any((output / marker).exists() for marker in markers):
+        raise ChatkitError(
+            f"--output {output} already holds a trained model; pass --overwrite to replace it, "
+            f"--resume to continue its run, or another --output"
+        )
+
+
+def find_checkpoint(options: TrainOptions) -> Optional[str]:
+    """The newest checkpoint under --resume DIR (a checkpoint itself, or an output directory)."""
+    if not options.resume:
+        return None
+    where = Path(options.resume)
+    if (where / "trainer_state.json").is_file():
+        return str(where)
+    for folder in (where / CHECKPOINTS, where):
+        found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+        if found:
+            return str(found[-1])
+    raise ChatkitError(f"--resume {options.resume}: no checkpoint-* folder found there to resume from")
+
+
+def quantization_config(options: TrainOptions, placement: Placement):
+    if not (options.load_in_4bit or options.load_in_8bit):
+        return None
+    if not placement.device.startswith("cuda"):
+        raise ChatkitError(
+            "--load-in-4bit/--load-in-8bit (QLoRA) need an NVIDIA GPU with CUDA (bitsandbytes); "
+            f"this run is on {placement.device}. Drop the flag to train LoRA in full precision"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise ChatkitError(f"QLoRA needs bitsandbytes: pip install bitsandbytes ({exc})") from None
+    if options.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=placement.torch_dtype)
+
+
+def prepare_model(options: TrainOptions, source: ModelSource, placement: Placement):
+    """Load the model and tokenizer, and wrap the model with LoRA unless training it whole."""
+    loaded = load_model(source, placement, trust_remote_code=options.trust_remote_code,
+                        quantization_config=quantization_config(options, placement),
+                        adapter_trainable=True)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ensure_chat_template(tokenizer)
+    ensure_pad_token(tokenizer)
+    if options.gradient_checkpointing:
+        model.config.use_cache = False
+    if options.lora and source.kind != "adapter":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if options.load_in_4bit or options.load_in_8bit:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+        targets = options.lora_target_modules
+        targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+        config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                            target_modules=targets, task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as exc:
+            raise ChatkitError(f"--lora-target-modules {options.lora_target_modules}: {exc}") from None
+    return model, tokenizer
+
+
+class _StopOnInterrupt:
+    """First Ctrl-C: finish the current step, save a checkpoint and stop. Second Ctrl-C: stop now."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            _print("\nInterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)...")
+
+        try:
+            self.previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def _callbacks(options: TrainOptions, collator: PaddingCollator, interrupt: _StopOnInterrupt, has_val: bool):
+    from transformers import EarlyStoppingCallback, TrainerCallback
+    from transformers.integrations import TensorBoardCallback
+
+    class Throughput(TrainerCallback):
+        """Adds trained tokens per second to each log line (and so to TensorBoard)."""
+
+        def __init__(self):
+            self.last = (time.perf_counter(), 0)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or "loss" not in logs:
+                return
+            now, seen = time.perf_counter(), collator.tokens_seen
+            elapsed = now - self.last[0]
+            if elapsed > 0:
+                logs["tokens_per_second"] = round((seen - self.last[1]) / elapsed, 1)
+            self.last = (now, seen)
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if interrupt.requested:
+                control.should_save = True
+                control.should_training_stop = True
+
+    callbacks = [Throughput(), Interrupt()]
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(Path(options.output) / RUNS))))
+    except ImportError:
+        _print("warning: tensorboard is not installed; no TensorBoard logs (pip install tensorboard)")
+    if options.early_stopping_patience and has_val:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=options.early_stopping_patience))
+    return callbacks
+
+
+def training_arguments(options: TrainOptions, placement: Placement, has_val: bool):
+    from transformers import TrainingArguments
+
+    per_epoch = options.eval_steps is None and options.save_steps is None
+    strategy = "epoch" if per_epoch else "steps"
+    save_steps = options.save_steps or options.eval_steps or 500
+    eval_steps = options.eval_steps or save_steps
+    on_cuda = placement.device.startswith("cuda")
+    return TrainingArguments(
+        output_dir=str(Path(options.output) / CHECKPOINTS),
+        num_train_epochs=options.epochs,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        learning_rate=options.effective_learning_rate,
+        lr_scheduler_type=options.lr_scheduler,
+        warmup_steps=options.warmup_ratio,  # below 1: a fraction of all steps
+        weight_decay=options.weight_decay,
+        logging_steps=options.logging_steps,
+        logging_first_step=True,
+        eval_strategy=strategy if has_val else "no",
+        eval_steps=eval_steps if has_val and not per_epoch else None,
+        save_strategy=strategy,
+        save_steps=save_steps if not per_epoch else None,
+        save_total_limit=2,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss" if has_val else None,
+        greater_is_better=False if has_val else None,
+        use_cpu=placement.device == "cpu",
+        bf16=on_cuda and placement.dtype == "bfloat16",
+        fp16=on_cuda and placement.dtype == "float16",
+        gradient_checkpointing=options.gradient_checkpointing,
+        report_to="none",  # TensorBoard is added as a callback writing to OUTPUT/runs
+        seed=options.seed,
+        data_seed=options.seed,
+        remove_unused_columns=False,
+        train_sampling_strategy="random" if options.packing else "group_by_length",
+        length_column_name="length",
+        dataloader_pin_memory=on_cuda,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def describe_options(options: TrainOptions, source: ModelSource, placement: Placement) -> str:
+    method = "full fine-tuning" if not options.lora else (
+        "QLoRA 4-bit" if options.load_in_4bit else "QLoRA 8-bit" if options.load_in_8bit else "LoRA")
+    lines = [f"model:    {source.describe()}", f"device:   {placement.describe()}", f"method:   {method}"]
+    for key, value in dataclasses.asdict(options).items():
+        if key in ("model", "device", "dtype"):
+            continue
+        if key == "learning_rate":
+            value = options.effective_learning_rate
+        lines.append(f"  {key.replace('_', '-')}: {value}")
+    return "\n".join(lines)
+
+
+def _base_model_spec(source: ModelSource) -> str:
+    """How a trained adapter names its base: friendly names and Hub ids as typed, local paths absolute."""
+    base = source.base if source.kind == "adapter" else source
+    return os.path.abspath(base.spec) if os.path.exists(os.path.expanduser(base.spec)) else base.spec
+
+
+def save_model(trainer, tokenizer, options: TrainOptions, source: ModelSource, metrics: dict) -> None:
+    output = Path(options.output)
+    output.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    info = {
+        "created_by": f"chatkit {__version__}",
+        "base_model": _base_model_spec(source) if options.lora else None,
+        "method": "lora" if options.lora else "full",
+        "chat_template": tokenizer.chat_template,
+        "system_prompt": options.system_prompt,
+        "options": dataclasses.asdict(options) | {"learning_rate": options.effective_learning_rate},
+        "metrics": metrics,
+    }
+    (output / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    if options.merge and options.lora:
+        merged_dir = output / "merged"
+        _print(f"Writing a standalone merged model to {merged_dir} ...")
+        merged = load_model(str(output), choose_placement("cpu", "float32")).model.merge_and_unload()
+        merged.save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+        merged_info = dict(info, base_model=None, method="lora-merged")
+        (merged_dir / TRAINING_INFO_FILE).write_text(json.dumps(merged_info, indent=2) + "\n", encoding="utf-8")
+
+
+def push_to_hub(options: TrainOptions) -> None:
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(options.hub_name, private=True, exist_ok=True)
+        api.upload_folder(folder_path=options.output, repo_id=options.hub_name,
+                          ignore_patterns=[f"{CHECKPOINTS}/*", f"{RUNS}/*"])
+    except Exception as exc:  # network, authentication, permissions: all reported the same way
+        raise ChatkitError(
+            f"--push-to-hub {options.hub_name}: upload failed ({type(exc).__name__}); log in with "
+            "`huggingface-cli login` (or set HF_TOKEN) and check the name. The model is saved in "
+            f"{options.output}"
+        ) from None
+    _print(f"Pushed to https://huggingface.co/{options.hub_name} (private)")
+
+
+def train(options: TrainOptions) -> dict:
+    """The whole run: data, model, Trainer, best checkpoint, saving. Returns the final metrics."""
+    problems = options.problems()
+    if problems:
+        raise ChatkitError("; ".join(problems))
+    check_output_dir(options)
+    checkpoint = find_checkpoint(options)
+    placement = choose_placement(options.device, options.dtype)
+    if options.dtype is None and placement.device == "cpu" and placement.dtype != "float32":
+        raise ChatkitError("internal: CPU training must default to float32")
+    source = resolve_model(options.model)
+    quantization_config(options, placement)  # fail before loading anything when QLoRA cannot run
+
+    conversations, data_report = read_conversations(options.data)
+    _print(data_report.describe())
+    val_split = options.val_split if options.val_split is not None else default_val_split(len(conversations))
+    train_convs, val_convs = split_train_val(conversations, val_split, options.seed)
+
+    _print(describe_options(options, source, placement))
+    model, tokenizer = prepare_model(options, source, placement)
+    report = ExampleReport()
+    train_examples = tokenize_examples(train_convs, tokenizer, options, report)
+    val_examples = tokenize_examples(val_convs, tokenizer, options, ExampleReport())
+    if report.trained_tokens == 0:
+        raise ChatkitError(
+            f"{', '.join(options.data)}: no token would be trained (the assistant turns are empty or cut); "
+            "check the data, raise --max-length, or pass --train-on-prompt"
+        )
+    _print(f"training on {report.examples} examples ({report.trained_tokens} trained of {report.tokens} tokens)"
+           + (f", {len(val_examples)} for validation" if val_examples else ", no validation split")
+           + (f"; {report.split_conversations} long conversations split between exchanges" if report.split_conversations else "")
+           + "".join(f"; dropped {n} {why}" for why, n in report.dropped.items()))
+
+    from datasets import Dataset
+    from transformers import Trainer
+
+    if options.packing:
+        train_examples = pack_examples(train_examples, options.max_length)
+        val_examples = pack_examples(val_examples, options.max_length) if val_examples else []
+    collator = PaddingCollator(tokenizer.pad_token_id, packed=options.packing)
+    has_val = bool(val_examples)
+    interrupt = _StopOnInterrupt()
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(options, placement, has_val),
+        data_collator=collator,
+        train_dataset=Dataset.from_list(train_examples),
+        eval_dataset=Dataset.from_list(val_examples) if has_val else None,
+        processing_class=tokenizer,
+        callbacks=_callbacks(options, collator, interrupt, has_val),
+    )
+    try:
+        with interrupt:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":
+            raise ChatkitError(
+                "the GPU ran out of memory; lower --batch-size (and raise --gradient-accumulation-steps to "
+                "keep the effective batch), lower --max-length, add --gradient-checkpointing, or use "
+                "--load-in-4bit"
+            ) from None
+        raise
+    if interrupt.requested:
+        latest = find_checkpoint(dataclasses.replace(options, resume=options.output))
+        _print(f"Stopped early; checkpoint saved in {latest}. Continue with the same command plus "
+               f"--resume {options.output}")
+        return {"interrupted": True, "checkpoint": latest}
+
+    metrics = {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
+               "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1)}
+    if has_val:
+        eval_loss = trainer.evaluate()["eval_loss"]
+        metrics.update(eval_loss=round(eval_loss, 4), eval_perplexity=round(math.exp(min(eval_loss, 50)), 2))
+    if trainer.is_world_process_zero():
+        save_model(trainer, tokenizer, options, source, metrics)
+        summary = f"train loss {metrics['train_loss']} (perplexity {math.exp(min(metrics['train_loss'], 50)):.2f})"
+        if has_val:
+            summary += f", validation loss {metrics['eval_loss']} (perplexity {metrics['eval_perplexity']})"
+        _print(f"\nDone: {summary}.\nModel saved in {options.output}"
+               + (f" (standalone merged copy in {Path(options.output) / 'merged'})" if options.merge and options.lora else "")
+               + f"\nTalk to it:  python demo_chatbot.py {options.output}"
+               + f"\nTensorBoard: tensorboard --logdir {Path(options.output) / RUNS}")
+        if options.push_to_hub:
+            push_to_hub(options)
+    return metrics
