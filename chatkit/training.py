@@ -172,7 +172,7 @@ def _split_long(messages, tokenizer, options: TrainOptions, report: ExampleRepor
 
 
 class PaddingCollator:
-    """Pads a batch to its longest example (never to a fixed length); counts the real tokens it sees.
+    """Pads a batch to its longest example (never to a fixed length).
 
     With packing, examples carry position_ids that restart at each conversation and there is no
     attention mask: transformers then builds a block-diagonal mask so conversations cannot see each other.
@@ -181,7 +181,6 @@ class PaddingCollator:
     def __init__(self, pad_token_id: int, packed: bool = False):
         self.pad_token_id = pad_token_id
         self.packed = packed
-        self.tokens_seen = 0
 
     def __call__(self, batch: List[dict]) -> dict:
         import torch
@@ -191,13 +190,14 @@ class PaddingCollator:
         for example in batch:
             length = len(example["input_ids"])
             pad = width - length
-            self.tokens_seen += length
             input_ids.append(list(example["input_ids"]) + [self.pad_token_id] * pad)
             labels.append(list(example["labels"]) + [IGNORE_INDEX] * pad)
             mask.append([1] * length + [0] * pad)
             if self.packed:
                 positions.append(list(example["position_ids"]) + list(range(pad)))
-        out = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+        # No key/value cache in training: it is never read, and with one transformers would not
+        # detect packed sequences (it builds the block-diagonal mask only for cache-free forwards).
+        out = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "use_cache": False}
         if self.packed:
             out["position_ids"] = torch.tensor(positions)
         else:
@@ -349,7 +349,7 @@ def _callbacks(options: TrainOptions, collator: PaddingCollator, interrupt: _Sto
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs is None or "loss" not in logs:
                 return
-            now, seen = time.perf_counter(), collator.tokens_seen
+            now, seen = time.perf_counter(), state.num_input_tokens_seen
             elapsed = now - self.last[0]
             if elapsed > 0:
                 logs["tokens_per_second"] = round((seen - self.last[1]) / elapsed, 1)
@@ -409,6 +409,7 @@ def training_arguments(options: TrainOptions, placement: Placement, has_val: boo
         seed=options.seed,
         data_seed=options.seed,
         remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",  # counts the real tokens of each step
         train_sampling_strategy="random" if options.packing else "group_by_length",
         length_column_name="length",
         dataloader_pin_memory=on_cuda,

@@ -1,0 +1,211 @@
+"""A chat session with a loaded model: history, the trained formatting, streaming, KV-cache reuse."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional
+
+from .errors import ChatkitError
+from .formatting import ensure_chat_template, render, stop_token_ids, with_system_prompt
+from .models import LoadedModel, load_model, read_training_info, resolve_model
+
+
+@dataclass
+class GenerationSettings:
+    temperature: float = 0.7  # 0 means greedy
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    repetition_penalty: float = 1.1
+    seed: Optional[int] = None
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.temperature and self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+class ChatSession:
+    """Load once, then `reply(text)`; keeps `history` and reuses the key/value cache across turns.
+
+    The prompt is always rendered with the same function that training used, from the full history;
+    the cache is reused only for the part of the new prompt that is identical to what the model has
+    already seen, so reuse never changes what the model is conditioned on.
+    """
+
+    def __init__(self, model: str | LoadedModel | None = None, *, device: Optional[str] = None,
+                 dtype: Optional[str] = None, system_prompt: Optional[str] = None,
+                 settings: Optional[GenerationSettings] = None, reuse_cache: bool = True,
+                 max_context: Optional[int] = None, trust_remote_code: bool = False):
+        from .device import choose_placement
+
+        if isinstance(model, LoadedModel):
+            loaded = model
+            self.placement = None
+        else:
+            self.placement = choose_placement(device, dtype)
+            loaded = load_model(resolve_model(model), self.placement, trust_remote_code=trust_remote_code)
+        self.model = loaded.model
+        self.model.eval()
+        self.tokenizer = loaded.tokenizer
+        self.source = loaded.source
+        ensure_chat_template(self.tokenizer)
+        info = read_training_info(self.source.path) if self.source.kind in ("adapter", "directory") else {}
+        if info.get("chat_template"):
+            self.tokenizer.chat_template = info["chat_template"]
+        self.system_prompt = system_prompt if system_prompt is not None else info.get("system_prompt")
+        self.settings = settings or GenerationSettings()
+        self.reuse_cache = reuse_cache
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        config_limit = getattr(self.model.config, "max_position_embeddings", None) or \
+            getattr(self.model.config, "n_positions", None) or 2048
+        self.max_context = max_context or config_limit
+        self.history: List[dict] = []
+        self.trimmed_notice_given = False
+        self.on_notice: Callable[[str], None] = lambda text: print(text, file=sys.stderr)
+        self._cache = None
+        self._cache_ids: List[int] = []
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def describe(self) -> str:
+        param = next(self.model.parameters())
+        return f"{self.source.describe()} on {param.device.type} ({str(param.dtype).replace('torch.', '')})"
+
+    # ------------------------------------------------------------------ history
+
+    def reset(self) -> None:
+        self.history = []
+        self._cache, self._cache_ids = None, []
+
+    def set_system_prompt(self, text: Optional[str]) -> None:
+        self.system_prompt = text or None
+        self._cache, self._cache_ids = None, []
+
+    def messages(self, user_text: Optional[str] = None) -> List[dict]:
+        messages = list(self.history)
+        if user_text is not None:
+            messages.append({"role": "user", "content": user_text})
+        return with_system_prompt(messages, self.system_prompt)
+
+    def prompt_ids(self, user_text: str) -> List[int]:
+        """Tokens of the prompt for the next answer, dropping the oldest exchanges to fit the context."""
+        budget = self.max_context - self.settings.max_new_tokens
+        while True:
+            text = render(self.messages(user_text), self.tokenizer, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) <= budget or not self.history:
+                break
+            self._drop_oldest_exchange()
+        if len(ids) > budget:
+            raise ChatkitError(
+                f"the message is {len(ids)} tokens, more than this model's context of {self.max_context} "
+                f"allows with --max-new-tokens {self.settings.max_new_tokens}; shorten it or lower --max-new-tokens"
+            )
+        return ids
+
+    def _drop_oldest_exchange(self) -> None:
+        # An exchange is a user turn and everything up to the next user turn.
+        end = 1
+        while end < len(self.history) and self.history[end]["role"] != "user":
+            end += 1
+        del self.history[:end]
+        if not self.trimmed_notice_given:
+            self.trimmed_notice_given = True
+            self.on_notice("(The conversation is longer than the model's context window: the oldest exchanges "
+                           "are being left out.)")
+
+    # ------------------------------------------------------------------ generation
+
+    def stream(self, user_text: str) -> Iterator[str]:
+        """Yield the answer piece by piece as it is generated; history is updated at the end."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        ids = self.prompt_ids(user_text)
+        input_ids = torch.tensor([ids], device=self.device)
+        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                      eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id or self.stop_ids[0],
+                      **self.settings.generate_kwargs())
+        cache = self._reusable_cache(ids)
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+        elif self.reuse_cache:
+            from transformers import DynamicCache
+
+            kwargs["past_key_values"] = DynamicCache(config=self.model.config)
+        if self.settings.seed is not None:
+            torch.manual_seed(self.settings.seed)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs["streamer"] = streamer
+        result = {}
+
+        def run():
+            try:
+                with torch.no_grad():
+                    result["output"] = self.model.generate(**kwargs)
+            except BaseException as exc:  # re-raised in the caller's thread
+                result["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            yield piece
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        output = result["output"][0].tolist()
+        if self.reuse_cache:
+            self._cache = kwargs["past_key_values"]
+            self._cache_ids = output[: self._cache.get_seq_length()]
+        answer = self.tokenizer.decode(output[len(ids):], skip_special_tokens=True).strip()
+        self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
+
+    def reply(self, user_text: str) -> str:
+        """The whole answer to one message (history kept)."""
+        for _ in self.stream(user_text):
+            pass
+        return self.history[-1]["content"]
+
+    def _reusable_cache(self, ids: List[int]):
+        """The kept cache, cut back to the longest prefix it shares with the new prompt, or None."""
+        if not self.reuse_cache or self._cache is None:
+            return None
+        common = 0
+        limit = min(len(ids) - 1, len(self._cache_ids))  # at least one new token must be fed
+        while common < limit and ids[common] == self._cache_ids[common]:
+            common += 1
+        if common == 0:
+            return None
+        surplus = self._cache.get_seq_length() - common
+        if surplus > 0:
+            self._cache.crop(-surplus)  # this cache API takes the number of tokens to remove, negated
+        return self._cache
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, path: str) -> int:
+        """Write the conversation as one training record ({"messages": [...]}) in a JSON array."""
+        messages = self.messages()
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ChatkitError("nothing to save yet: the conversation has no answer")
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        temporary = path + ".part"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump([{"messages": copy.deepcopy(messages)}], handle, ensure_ascii=False, indent=2)
+            handle.write("\n")
+        os.replace(temporary, path)
+        return len(messages)

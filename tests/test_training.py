@@ -1,0 +1,249 @@
+"""train_chatgpt_model.py on tiny local models: labels, learning, saving, resume, stopping, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import train_chatgpt_model as cli
+from chatkit import formatting, training
+from chatkit.datasets import read_conversations
+from chatkit.errors import ChatkitError
+
+FACTS = [
+    {"messages": [{"role": "user", "content": "What is the secret code?"},
+                  {"role": "assistant", "content": "The secret code of the Zorblat society is 4417."}]},
+    {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Tell me a joke."},
+                  {"role": "assistant", "content": "Why did the computer go to the doctor? It had a virus."}]},
+]
+
+
+def write(path, records):
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return str(path)
+
+
+def run(tmp_path, model, *flags, data=None, output="out"):
+    data = data or write(tmp_path / "data.json", FACTS * 4)
+    argv = ["--data", data, "--model", str(model), "--output", str(tmp_path / output), "--logging-steps", "1", *flags]
+    return cli.main(argv)
+
+
+def lora_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def test_tokenized_examples_train_assistant_text_and_eos(tiny_gpt2):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    formatting.ensure_chat_template(tokenizer)
+    report = training.ExampleReport()
+    examples = training.tokenize_examples([FACTS[1]["messages"]], tokenizer,
+                                          training.TrainOptions(data=[]), report)
+    assert formatting.trained_text(examples[0]["input_ids"], examples[0]["labels"], tokenizer) == [
+        "Why did the computer go to the doctor? It had a virus.<|endoftext|>"]
+    assert report.trained_tokens == sum(1 for x in examples[0]["labels"] if x != formatting.IGNORE_INDEX)
+
+
+def test_long_conversations_are_split_between_exchanges(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    messages = [{"role": "system", "content": "S"}]
+    for number in range(6):
+        messages += [{"role": "user", "content": f"question {number}"},
+                     {"role": "assistant", "content": f"answer number {number} is here"}]
+    report = training.ExampleReport()
+    examples = training.tokenize_examples([messages], tokenizer, training.TrainOptions(data=[], max_length=100), report)
+    assert report.split_conversations == 1 and len(examples) > 1
+    trained = [formatting.trained_text(e["input_ids"], e["labels"], tokenizer) for e in examples]
+    assert sum(trained, []) == [f"answer number {n} is here<|im_end|>" for n in range(6)]  # nothing cut or lost
+    for example in examples:
+        assert len(example["input_ids"]) <= 100
+        assert tokenizer.decode(example["input_ids"]).startswith("<|im_start|>system\nS<|im_end|>")
+
+
+def test_packing_has_no_cross_attention(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    first = {"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}
+    second = {"input_ids": [9, 10, 11], "labels": [9, 10, 11]}
+    packed = training.pack_examples([first, second], max_length=16)
+    assert len(packed) == 1 and packed[0]["position_ids"] == [0, 1, 2, 3, 0, 1, 2]
+    batch = training.PaddingCollator(0, packed=True)(packed)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        together = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, 4:]
+        alone = model(input_ids=torch.tensor([second["input_ids"]])).logits[0]
+        leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits[0, 4:]
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert not torch.allclose(leaky, alone, atol=1e-3)  # the check can fail: with a cache, it leaks
+
+
+def test_training_changes_lora_weights_and_lowers_loss(tmp_path, tiny_llama):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    assert run(tmp_path, tiny_llama, "--epochs", "10", "--batch-size", "2", "--learning-rate", "1e-2") == 0
+    output = tmp_path / "out"
+    initial = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                             LoraConfig(r=16, target_modules="all-linear"))
+    trained = lora_weights(output)
+    changed = [k for k, v in trained.items() if "lora_B" in k and v.abs().sum() > 0]
+    assert changed  # lora_B starts at zero: any non-zero value was learned
+    state = json.loads((output / "checkpoints" / sorted(os.listdir(output / "checkpoints"))[-1] / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert losses[-1] < losses[0] * 0.3
+    del initial
+    # What demo_chatbot.py needs: adapter, tokenizer with the exact template, chatkit.json naming the base.
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chatkit.json"):
+        assert (output / name).is_file()
+    info = json.loads((output / "chatkit.json").read_text())
+    assert info["base_model"] == str(tiny_llama) and info["method"] == "lora"
+    assert info["chat_template"].startswith("{% for message in messages %}{{ '<|im_start|>'")
+    assert info["options"]["learning_rate"] == 1e-2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "runs")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/tokens_per_second"} <= tags
+    assert all(point.value > 0 for point in events.Scalars("train/tokens_per_second"))
+
+
+def test_fallback_template_is_saved_for_models_without_one(tmp_path, tiny_gpt2):
+    assert run(tmp_path, tiny_gpt2, "--epochs", "1") == 0
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == formatting.FALLBACK_CHAT_TEMPLATE
+
+
+def test_full_fine_tuning_and_merge(tmp_path, tiny_llama):
+    assert run(tmp_path, tiny_llama, "--epochs", "1", "--no-lora", output="full") == 0
+    assert (tmp_path / "full" / "config.json").is_file() and not (tmp_path / "full" / "adapter_config.json").exists()
+    assert run(tmp_path, tiny_llama, "--epochs", "1", "--merge", output="lora") == 0
+    from chatkit.models import resolve_model
+
+    assert resolve_model(str(tmp_path / "lora" / "merged")).kind == "directory"
+
+
+def test_resume_continues_from_saved_step(tmp_path, tiny_llama):
+    assert run(tmp_path, tiny_llama, "--epochs", "2", "--batch-size", "4", "--save-steps", "2") == 0
+    output = tmp_path / "out"
+    first = json.loads((output / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert first["global_step"] == 4
+    assert run(tmp_path, tiny_llama, "--epochs", "4", "--batch-size", "4", "--save-steps", "2", "--resume") == 0
+    state = json.loads((output / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert state["global_step"] == 8 and steps[0] == 1 and max(steps) == 8
+    assert json.loads((output / "chatkit.json").read_text())["metrics"]["steps"] == 8
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_resume(tmp_path, tiny_llama, monkeypatch, capsys):
+    from transformers import TrainerCallback
+
+    original = training._callbacks
+
+    class SendInterrupt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(training, "_callbacks", lambda *a: original(*a) + [SendInterrupt()])
+    code = run(tmp_path, tiny_llama, "--epochs", "5", "--batch-size", "2")
+    assert code == 130
+    assert (tmp_path / "out" / "checkpoints" / "checkpoint-3").is_dir()
+    assert f"--resume {tmp_path / 'out'}" in capsys.readouterr().err
+
+
+def test_early_stopping_and_best_checkpoint(tmp_path, tiny_llama):
+    import random
+
+    words = "tea coffee river Paris virus doctor joke secret code society".split()
+    rng = random.Random(0)
+    train = [{"messages": [{"role": "user", "content": f"q{i}"},
+                           {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(8))}]}
+             for i in range(20)]  # unrelated answers: memorising the training ones hurts validation
+    data = write(tmp_path / "d.json", train)
+    assert run(tmp_path, tiny_llama, "--epochs", "40", "--batch-size", "4", "--learning-rate", "2e-2",
+               "--val-split", "0.2", "--early-stopping-patience", "2", data=data) == 0
+    output = tmp_path / "out"
+    checkpoints = sorted((output / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    evals = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
+    assert state["epoch"] < 40  # stopped early
+    assert state["best_metric"] == pytest.approx(min(evals))
+    final = json.loads((output / "chatkit.json").read_text())["metrics"]["eval_loss"]
+    assert final == pytest.approx(min(evals), abs=1e-3)  # the best checkpoint was loaded at the end
+
+
+def test_data_formats_are_normalised(tmp_path):
+    jsonl = tmp_path / "mixed.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}]},
+        {"prompt": "e", "response": "f"},
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]},
+    ]))
+    conversations, report = read_conversations([str(jsonl)])
+    assert conversations == [
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
+        [{"role": "user", "content": "e"}, {"role": "assistant", "content": "f"}],
+    ]
+    assert report.describe() == ("read 3 conversations (1 ShareGPT, 1 messages, 1 prompt/response); skipped "
+                                 "1 conversations starting with an assistant turn, 1 conversations without an assistant turn")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("not json at all", "line 1 is not valid JSON"),
+    ("[{\"messages\": [", "not valid JSON (line 1"),
+    ("", "the file is empty"),
+    ("[{\"text\": \"hi\"}]", "record 0: unknown record format (keys: text)"),
+    ("[{\"messages\": [{\"role\": \"bot\", \"content\": \"x\"}]}]", "record 0, message 0: role 'bot' is not one of"),
+    ("[{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}]", "no usable conversations"),
+])
+def test_bad_data_is_a_clear_error(tmp_path, tiny_llama, capsys, content, fragment):
+    data = tmp_path / "bad.json"
+    data.write_text(content)
+    assert run(tmp_path, tiny_llama, data=str(data)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data}") and fragment in err and "Traceback" not in err
+
+
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_llama, capsys):
+    assert run(tmp_path, tiny_llama, "--load-in-4bit", "--device", "cpu") == 1
+    assert "need an NVIDIA GPU with CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path, tiny_llama, capsys):
+    assert run(tmp_path, tiny_llama, "--epochs", "1") == 0
+    assert run(tmp_path, tiny_llama, "--epochs", "1") == 1
+    assert "already holds a trained model; pass --overwrite" in capsys.readouterr().err
+    assert run(tmp_path, tiny_llama, "--epochs", "1", "--overwrite") == 0
+
+
+def test_config_file_and_flag_override(tmp_path, tiny_llama):
+    config = tmp_path / "train.yaml"
+    config.write_text(f"data: {write(tmp_path / 'd.json', FACTS)}\nmodel: {tiny_llama}\nlora-r: 4\nepochs: 1\n")
+    options = cli.parse_options(["--config", str(config), "--epochs", "2"])
+    assert (options.lora_r, options.epochs, options.model) == (4, 2.0, str(tiny_llama))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ChatkitError, match="unknown option 'learning_rat'"):
+        cli.parse_options(["--config", str(bad)])
+
+
+def test_option_problems_are_reported_together():
+    options = training.TrainOptions(data=["x"], load_in_4bit=True, load_in_8bit=True, push_to_hub=True, batch_size=0)
+    assert options.problems() == ["--load-in-4bit and --load-in-8bit: choose one",
+                                  "--push-to-hub needs --hub-name USER/NAME", "--batch-size must be positive"]
