@@ -122,7 +122,7 @@ class Console:
 
     def show_history(self) -> None:
         messages = self.session.messages()
-        if not any(m["role"] != "system" for m in messages):
-            self.print("(No conversation yet.)")
         for message in messages:
             self.print(f"[{message['role']}] {message['content']}")
+        if not any(m["role"] != "system" for m in messages):
+            self.print("(No conversation yet.)")

@@ -33,7 +33,7 @@ class TrainOptions:
     data: List[str]
     model: Optional[str] = None  # None: the starter model
     output: str = "./chat-model"
-    epochs: float = 3.0
+    epochs: Optional[float] = None  # None: see auto_schedule
     lora: bool = True
     lora_r: int = 16
     lora_alpha: int = 32
@@ -42,7 +42,7 @@ class TrainOptions:
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     learning_rate: Optional[float] = None  # None: 1e-3 with LoRA, 2e-5 for full fine-tuning
-    batch_size: int = 8
+    batch_size: Optional[int] = None  # None: see auto_schedule
     gradient_accumulation_steps: int = 1
     max_length: int = 1024
     warmup_ratio: float = 0.05
@@ -85,13 +85,33 @@ class TrainOptions:
         if self.val_split is not None and not 0 <= self.val_split < 1:
             found.append("--val-split must be at least 0 and below 1")
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "max_length", "lora_r", "logging_steps"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 found.append(f"--{name.replace('_', '-')} must be positive")
         if self.learning_rate is not None and self.learning_rate <= 0:
             found.append("--learning-rate must be positive")
         if self.max_length < 16:
             found.append("--max-length must be at least 16 tokens")
         return found
+
+
+# The automatic schedule: small personal data sets need many passes to be learned, large ones few.
+AUTO_MAX_BATCH = 8
+AUTO_TARGET_STEPS = 60  # optimizer updates the schedule aims for
+AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 20
+
+
+def auto_schedule(options: TrainOptions, examples: int) -> TrainOptions:
+    """Fill in batch size and epochs left unset, from the number of training examples.
+
+    Batch: up to 8, but small enough for at least 8 steps per epoch. Epochs: enough for about 60
+    optimizer updates, at least 3 and at most 20 passes over the data.
+    """
+    batch = options.batch_size or max(1, min(AUTO_MAX_BATCH, examples // 8))
+    epochs = options.epochs
+    if epochs is None:
+        steps_per_epoch = max(1, math.ceil(examples / (batch * options.gradient_accumulation_steps)))
+        epochs = float(min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, math.ceil(AUTO_TARGET_STEPS / steps_per_epoch))))
+    return dataclasses.replace(options, batch_size=batch, epochs=epochs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,16 +516,17 @@ def train(options: TrainOptions) -> dict:
     val_split = options.val_split if options.val_split is not None else default_val_split(len(conversations))
     train_convs, val_convs = split_train_val(conversations, val_split, options.seed)
 
-    _print(describe_options(options, source, placement))
     model, tokenizer = prepare_model(options, source, placement)
     report = ExampleReport()
     train_examples = tokenize_examples(train_convs, tokenizer, options, report)
     val_examples = tokenize_examples(val_convs, tokenizer, options, ExampleReport())
+    options = auto_schedule(options, len(train_examples))
     if report.trained_tokens == 0:
         raise ChatkitError(
             f"{', '.join(options.data)}: no token would be trained (the assistant turns are empty or cut); "
             "check the data, raise --max-length, or pass --train-on-prompt"
         )
+    _print(describe_options(options, source, placement))
     _print(f"training on {report.examples} examples ({report.trained_tokens} trained of {report.tokens} tokens)"
            + (f", {len(val_examples)} for validation" if val_examples else ", no validation split")
            + (f"; {report.split_conversations} long conversations split between exchanges" if report.split_conversations else "")

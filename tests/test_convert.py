@@ -357,3 +357,16 @@ def test_streaming_reads_across_chunk_boundaries(tmp_path, monkeypatch):
     # conversation 0's answer is empty, so it has no exchange
     assert [r["messages"][0]["content"] for r in records] == [f"question {i} ü😀" for i in range(1, 40)]
     assert records[-1]["messages"][1]["content"] == "answer " * 39
+
+
+def test_the_readme_sample_export(tmp_path, capsys):
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parent.parent / "docs" / "sample-export.zip"
+    out = tmp_path / "my-conversations.jsonl"
+    assert cli.main([str(sample), str(out), "--preview", "2"]) == 0
+    records = read_records(out)
+    assert [pairs(r)[-1][1][:30] for r in records] == [
+        "Try \"Mother Dough\": it is what", "Around 24 °C (75 °F). Cooler k", "Dense patches near the bottom "]
+    assert "sample@example.com" not in out.read_text()
+    assert "conversations read:    4\nconversations kept:    3" in capsys.readouterr().err
