@@ -37,7 +37,7 @@ class TrainOptions:
     lora: bool = True
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0  # 0.05 costs 20% of CPU throughput (docs/PERFORMANCE.md)
     lora_target_modules: str = "all-linear"
     load_in_4bit: bool = False
     load_in_8bit: bool = False
@@ -393,6 +393,45 @@ def _callbacks(options: TrainOptions, collator: PaddingCollator, interrupt: _Sto
     return callbacks
 
 
+def make_trainer_class():
+    """transformers' Trainer, computing the output layer only at positions that carry a label.
+
+    The output layer (hidden size x vocabulary, 49k wide for the starter model) and the softmax over
+    it are the largest single cost per token; prompt tokens and padding have no label, so their logits
+    are never needed. Models with logit soft-capping or scaling, and distributed runs (where the
+    forward must go through the DDP wrapper), keep the standard path.
+
+    The same path computes the evaluation loss, so training and validation losses stay comparable.
+    """
+    import torch
+    from transformers import Trainer
+
+    class ChatTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+            config = causal_lm.config
+            plain = not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
+            inner = getattr(causal_lm, causal_lm.base_model_prefix, None)
+            head = causal_lm.get_output_embeddings()
+            if return_outputs or self.args.world_size > 1 or not plain or inner is None or head is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            # PaddingCollator pads on the right, so in a causal model no real token can see padding:
+            # without the mask, attention takes its plain causal path instead of a materialised mask.
+            forward = {k: v for k, v in inputs.items() if k not in ("labels", "attention_mask")}
+            hidden = inner(**forward).last_hidden_state
+            targets = labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            logits = head(hidden[:, :-1][keep]).float()
+            loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+            count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+            if isinstance(count, torch.Tensor):
+                count = count.to(loss.device)
+            return loss / count
+
+    return ChatTrainer
+
+
 def training_arguments(options: TrainOptions, placement: Placement, has_val: bool):
     from transformers import TrainingArguments
 
@@ -533,7 +572,6 @@ def train(options: TrainOptions) -> dict:
            + "".join(f"; dropped {n} {why}" for why, n in report.dropped.items()))
 
     from datasets import Dataset
-    from transformers import Trainer
 
     if options.packing:
         train_examples = pack_examples(train_examples, options.max_length)
@@ -541,7 +579,7 @@ def train(options: TrainOptions) -> dict:
     collator = PaddingCollator(tokenizer.pad_token_id, packed=options.packing)
     has_val = bool(val_examples)
     interrupt = _StopOnInterrupt()
-    trainer = Trainer(
+    trainer = make_trainer_class()(
         model=model,
         args=training_arguments(options, placement, has_val),
         data_collator=collator,
@@ -567,8 +605,11 @@ def train(options: TrainOptions) -> dict:
                f"--resume {options.output}")
         return {"interrupted": True, "checkpoint": latest}
 
+    runtime = result.metrics.get("train_runtime", 0.0)
+    tokens = trainer.state.num_input_tokens_seen
     metrics = {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
-               "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1)}
+               "train_runtime_s": round(runtime, 1), "tokens_seen": tokens,
+               "tokens_per_second": round(tokens / runtime, 1) if runtime else None}
     if has_val:
         eval_loss = trainer.evaluate()["eval_loss"]
         metrics.update(eval_loss=round(eval_loss, 4), eval_perplexity=round(math.exp(min(eval_loss, 50)), 2))

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Benchmark: training tokens per second on the starter model with LoRA, against this machine's matmul rate.
+
+    python bench/train_throughput.py [--steps 12] [--batch-size 8] [--compare-trl]
+
+Measures (1) this machine's fp32 matrix-multiply rate (2048x2048, all threads), (2) train_chatgpt_model's
+tokens/s with its default settings (LoRA r16 on all linear layers, fp32 on CPU, dynamic padding) on
+generated conversations of a few hundred tokens, excluding model loading, and reports the share of the
+matmul rate reached when each token costs 4 x parameters FLOPs (LoRA: forward 2N, backward to the
+activations 2N, no weight gradients for the frozen base). With --compare-trl (needs `pip install trl`)
+it also runs TRL's SFTTrainer on the same data with bf16 and gradient checkpointing turned off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+WORDS = ("the model learns from your own conversations and answers in your style while keeping what it "
+         "knew before because only small adapter matrices change during training on the processor").split()
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def make_data(path: Path, count: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        user = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60)))
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(120, 220)))
+        records.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+    path.write_text(json.dumps(records))
+
+
+def run_chatkit(data: Path, workdir: Path, batch: int) -> dict:
+    from chatkit.training import TrainOptions, train
+
+    options = TrainOptions(data=[str(data)], output=str(workdir / "chatkit"), epochs=1, batch_size=batch,
+                           val_split=0, logging_steps=1000)
+    return train(options)
+
+
+def run_trl(data: Path, workdir: Path, batch: int, steps: int) -> dict:
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from chatkit.models import local_path, resolve_model
+
+    path = local_path(resolve_model("smollm2-135m"))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    config = SFTConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=batch, max_steps=steps,
+                       bf16=False, gradient_checkpointing=False, use_cpu=True, report_to="none",
+                       logging_steps=1000, save_strategy="no", max_length=1024)
+    trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
+                         train_dataset=load_dataset("json", data_files=str(data), split="train"),
+                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    tokens = [0]
+    collate = trainer.data_collator
+
+    def counting(batch_examples):
+        out = collate(batch_examples)
+        tokens[0] += int(out["attention_mask"].sum()) if "attention_mask" in out else out["input_ids"].numel()
+        return out
+
+    trainer.data_collator = counting
+    start = time.perf_counter()
+    trainer.train()
+    elapsed = time.perf_counter() - start
+    return {"tokens_seen": tokens[0], "train_runtime_s": round(elapsed, 1),
+            "tokens_per_second": round(tokens[0] / elapsed, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--compare-trl", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    from chatkit.models import local_path, resolve_model
+
+    local_path(resolve_model("smollm2-135m"))  # convert the starter model first, outside the timings
+    from transformers import AutoModelForCausalLM
+
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(local_path(resolve_model("smollm2-135m"))).parameters())
+    workdir = Path(tempfile.mkdtemp(prefix="chatkit-throughput-"))
+    data = workdir / "data.json"
+    make_data(data, args.steps * args.batch_size)
+    before = matmul_gflops()
+    result = {"threads": torch.get_num_threads(), "parameters": params}
+    chatkit = run_chatkit(data, workdir, args.batch_size)
+    result["chatkit"] = {k: chatkit[k] for k in ("tokens_seen", "train_runtime_s", "tokens_per_second")}
+    achieved = chatkit["tokens_per_second"] * 4 * params / 1e9
+    if args.compare_trl:
+        trl = run_trl(data, workdir, args.batch_size, args.steps)
+        result["trl_sft_fp32_no_checkpointing"] = trl
+        result["chatkit_over_trl"] = round(chatkit["tokens_per_second"] / trl["tokens_per_second"], 2)
+    # The machine's rate is the best of two measurements, before and after the training runs.
+    gflops = max(before, matmul_gflops())
+    result["matmul_gflops_fp32"] = round(gflops, 1)
+    result["chatkit"]["gflops_at_4N_per_token"] = round(achieved, 1)
+    result["chatkit"]["share_of_matmul_rate"] = round(achieved / gflops, 3)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
