@@ -14,6 +14,7 @@ it also runs TRL's SFTTrainer on the same data with bf16 and gradient checkpoint
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -109,11 +110,13 @@ def main() -> int:
     make_data(data, args.steps * args.batch_size)
     before = matmul_gflops()
     result = {"threads": torch.get_num_threads(), "parameters": params}
-    chatkit = run_chatkit(data, workdir, args.batch_size)
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log lines on stdout
+        chatkit = run_chatkit(data, workdir, args.batch_size)
     result["chatkit"] = {k: chatkit[k] for k in ("tokens_seen", "train_runtime_s", "tokens_per_second")}
     achieved = chatkit["tokens_per_second"] * 4 * params / 1e9
     if args.compare_trl:
-        trl = run_trl(data, workdir, args.batch_size, args.steps)
+        with contextlib.redirect_stdout(sys.stderr):
+            trl = run_trl(data, workdir, args.batch_size, args.steps)
         result["trl_sft_fp32_no_checkpointing"] = trl
         result["chatkit_over_trl"] = round(chatkit["tokens_per_second"] / trl["tokens_per_second"], 2)
     # The machine's rate is the best of two measurements, before and after the training runs.
