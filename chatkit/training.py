@@ -408,12 +408,14 @@ def make_trainer_class():
 
     class ChatTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or self.args.world_size > 1:  # DDP: the forward must go through its wrapper
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
             config = causal_lm.config
             plain = not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
             inner = getattr(causal_lm, causal_lm.base_model_prefix, None)
             head = causal_lm.get_output_embeddings()
-            if return_outputs or self.args.world_size > 1 or not plain or inner is None or head is None:
+            if not plain or inner is None or head is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"]
             # PaddingCollator pads on the right, so in a causal model no real token can see padding:

@@ -247,3 +247,45 @@ def test_option_problems_are_reported_together():
     options = training.TrainOptions(data=["x"], load_in_4bit=True, load_in_8bit=True, push_to_hub=True, batch_size=0)
     assert options.problems() == ["--load-in-4bit and --load-in-8bit: choose one",
                                   "--push-to-hub needs --hub-name USER/NAME", "--batch-size must be positive"]
+
+
+def test_gpu_out_of_memory_says_what_to_lower(tmp_path, tiny_llama, monkeypatch, capsys):
+    from transformers import Trainer
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train", out_of_memory)
+    assert run(tmp_path, tiny_llama, "--epochs", "1") == 1
+    err = capsys.readouterr().err
+    assert "error: the GPU ran out of memory; lower --batch-size" in err and "--load-in-4bit" in err
+
+
+def test_push_to_hub_is_private_and_never_prints_the_token(tmp_path, tiny_llama, monkeypatch, capsys):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, name, private, exist_ok):
+            calls.append(("create", name, private))
+
+        def upload_folder(self, folder_path, repo_id, ignore_patterns):
+            calls.append(("upload", repo_id, sorted(os.listdir(folder_path)), ignore_patterns))
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secretsecretsecretsecretsecret")
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert run(tmp_path, tiny_llama, "--epochs", "1", "--push-to-hub", "--hub-name", "me/my-chat") == 0
+    assert calls[0] == ("create", "me/my-chat", True)
+    assert calls[1][0:2] == ("upload", "me/my-chat") and "adapter_model.safetensors" in calls[1][2]
+    assert calls[1][3] == ["checkpoints/*", "runs/*"]
+
+    class Offline(FakeApi):
+        def create_repo(self, *args, **kwargs):
+            raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    assert run(tmp_path, tiny_llama, "--epochs", "1", "--overwrite", "--push-to-hub", "--hub-name", "me/x") == 1
+    err = capsys.readouterr().err
+    assert "--push-to-hub me/x: upload failed (ConnectionError)" in err and "The model is saved in" in err
+    assert "hf_secret" not in err
