@@ -68,10 +68,18 @@ class ChatSession:
             getattr(self.model.config, "n_positions", None) or 2048
         self.max_context = max_context or config_limit
         self.history: List[dict] = []
+        # Guiding examples: (user, assistant) pairs placed as earlier exchanges before the conversation.
+        self.examples: List[tuple] = []
+        self.examples_in_prompt = 0  # how many of the newest examples fitted in the last prompt
         self.trimmed_notice_given = False
         self.on_notice: Callable[[str], None] = lambda text: print(text, file=sys.stderr)
         self._cache = None
         self._cache_ids: List[int] = []
+
+    @property
+    def new_tokens(self) -> int:
+        """The answer's token budget: --max-new-tokens, but never more than half the context window."""
+        return max(1, min(self.settings.max_new_tokens, self.max_context // 2))
 
     @property
     def device(self):
@@ -97,19 +105,38 @@ class ChatSession:
             messages.append({"role": "user", "content": user_text})
         return with_system_prompt(messages, self.system_prompt)
 
+    def prompt_messages(self, user_text: str, examples: Optional[int] = None) -> List[dict]:
+        """System prompt, then the newest `examples` guiding examples, then the conversation, then the message."""
+        count = len(self.examples) if examples is None else examples
+        shown = self.examples[len(self.examples) - count:] if count else []
+        prior = [m for user, bot in shown for m in ({"role": "user", "content": user},
+                                                   {"role": "assistant", "content": bot})]
+        return with_system_prompt(prior + self.messages(user_text)[self._system_offset():], self.system_prompt)
+
+    def _system_offset(self) -> int:
+        return 1 if self.system_prompt and (not self.history or self.history[0]["role"] != "system") else 0
+
     def prompt_ids(self, user_text: str) -> List[int]:
-        """Tokens of the prompt for the next answer, dropping the oldest exchanges to fit the context."""
-        budget = self.max_context - self.settings.max_new_tokens
+        """Tokens of the prompt for the next answer. When it would not fit the context window, the
+        oldest guiding examples are left out first, then the oldest exchanges of the conversation."""
+        budget = self.max_context - self.new_tokens
+        shown = len(self.examples)
         while True:
-            text = render(self.messages(user_text), self.tokenizer, add_generation_prompt=True)
+            text = render(self.prompt_messages(user_text, shown), self.tokenizer, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) <= budget or not self.history:
+            if len(ids) <= budget:
                 break
-            self._drop_oldest_exchange()
+            if shown:
+                shown -= 1
+            elif self.history:
+                self._drop_oldest_exchange()
+            else:
+                break
+        self.examples_in_prompt = shown
         if len(ids) > budget:
             raise ChatkitError(
                 f"the message is {len(ids)} tokens, more than this model's context of {self.max_context} "
-                f"allows with --max-new-tokens {self.settings.max_new_tokens}; shorten it or lower --max-new-tokens"
+                f"allows with {self.new_tokens} tokens kept for the answer; shorten it or lower --max-new-tokens"
             )
         return ids
 
@@ -135,7 +162,7 @@ class ChatSession:
         input_ids = torch.tensor([ids], device=self.device)
         kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                       eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id or self.stop_ids[0],
-                      **self.settings.generate_kwargs())
+                      **(self.settings.generate_kwargs() | {"max_new_tokens": self.new_tokens}))
         cache = self._reusable_cache(ids)
         if cache is not None:
             kwargs["past_key_values"] = cache

@@ -23,10 +23,10 @@ MULTILINE = '"""'
 class Console:
     """A read-eval-print loop over a ChatSession. Input and output streams are injectable for tests."""
 
-    def __init__(self, session: ChatSession, read: Callable[[str], str] = input,
+    def __init__(self, session: ChatSession, read: Optional[Callable[[str], str]] = None,
                  out: Optional[TextIO] = None):
         self.session = session
-        self.read = read
+        self.read = read or (lambda prompt: input(prompt))  # looked up late, so input() can be scripted
         self.out = out or sys.stdout
         session.on_notice = lambda text: self.print(text)
 

@@ -40,7 +40,7 @@ class ModelSource:
     """What a `--model` value points at, before anything heavy is loaded."""
 
     spec: str  # what the user typed
-    kind: str  # "hub", "directory", "gguf", "adapter"
+    kind: str  # "hub", "directory", "gguf", "adapter", "checkpoint" (a single-file .pt)
     path: str  # Hub id or local path (for "gguf": the converted directory once converted)
     gguf_file: Optional[str] = None  # for "gguf": the original file
     base: Optional["ModelSource"] = None  # for "adapter": the base model
@@ -109,8 +109,12 @@ def resolve_model(spec: Optional[str]) -> ModelSource:
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return ModelSource(spec=spec, kind="gguf", path=str(path), gguf_file=str(path))
+        from .checkpoint import CHECKPOINT_SUFFIXES
+
+        if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            return ModelSource(spec=spec, kind="checkpoint", path=str(path))
         raise ChatkitError(
-            f"--model {spec}: a file was given but only .gguf files load directly; "
+            f"--model {spec}: a file was given but only .gguf and .pt checkpoint files load directly; "
             "pass the model directory (the folder with config.json) instead"
         )
     if path.is_dir():
@@ -249,6 +253,11 @@ def load_model(
     if not isinstance(source, ModelSource):
         source = resolve_model(source)
     placement = placement or choose_placement()
+    if source.kind == "checkpoint":
+        from .checkpoint import load_checkpoint
+
+        model, tokenizer, _ = load_checkpoint(source.path, placement=placement)
+        return LoadedModel(model=model, tokenizer=tokenizer, source=source)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     base_source = source.base if source.kind == "adapter" else source
     kwargs = {"dtype": placement.torch_dtype, "trust_remote_code": trust_remote_code}

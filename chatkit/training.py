@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -539,6 +540,76 @@ def push_to_hub(options: TrainOptions) -> None:
     _print(f"Pushed to https://huggingface.co/{options.hub_name} (private)")
 
 
+@dataclass
+class RunResult:
+    """What a Trainer run left: the trainer (with the best model loaded) and its figures."""
+
+    trainer: object
+    metrics: dict
+    interrupted: bool = False
+    checkpoint: Optional[str] = None
+
+
+def run_trainer(model, tokenizer, train_examples: List[dict], val_examples: List[dict], options: TrainOptions,
+                placement: Placement, checkpoint: Optional[str] = None, evaluate_first: bool = False) -> RunResult:
+    """Train on token examples with transformers' Trainer; Ctrl-C saves a checkpoint; OOM is explained."""
+    from datasets import Dataset
+
+    if options.packing:
+        train_examples = pack_examples(train_examples, options.max_length)
+        val_examples = pack_examples(val_examples, options.max_length) if val_examples else []
+    collator = PaddingCollator(tokenizer.pad_token_id, packed=options.packing)
+    has_val = bool(val_examples)
+    interrupt = _StopOnInterrupt()
+    trainer = make_trainer_class()(
+        model=model,
+        args=training_arguments(options, placement, has_val),
+        data_collator=collator,
+        train_dataset=Dataset.from_list(train_examples),
+        eval_dataset=Dataset.from_list(val_examples) if has_val else None,
+        processing_class=tokenizer,
+        callbacks=_callbacks(options, collator, interrupt, has_val),
+    )
+    metrics = {}
+    if evaluate_first and has_val:
+        with contextlib.redirect_stdout(sys.stderr):
+            metrics["eval_loss_before"] = round(trainer.evaluate()["eval_loss"], 4)
+    try:
+        # The Trainer prints its log lines on stdout; scripts keep stdout for results.
+        with interrupt, contextlib.redirect_stdout(sys.stderr):
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":
+            raise ChatkitError(
+                "the GPU ran out of memory; lower --batch-size (and raise --gradient-accumulation-steps to "
+                "keep the effective batch), lower --max-length, add --gradient-checkpointing, or use "
+                "--load-in-4bit"
+            ) from None
+        raise
+    if interrupt.requested:
+        latest = find_checkpoint(dataclasses.replace(options, resume=options.output))
+        return RunResult(trainer, metrics, interrupted=True, checkpoint=latest)
+    runtime = result.metrics.get("train_runtime", 0.0)
+    tokens = trainer.state.num_input_tokens_seen
+    metrics.update(train_loss=round(result.training_loss, 4), steps=result.global_step,
+                   train_runtime_s=round(runtime, 1), tokens_seen=tokens,
+                   tokens_per_second=round(tokens / runtime, 1) if runtime else None)
+    if has_val:
+        with contextlib.redirect_stdout(sys.stderr):
+            eval_loss = trainer.evaluate()["eval_loss"]
+        metrics.update(eval_loss=round(eval_loss, 4), eval_perplexity=perplexity(eval_loss))
+    return RunResult(trainer, metrics)
+
+
+def perplexity(loss: float) -> float:
+    return round(math.exp(min(loss, 50)), 2)
+
+
+def print_interrupted(run: RunResult, options: TrainOptions, command: str = "the same command") -> None:
+    _print(f"Stopped early; checkpoint saved in {run.checkpoint}. Continue with {command} plus "
+           f"--resume {options.output}")
+
+
 def train(options: TrainOptions) -> dict:
     """The whole run: data, model, Trainer, best checkpoint, saving. Returns the final metrics."""
     problems = options.problems()
@@ -547,8 +618,6 @@ def train(options: TrainOptions) -> dict:
     check_output_dir(options)
     checkpoint = find_checkpoint(options)
     placement = choose_placement(options.device, options.dtype)
-    if options.dtype is None and placement.device == "cpu" and placement.dtype != "float32":
-        raise ChatkitError("internal: CPU training must default to float32")
     source = resolve_model(options.model)
     quantization_config(options, placement)  # fail before loading anything when QLoRA cannot run
 
@@ -573,52 +642,15 @@ def train(options: TrainOptions) -> dict:
            + (f"; {report.split_conversations} long conversations split between exchanges" if report.split_conversations else "")
            + "".join(f"; dropped {n} {why}" for why, n in report.dropped.items()))
 
-    from datasets import Dataset
-
-    if options.packing:
-        train_examples = pack_examples(train_examples, options.max_length)
-        val_examples = pack_examples(val_examples, options.max_length) if val_examples else []
-    collator = PaddingCollator(tokenizer.pad_token_id, packed=options.packing)
-    has_val = bool(val_examples)
-    interrupt = _StopOnInterrupt()
-    trainer = make_trainer_class()(
-        model=model,
-        args=training_arguments(options, placement, has_val),
-        data_collator=collator,
-        train_dataset=Dataset.from_list(train_examples),
-        eval_dataset=Dataset.from_list(val_examples) if has_val else None,
-        processing_class=tokenizer,
-        callbacks=_callbacks(options, collator, interrupt, has_val),
-    )
-    try:
-        with interrupt:
-            result = trainer.train(resume_from_checkpoint=checkpoint)
-    except Exception as exc:
-        if type(exc).__name__ == "OutOfMemoryError":
-            raise ChatkitError(
-                "the GPU ran out of memory; lower --batch-size (and raise --gradient-accumulation-steps to "
-                "keep the effective batch), lower --max-length, add --gradient-checkpointing, or use "
-                "--load-in-4bit"
-            ) from None
-        raise
-    if interrupt.requested:
-        latest = find_checkpoint(dataclasses.replace(options, resume=options.output))
-        _print(f"Stopped early; checkpoint saved in {latest}. Continue with the same command plus "
-               f"--resume {options.output}")
-        return {"interrupted": True, "checkpoint": latest}
-
-    runtime = result.metrics.get("train_runtime", 0.0)
-    tokens = trainer.state.num_input_tokens_seen
-    metrics = {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
-               "train_runtime_s": round(runtime, 1), "tokens_seen": tokens,
-               "tokens_per_second": round(tokens / runtime, 1) if runtime else None}
-    if has_val:
-        eval_loss = trainer.evaluate()["eval_loss"]
-        metrics.update(eval_loss=round(eval_loss, 4), eval_perplexity=round(math.exp(min(eval_loss, 50)), 2))
-    if trainer.is_world_process_zero():
-        save_model(trainer, tokenizer, options, source, metrics)
-        summary = f"train loss {metrics['train_loss']} (perplexity {math.exp(min(metrics['train_loss'], 50)):.2f})"
-        if has_val:
+    run = run_trainer(model, tokenizer, train_examples, val_examples, options, placement, checkpoint)
+    if run.interrupted:
+        print_interrupted(run, options)
+        return {"interrupted": True, "checkpoint": run.checkpoint}
+    metrics = run.metrics
+    if run.trainer.is_world_process_zero():
+        save_model(run.trainer, tokenizer, options, source, metrics)
+        summary = f"train loss {metrics['train_loss']} (perplexity {perplexity(metrics['train_loss'])})"
+        if "eval_loss" in metrics:
             summary += f", validation loss {metrics['eval_loss']} (perplexity {metrics['eval_perplexity']})"
         _print(f"\nDone: {summary}.\nModel saved in {options.output}"
                + (f" (standalone merged copy in {Path(options.output) / 'merged'})" if options.merge and options.lora else "")

@@ -115,8 +115,8 @@ def test_directory_without_model_files(tmp_path):
         models.resolve_model(str(tmp_path))
 
 
-def test_non_gguf_file(tmp_path):
-    path = tmp_path / "weights.bin"
+def test_non_model_file(tmp_path):
+    path = tmp_path / "weights.txt"
     path.write_bytes(b"x")
-    with pytest.raises(ChatkitError, match="only .gguf files load directly"):
+    with pytest.raises(ChatkitError, match="only .gguf and .pt checkpoint files load directly"):
         models.resolve_model(str(path))
