@@ -31,18 +31,24 @@ class DataReport:
         return text
 
 
-def load_records(path: str) -> List[object]:
-    """A JSON array (or {"data"/"conversations": [...]}) or JSON Lines file, as a list of records."""
+def read_text_file(path: str, flag: str, what: str) -> str:
+    """A UTF-8 text file's contents; a missing, undecodable or empty file is a ChatkitError naming `flag`."""
     file = Path(path)
     if not file.is_file():
-        raise ChatkitError(f"--data {path}: no such file")
+        raise ChatkitError(f"{flag} {path}: no such file")
     try:
         text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ChatkitError(f"{path}: not UTF-8 text ({exc})") from None
+    if not text.strip():
+        raise ChatkitError(f"{path}: the file is empty; it should hold {what}")
+    return text
+
+
+def load_records(path: str) -> List[object]:
+    """A JSON array (or {"data"/"conversations": [...]}) or JSON Lines file, as a list of records."""
+    text = read_text_file(path, "--data", "conversations in the messages format")
     stripped = text.lstrip()
-    if not stripped:
-        raise ChatkitError(f"{path}: the file is empty; it should hold conversations in the messages format")
     if stripped.startswith("["):
         try:
             data = json.loads(text)

@@ -15,7 +15,7 @@ from typing import Iterable, List, Optional, Sequence
 
 from .chat import ChatSession, GenerationSettings
 from .checkpoint import CHECKPOINT_SUFFIXES, load_checkpoint, save_checkpoint
-from .datasets import default_val_split, read_conversations, split_train_val
+from .datasets import default_val_split, read_conversations, read_text_file, split_train_val
 from .device import choose_placement
 from .errors import ChatkitError
 from .formatting import IGNORE_INDEX, ensure_chat_template, ensure_pad_token
@@ -91,7 +91,7 @@ def train_chatbot(options: ChatbotTrainOptions):
     )
     train_examples, val_examples = [], []
     if options.text_file:
-        text = _read_text(options.text_file)
+        text = read_text_file(options.text_file, "--text_file", "the text to learn")
         blocks = text_blocks(tokenizer(text, add_special_tokens=False)["input_ids"], block_size, options.overlap)
         split = options.val_split if options.val_split is not None else default_val_split(len(blocks))
         train_part, val_part = split_train_val(blocks, split, options.seed)
@@ -125,19 +125,6 @@ def train_chatbot(options: ChatbotTrainOptions):
 
 def _is_file_path(path: str) -> bool:
     return Path(path).suffix.lower() in CHECKPOINT_SUFFIXES
-
-
-def _read_text(path: str) -> str:
-    file = Path(path)
-    if not file.is_file():
-        raise ChatkitError(f"--text_file {path}: no such file")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ChatkitError(f"--text_file {path}: not UTF-8 text ({exc})") from None
-    if not text.strip():
-        raise ChatkitError(f"--text_file {path}: the file is empty")
-    return text
 
 
 def save_chatbot(model, tokenizer, path: str, base_model: str) -> None:
