@@ -7,6 +7,7 @@ Examples:
     echo "What is AI?" | python demo_chatbot.py chat-model --query -
     python demo_chatbot.py smollm2-135m --temperature 0 --max-new-tokens 100
     python demo_chatbot.py ./model.gguf --system-prompt "You are a pirate."
+    python demo_chatbot.py chat-model --web            # a chat page at http://127.0.0.1:7860
 
 MODEL is the output directory of train_chatgpt_model.py (adapter or merged), a local model directory,
 a .gguf file, a Hugging Face Hub id or a friendly name (default: smollm2-135m). In the chat, /help lists
@@ -28,6 +29,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help="model to load (default: smollm2-135m)")
     parser.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same as the MODEL argument")
     parser.add_argument("--query", "-q", metavar="TEXT", help="answer TEXT on stdout and exit (- reads stdin)")
+    web = parser.add_argument_group("web page (needs gradio)")
+    web.add_argument("--web", action="store_true", help="serve a chat page instead of the console chat")
+    web.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
+    web.add_argument("--port", type=int, default=7860, help="(default: %(default)s)")
+    web.add_argument("--share", action="store_true", help="also open a public gradio.live link (only when asked)")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default: %(default)s)")
     gen.add_argument("--top-p", type=float, default=0.9, help="(default: %(default)s)")
@@ -56,6 +62,10 @@ def chat(argv: Optional[Sequence[str]] = None) -> int:
         problems.append("--temperature must not be negative")
     if not 0 < args.top_p <= 1:
         problems.append("--top-p must be in (0, 1]")
+    if args.web and args.query is not None:
+        problems.append("--web and --query: choose one")
+    if (args.share or args.host != "127.0.0.1" or args.port != 7860) and not args.web:
+        problems.append("--host, --port and --share go with --web")
     if problems:
         parser.error("; ".join(problems))
     query = args.query
@@ -76,6 +86,12 @@ def chat(argv: Optional[Sequence[str]] = None) -> int:
                           reuse_cache=not args.no_cache_reuse, trust_remote_code=args.trust_remote_code)
     if query is not None:
         print(session.reply(query))
+        return 0
+    if args.web:
+        from chatkit.web import serve
+
+        print(f"Serving {session.describe()} at http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
+        serve(session, host=args.host, port=args.port, share=args.share)
         return 0
     return Console(session).run()
 

@@ -1,0 +1,117 @@
+"""A web chat page for a model (Gradio), over the same ChatSession the console uses.
+
+Each browser tab holds its own conversation (Gradio keeps component values per session); the model
+is shared, and Gradio's queue runs one generation at a time, so a request made while the model is
+busy waits its turn. The prompt is rebuilt from the tab's conversation on every message with the
+model's trained formatting; the session's key/value cache is reused where the prompts share a prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import List, Optional
+
+from .chat import ChatSession
+from .errors import ChatkitError
+
+DOWNLOAD_NAME = "conversation.json"
+
+
+def _messages(history: list) -> List[dict]:
+    """Gradio's chat history (messages format) as plain {"role", "content"} text messages."""
+    out = []
+    for item in history or []:
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, list):  # Gradio 6 may hold [{"type": "text", "text": ...}]
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if isinstance(content, str) and item.get("role") in ("user", "assistant"):
+            out.append({"role": item["role"], "content": content})
+    return out
+
+
+def build_app(session: ChatSession):
+    """The Gradio Blocks app for one loaded model."""
+    try:
+        import gradio as gr
+    except ImportError:
+        raise ChatkitError("the web page needs gradio: pip install gradio (the console chat does not)") from None
+
+    download_dir = tempfile.mkdtemp(prefix="chatkit-web-")
+
+    def respond(message: str, history: list, temperature: float, max_new_tokens: float, system_prompt: str):
+        history = list(history or [])
+        if not message or not message.strip():
+            yield history, ""
+            return
+        session.settings.temperature = float(temperature)
+        session.settings.max_new_tokens = int(max_new_tokens)
+        session.system_prompt = system_prompt.strip() or None
+        session.history = _messages(history)
+        history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        answer = ""
+        try:
+            for piece in session.stream(message):
+                answer += piece
+                history[-1] = {"role": "assistant", "content": answer}
+                yield history, ""
+        except ChatkitError as exc:
+            raise gr.Error(str(exc))
+        history[-1] = {"role": "assistant", "content": session.history[-1]["content"]}
+        yield history, ""
+
+    def conversation_file(history: list, system_prompt: str, request: gr.Request):
+        """The conversation in the training `messages` format, as a file the download button serves."""
+        messages = _messages(history)
+        if system_prompt and system_prompt.strip():
+            messages.insert(0, {"role": "system", "content": system_prompt.strip()})
+        folder = os.path.join(download_dir, getattr(request, "session_hash", None) or "shared")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, DOWNLOAD_NAME)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump([{"messages": messages}], handle, ensure_ascii=False, indent=2)
+        return path
+
+    with gr.Blocks(title=f"chatkit: {session.source.spec}") as app:
+        gr.Markdown(f"### Chatting with `{session.source.describe()}`\nRunning on **{_device(session)}**.",
+                    elem_id="model-info")
+        chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=420)
+        message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, elem_id="message",
+                             autofocus=True)
+        with gr.Row():
+            send = gr.Button("Send", variant="primary", elem_id="send")
+            clear = gr.Button("Clear", elem_id="clear")
+            download = gr.DownloadButton("Download conversation (JSON)", value=None, elem_id="download")
+        with gr.Accordion("Settings", open=False):
+            temperature = gr.Slider(0.0, 2.0, value=session.settings.temperature, step=0.05,
+                                    label="Temperature (0 = always the likeliest word)", elem_id="temperature")
+            max_new_tokens = gr.Slider(8, 1024, value=session.settings.max_new_tokens, step=8,
+                                       label="Max new tokens", elem_id="max-new-tokens")
+            system_prompt = gr.Textbox(value=session.system_prompt or "", label="System prompt",
+                                       elem_id="system-prompt")
+        inputs = [message, chatbot, temperature, max_new_tokens, system_prompt]
+        for trigger in (message.submit, send.click):
+            trigger(respond, inputs, [chatbot, message]).then(conversation_file, [chatbot, system_prompt], download)
+        clear.click(lambda: ([], None), None, [chatbot, download], queue=False)
+    # One generation at a time: the model is shared; later requests wait in the queue.
+    app.queue(default_concurrency_limit=1)
+    return app
+
+
+def _device(session: ChatSession) -> str:
+    param = next(session.model.parameters())
+    return f"{param.device.type} ({str(param.dtype).replace('torch.', '')})"
+
+
+def serve(session: ChatSession, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+          block: bool = True, quiet: bool = False):
+    """Start the page; returns the Gradio app (and, with block=False, leaves it running in the background)."""
+    app = build_app(session)
+    if host not in ("127.0.0.1", "localhost", "::1") and not quiet:
+        print(f"warning: serving on {host}: anyone who can reach this machine can use the model",
+              file=sys.stderr, flush=True)
+    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
+               show_error=True)
+    return app
