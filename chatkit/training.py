@@ -376,13 +376,23 @@ def _callbacks(options: TrainOptions, collator: PaddingCollator, interrupt: _Sto
                 logs["tokens_per_second"] = round((seen - self.last[1]) / elapsed, 1)
             self.last = (now, seen)
 
+    class LossInProgressBar(TrainerCallback):
+        """Shows the latest loss beside the progress bar's ETA (run_trainer hands it the bar's owner)."""
+
+        progress = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            bar = getattr(self.progress, "training_bar", None)
+            if bar is not None and logs and "loss" in logs:
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
     class Interrupt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if interrupt.requested:
                 control.should_save = True
                 control.should_training_stop = True
 
-    callbacks = [Throughput(), Interrupt()]
+    callbacks = [Throughput(), LossInProgressBar(), Interrupt()]
     try:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -552,12 +562,11 @@ class RunResult:
 
 def run_trainer(model, tokenizer, train_examples: List[dict], val_examples: List[dict], options: TrainOptions,
                 placement: Placement, checkpoint: Optional[str] = None, evaluate_first: bool = False) -> RunResult:
-    """Train on token examples with transformers' Trainer; Ctrl-C saves a checkpoint; OOM is explained."""
+    """Train on token examples (packed already when options.packing) with transformers' Trainer.
+
+    Ctrl-C saves a checkpoint; running out of GPU memory is explained."""
     from datasets import Dataset
 
-    if options.packing:
-        train_examples = pack_examples(train_examples, options.max_length)
-        val_examples = pack_examples(val_examples, options.max_length) if val_examples else []
     collator = PaddingCollator(tokenizer.pad_token_id, packed=options.packing)
     has_val = bool(val_examples)
     interrupt = _StopOnInterrupt()
@@ -570,6 +579,12 @@ def run_trainer(model, tokenizer, train_examples: List[dict], val_examples: List
         processing_class=tokenizer,
         callbacks=_callbacks(options, collator, interrupt, has_val),
     )
+    from transformers.trainer_callback import ProgressCallback
+
+    progress = next((c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "LossInProgressBar":
+            callback.progress = progress
     metrics = {}
     if evaluate_first and has_val:
         with contextlib.redirect_stdout(sys.stderr):
@@ -630,6 +645,9 @@ def train(options: TrainOptions) -> dict:
     report = ExampleReport()
     train_examples = tokenize_examples(train_convs, tokenizer, options, report)
     val_examples = tokenize_examples(val_convs, tokenizer, options, ExampleReport())
+    if options.packing:
+        train_examples = pack_examples(train_examples, options.max_length)
+        val_examples = pack_examples(val_examples, options.max_length) if val_examples else []
     options = auto_schedule(options, len(train_examples))
     if report.trained_tokens == 0:
         raise ChatkitError(
@@ -638,6 +656,7 @@ def train(options: TrainOptions) -> dict:
         )
     _print(describe_options(options, source, placement))
     _print(f"training on {report.examples} examples ({report.trained_tokens} trained of {report.tokens} tokens)"
+           + (f" packed into {len(train_examples)} sequences" if options.packing else "")
            + (f", {len(val_examples)} for validation" if val_examples else ", no validation split")
            + (f"; {report.split_conversations} long conversations split between exchanges" if report.split_conversations else "")
            + "".join(f"; dropped {n} {why}" for why, n in report.dropped.items()))

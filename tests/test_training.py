@@ -289,3 +289,14 @@ def test_push_to_hub_is_private_and_never_prints_the_token(tmp_path, tiny_llama,
     err = capsys.readouterr().err
     assert "--push-to-hub me/x: upload failed (ConnectionError)" in err and "The model is saved in" in err
     assert "hf_secret" not in err
+
+
+@pytest.mark.parametrize("flag", ["--packing", "--gradient-checkpointing"])
+def test_packing_and_gradient_checkpointing_train(tmp_path, tiny_llama, flag, capsys):
+    assert run(tmp_path, tiny_llama, flag, "--epochs", "10", "--learning-rate", "1e-2", "--batch-size", "2") == 0
+    state = json.loads((tmp_path / "out" / "checkpoints" / sorted(os.listdir(tmp_path / "out" / "checkpoints"))[-1]
+                        / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert losses[-1] < losses[0] * 0.5
+    if flag == "--packing":
+        assert "packed into 1 sequences" in capsys.readouterr().err  # 8 short conversations, one row
