@@ -122,6 +122,7 @@ def message_turn(node: dict, options: ConvertOptions, stats: Stats) -> Optional[
     tool_call = role == "assistant" and message.get("recipient") not in (None, "all")
     if role == "tool" or tool_call:
         if not options.include_tools:
+            stats.skipped_content["tool call" if tool_call else f"tool result ({kind})"] += 1
             return None
         if tool_call:
             label = content.get("language") if kind == "code" else None

@@ -56,7 +56,7 @@ def test_all_branches_does_not_duplicate_hidden_tails(tmp_path):
     assert [pairs(r) for r in records] == [[("user", "Q"), ("assistant", "A")]]
 
 
-def test_hidden_system_custom_instructions_thoughts_and_tools_are_dropped(tmp_path):
+def test_hidden_system_custom_instructions_thoughts_and_tools_are_dropped(tmp_path, capsys):
     tree = Tree(root_message=True)
     tree.add(message("system", "You are ChatGPT", hidden=True))
     tree.add(message("user", None, content={"content_type": "user_editable_context",
@@ -85,6 +85,10 @@ def test_hidden_system_custom_instructions_thoughts_and_tools_are_dropped(tmp_pa
         ("user", "Plot sin(x)"), ("assistant", "Here is the plot."),
         ("user", "Search the news"), ("assistant", "Today's news is calm."),
     ]
+    err = capsys.readouterr().err
+    for line in ("  tool call: 2", "  tool result (execution_output): 1", "  tool result (tether_browsing_display): 1",
+                 "  tool result (tether_quote): 1", "  thoughts: 1", "  reasoning_recap: 1"):
+        assert line in err
     with_tools = convert(tmp_path, [conv], "--include-tools")
     assert pairs(with_tools[0])[1] == (
         "assistant", "```python\nplot(sin)\n```\n\n```python output\n<figure>\n```\n\nHere is the plot.")
