@@ -60,20 +60,6 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def validate_messages(messages: Sequence[dict], where: str = "conversation") -> None:
-    if not messages:
-        raise ChatkitError(f"{where}: no messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ChatkitError(f"{where}, message {index}: needs 'role' and 'content' keys")
-        if message["role"] not in ROLES:
-            raise ChatkitError(
-                f"{where}, message {index}: role {message['role']!r} is not one of {', '.join(ROLES)}"
-            )
-        if not isinstance(message["content"], str):
-            raise ChatkitError(f"{where}, message {index}: content must be a string")
-
-
 def render(messages: Sequence[dict], tokenizer, add_generation_prompt: bool = False) -> str:
     """The model text for a conversation: the tokenizer's chat template, or the fallback."""
     template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE

@@ -99,13 +99,3 @@ def test_with_system_prompt():
     assert formatting.with_system_prompt(messages, None) == messages
     has = [{"role": "system", "content": "Mine."}] + messages
     assert formatting.with_system_prompt(has, "Other.") == has
-
-
-def test_validate_messages_names_the_problem():
-    import pytest
-
-    from chatkit.errors import ChatkitError
-
-    with pytest.raises(ChatkitError, match=r"data.json record 3, message 1: role 'bot' is not one of"):
-        formatting.validate_messages([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}],
-                                     where="data.json record 3")

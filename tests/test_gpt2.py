@@ -119,6 +119,8 @@ def test_custom_examples_are_prior_exchanges_and_respect_the_window(tiny_gpt2):
     assert session.examples_in_prompt == 1 and bot.examples == PAIRS  # left out of the prompt, not forgotten
     with pytest.raises(ChatkitError, match="custom example 0"):
         bot.add_custom_examples([{"user": "no bot"}])
+    bot.clear_examples()
+    assert bot.examples == [] and session.tokenizer.decode(session.prompt_ids("Hi")) == "<|user|>\nHi\n<|assistant|>\n"
 
 
 def test_interactive_after_training(tmp_path, tiny_gpt2, monkeypatch, capsys):
