@@ -91,6 +91,8 @@ def downloaded(page) -> list:
 def test_chat_stream_clear_and_download(server, browser, web_model):
     page = browser.new_page()
     page.goto(server)
+    page.wait_for_selector("#chatbot")  # the page renders in stages: wait for the parts used below
+    page.wait_for_selector("#message textarea")
     info = page.inner_text("#model-info")
     assert str(web_model) in info and "cpu (float32)" in info
     # Record every text the answer bubble shows, to see it grow while streaming.
