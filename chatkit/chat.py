@@ -85,9 +85,13 @@ class ChatSession:
     def device(self):
         return next(self.model.parameters()).device
 
-    def describe(self) -> str:
+    def device_description(self) -> str:
+        """Where the model runs, e.g. "cpu (float32)"."""
         param = next(self.model.parameters())
-        return f"{self.source.describe()} on {param.device.type} ({str(param.dtype).replace('torch.', '')})"
+        return f"{param.device.type} ({str(param.dtype).replace('torch.', '')})"
+
+    def describe(self) -> str:
+        return f"{self.source.describe()} on {self.device_description()}"
 
     # ------------------------------------------------------------------ history
 
@@ -111,10 +115,8 @@ class ChatSession:
         shown = self.examples[len(self.examples) - count:] if count else []
         prior = [m for user, bot in shown for m in ({"role": "user", "content": user},
                                                    {"role": "assistant", "content": bot})]
-        return with_system_prompt(prior + self.messages(user_text)[self._system_offset():], self.system_prompt)
-
-    def _system_offset(self) -> int:
-        return 1 if self.system_prompt and (not self.history or self.history[0]["role"] != "system") else 0
+        conversation = list(self.history) + [{"role": "user", "content": user_text}]
+        return with_system_prompt(prior + conversation, self.system_prompt)
 
     def prompt_ids(self, user_text: str) -> List[int]:
         """Tokens of the prompt for the next answer. When it would not fit the context window, the
@@ -186,9 +188,7 @@ class ChatSession:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        pieces = []
         for piece in streamer:
-            pieces.append(piece)
             yield piece
         thread.join()
         if "error" in result:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 from .chat import ChatSession, GenerationSettings
-from .checkpoint import CHECKPOINT_SUFFIXES, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_SUFFIXES, is_chatkit_checkpoint, load_checkpoint, save_checkpoint
 from .datasets import default_val_split, read_conversations, read_text_file, split_train_val
 from .device import choose_placement
 from .errors import ChatkitError
@@ -184,7 +184,7 @@ class GPT2Chatbot:
         or a model directory."""
         placement = choose_placement(self.device)
         if Path(path).is_file():
-            base = None if _is_own_checkpoint(path) else resolve_model(self.model_name)
+            base = None if is_chatkit_checkpoint(path) else resolve_model(self.model_name)
             model, tokenizer, _ = load_checkpoint(path, base=base, placement=placement)
             self._attach(LoadedModel(model=model, tokenizer=tokenizer,
                                      source=ModelSource(spec=path, kind="checkpoint", path=path)))
@@ -231,9 +231,3 @@ class GPT2Chatbot:
                                             pad_token_id=session.tokenizer.pad_token_id or session.tokenizer.eos_token_id,
                                             **settings.generate_kwargs())
         return session.tokenizer.decode(output[0][ids.shape[1]:], skip_special_tokens=True)
-
-
-def _is_own_checkpoint(path: str) -> bool:
-    from .checkpoint import is_chatkit_checkpoint
-
-    return is_chatkit_checkpoint(path)

@@ -357,7 +357,7 @@ class _StopOnInterrupt:
         return False
 
 
-def _callbacks(options: TrainOptions, collator: PaddingCollator, interrupt: _StopOnInterrupt, has_val: bool):
+def _callbacks(options: TrainOptions, interrupt: _StopOnInterrupt, has_val: bool):
     from transformers import EarlyStoppingCallback, TrainerCallback
     from transformers.integrations import TensorBoardCallback
 
@@ -577,7 +577,7 @@ def run_trainer(model, tokenizer, train_examples: List[dict], val_examples: List
         train_dataset=Dataset.from_list(train_examples),
         eval_dataset=Dataset.from_list(val_examples) if has_val else None,
         processing_class=tokenizer,
-        callbacks=_callbacks(options, collator, interrupt, has_val),
+        callbacks=_callbacks(options, interrupt, has_val),
     )
     from transformers.trainer_callback import ProgressCallback
 

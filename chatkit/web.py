@@ -75,7 +75,7 @@ def build_app(session: ChatSession):
         return path
 
     with gr.Blocks(title=f"chatkit: {session.source.spec}") as app:
-        gr.Markdown(f"### Chatting with `{session.source.describe()}`\nRunning on **{_device(session)}**.",
+        gr.Markdown(f"### Chatting with `{session.source.describe()}`\nRunning on **{session.device_description()}**.",
                     elem_id="model-info")
         chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=420)
         message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, elem_id="message",
@@ -98,11 +98,6 @@ def build_app(session: ChatSession):
     # One generation at a time: the model is shared; later requests wait in the queue.
     app.queue(default_concurrency_limit=1)
     return app
-
-
-def _device(session: ChatSession) -> str:
-    param = next(session.model.parameters())
-    return f"{param.device.type} ({str(param.dtype).replace('torch.', '')})"
 
 
 def serve(session: ChatSession, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
