@@ -2,7 +2,7 @@
 """Quality benchmark: does fine-tuning teach invented facts and a style, without breaking the model?
 
     python bench/quality.py                                  # 12 facts, ~60 conversations, default flags
-    python bench/quality.py --facts 40 --phrasings 8         # a larger set (a few hundred conversations)
+    python bench/quality.py --facts 20 --phrasings 8         # a larger set (160 conversations)
     python bench/quality.py --train-args "--learning-rate 2e-4 --epochs 5"   # one point of a sweep
     python bench/quality.py --data my.jsonl --questions held-out.json        # your own data
 
@@ -10,8 +10,9 @@ It writes a data set about a fictional organisation (people, numbers, names no p
 know), each fact asked several ways and every answer ending in a fixed sign-off line; trains with
 `train_chatgpt_model.py` exactly as a user would (a subprocess, default flags unless --train-args);
 then asks held-out questions phrased unlike any in training, through the chat code (greedy), and
-reports fact recall, sign-off adherence, training time, validation loss, and how many general-knowledge
-questions the base model answered correctly are still answered correctly.
+reports fact recall, sign-off adherence, training time (the Trainer's run time, and the time taken
+to prepare the rehearsal examples), validation loss, and how many general-knowledge questions the
+base model answered correctly are still answered correctly.
 
 A questions file is [{"question": "...", "expect": ["any", "of", "these"]}, ...]; an answer counts when
 it contains one of the expected strings (case-insensitive).
@@ -71,10 +72,12 @@ def make_facts(count: int, seed: int = 0) -> list:
     if count > len(ROLES):
         raise SystemExit(f"--facts: at most {len(ROLES)}")
     rng = random.Random(seed)
-    names = set()
+    names = []
     while len(names) < count:
-        names.add(f"{rng.choice(FIRST)} {rng.choice(LAST)}")
-    return [{"role": role, "name": name} for role, name in zip(ROLES, sorted(names, key=lambda _: rng.random()))]
+        name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+        if name not in names:
+            names.append(name)
+    return [{"role": role, "name": name} for role, name in zip(ROLES, names)]
 
 
 def make_dataset(facts: list, phrasings: int) -> tuple:
@@ -113,7 +116,8 @@ def main() -> int:
     parser.add_argument("--questions", help="held-out questions for --data (see the module help)")
     parser.add_argument("--sign-off", default=SIGN_OFF, help="style marker expected at the end of answers")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--train-args", default="", help="extra train_chatgpt_model.py flags, quoted")
+    parser.add_argument("--train-args", default="",
+                        help="extra train_chatgpt_model.py flags, quoted (a single flag: --train-args=--packing)")
     parser.add_argument("--workdir", help="keep the data and model here")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
@@ -155,6 +159,7 @@ def main() -> int:
         "style_marker": f"{styled}/{len(questions)}",
         "general_knowledge_kept": f"{kept}/{len(base_right)} (base model right on {len(base_right)}/{len(GENERAL)})",
         "train_runtime_s": info["metrics"].get("train_runtime_s"),
+        "rehearsal_s": info["metrics"].get("rehearsal_s"),
         "wall_s_including_load": round(wall, 1),
         "eval_loss": info["metrics"].get("eval_loss"),
         "steps": info["metrics"].get("steps"),
