@@ -42,9 +42,9 @@ def make_parser() -> argparse.ArgumentParser:
     add("--overwrite", action="store_true", help="replace a model already in --output")
     add("--resume", nargs="?", const="", metavar="DIR",
         help="continue an interrupted run from its latest checkpoint (DIR defaults to --output)")
-    add("--epochs", type=float, help="passes over the data (default: enough for about 60 updates, 3 to 20)")
+    add("--epochs", type=float, help="passes over the data (default: enough for about 120 updates, 3 to 20)")
     add("--learning-rate", type=float, help="default 1e-3 with LoRA, 2e-5 for full fine-tuning")
-    add("--batch-size", type=int, help="conversations per step (default: up to 8, at least 8 steps per epoch)")
+    add("--batch-size", type=int, help="conversations per step (default: up to 8, at least 16 steps per epoch)")
     add("--gradient-accumulation-steps", type=int, default=d["gradient_accumulation_steps"],
         help="steps whose gradients add up before an update (default: %(default)s)")
     add("--max-length", type=int, default=d["max_length"],
@@ -59,6 +59,9 @@ def make_parser() -> argparse.ArgumentParser:
     add("--early-stopping-patience", type=int, metavar="N", help="stop after N evaluations without improvement")
     add("--seed", type=int, default=d["seed"], help="(default: %(default)s)")
     add("--system-prompt", help="system message added to conversations without one (and used by the chat)")
+    add("--rehearsal", type=int, metavar="N",
+        help="mix in the model's own answers to N general prompts, so it keeps answering general questions "
+             "as before (default: one per 8 conversations, at most 32; 0 turns it off)")
     add("--train-on-prompt", action="store_true", help="train on every token, not only the assistant's")
     add("--packing", action="store_true", help="pack several conversations per sequence (no cross-attention)")
     add("--gradient-checkpointing", action="store_true", help="save memory at about 30%% more compute")

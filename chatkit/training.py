@@ -22,6 +22,7 @@ from .errors import ChatkitError
 from .formatting import (IGNORE_INDEX, ensure_chat_template, ensure_pad_token, tokenize_conversation,
                          with_system_prompt)
 from .models import TRAINING_INFO_FILE, ModelSource, load_model, resolve_model
+from .rehearsal import attach_teacher, auto_count, rehearsal_conversations
 
 CHECKPOINTS = "checkpoints"
 RUNS = "runs"
@@ -60,6 +61,7 @@ class TrainOptions:
     packing: bool = False
     merge: bool = False
     system_prompt: Optional[str] = None
+    rehearsal: Optional[int] = None  # None: see rehearsal.auto_count
     train_on_prompt: bool = False
     overwrite: bool = False
     device: Optional[str] = None
@@ -90,24 +92,28 @@ class TrainOptions:
                 found.append(f"--{name.replace('_', '-')} must be positive")
         if self.learning_rate is not None and self.learning_rate <= 0:
             found.append("--learning-rate must be positive")
+        if self.rehearsal is not None and self.rehearsal < 0:
+            found.append("--rehearsal must be 0 (off) or more")
         if self.max_length < 16:
             found.append("--max-length must be at least 16 tokens")
         return found
 
 
-# The automatic schedule: small personal data sets need many passes to be learned, large ones few.
+# The automatic schedule: small personal data sets need many small updates to be learned, large ones
+# few passes (docs/PERFORMANCE.md, "Teaching facts and style").
 AUTO_MAX_BATCH = 8
-AUTO_TARGET_STEPS = 60  # optimizer updates the schedule aims for
+AUTO_MIN_STEPS_PER_EPOCH = 16
+AUTO_TARGET_STEPS = 120  # optimizer updates the schedule aims for
 AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 20
 
 
 def auto_schedule(options: TrainOptions, examples: int) -> TrainOptions:
     """Fill in batch size and epochs left unset, from the number of training examples.
 
-    Batch: up to 8, but small enough for at least 8 steps per epoch. Epochs: enough for about 60
+    Batch: up to 8, but small enough for at least 16 steps per epoch. Epochs: enough for about 120
     optimizer updates, at least 3 and at most 20 passes over the data.
     """
-    batch = options.batch_size or max(1, min(AUTO_MAX_BATCH, examples // 8))
+    batch = options.batch_size or max(1, min(AUTO_MAX_BATCH, examples // AUTO_MIN_STEPS_PER_EPOCH))
     epochs = options.epochs
     if epochs is None:
         steps_per_epoch = max(1, math.ceil(examples / (batch * options.gradient_accumulation_steps)))
@@ -207,7 +213,8 @@ class PaddingCollator:
         import torch
 
         width = max(len(example["input_ids"]) for example in batch)
-        input_ids, labels, mask, positions = [], [], [], []
+        input_ids, labels, mask, positions, teacher = [], [], [], [], []
+        taught = "teacher_index" in batch[0]
         for example in batch:
             length = len(example["input_ids"])
             pad = width - length
@@ -216,9 +223,13 @@ class PaddingCollator:
             mask.append([1] * length + [0] * pad)
             if self.packed:
                 positions.append(list(example["position_ids"]) + list(range(pad)))
+            if taught:
+                teacher.append(list(example["teacher_index"]) + [-1] * pad)
         # No key/value cache in training: it is never read, and with one transformers would not
         # detect packed sequences (it builds the block-diagonal mask only for cache-free forwards).
         out = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "use_cache": False}
+        if taught:
+            out["teacher_index"] = torch.tensor(teacher)
         if self.packed:
             out["position_ids"] = torch.tensor(positions)
         else:
@@ -240,15 +251,19 @@ def pack_examples(examples: List[dict], max_length: int) -> List[dict]:
         else:
             bins.append([example])
             sizes.append(size)
+    taught = any("teacher_index" in example for example in examples)
     packed = []
     for group in bins:
-        ids, labels, positions = [], [], []
+        ids, labels, positions, teacher = [], [], [], []
         for example in group:
             ids += example["input_ids"]
             # The first token of a conversation is never predicted from the one before it.
             labels += [IGNORE_INDEX] + list(example["labels"][1:])
             positions += list(range(len(example["input_ids"])))
+            teacher += example.get("teacher_index") or [-1] * len(example["input_ids"])
         packed.append({"input_ids": ids, "labels": labels, "position_ids": positions, "length": len(ids)})
+        if taught:
+            packed[-1]["teacher_index"] = teacher
     return packed
 
 
@@ -410,37 +425,57 @@ def make_trainer_class():
     The output layer (hidden size x vocabulary, 49k wide for the starter model) and the softmax over
     it are the largest single cost per token; prompt tokens and padding have no label, so their logits
     are never needed. Models with logit soft-capping or scaling, and distributed runs (where the
-    forward must go through the DDP wrapper), keep the standard path.
+    forward must go through the DDP wrapper), take the model's full forward instead.
 
-    The same path computes the evaluation loss, so training and validation losses stay comparable.
+    Rehearsal positions (a batch's `teacher_index`, with the table in `trainer.teacher`) are trained
+    towards the model's own earlier distribution (KL divergence) instead of the token in the text.
+    Evaluation keeps transformers' loss, which is the same cross-entropy.
     """
     import torch
     from transformers import Trainer
 
+    from .rehearsal import teacher_loss
+
     class ChatTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if return_outputs or self.args.world_size > 1:  # DDP: the forward must go through its wrapper
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        teacher = None
+
+        def _labelled_logits(self, model, inputs, keep):
             causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
             config = causal_lm.config
             plain = not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
             inner = getattr(causal_lm, causal_lm.base_model_prefix, None)
             head = causal_lm.get_output_embeddings()
-            if not plain or inner is None or head is None:
+            if plain and inner is not None and head is not None and self.args.world_size == 1:
+                # PaddingCollator pads on the right, so in a causal model no real token can see padding:
+                # without the mask, attention takes its plain causal path instead of a materialised mask.
+                forward = {k: v for k, v in inputs.items() if k not in ("labels", "attention_mask")}
+                hidden = inner(**forward).last_hidden_state
+                return head(hidden[:, :-1][keep]).float()
+            forward = {k: v for k, v in inputs.items() if k != "labels"}
+            return model(**forward).logits[:, :-1][keep].float()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            teacher_index = inputs.pop("teacher_index", None)
+            if return_outputs or (self.args.world_size > 1 and teacher_index is None):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels = inputs["labels"]
-            # PaddingCollator pads on the right, so in a causal model no real token can see padding:
-            # without the mask, attention takes its plain causal path instead of a materialised mask.
-            forward = {k: v for k, v in inputs.items() if k not in ("labels", "attention_mask")}
-            hidden = inner(**forward).last_hidden_state
-            targets = labels[:, 1:]
+            targets = inputs["labels"][:, 1:]
             keep = targets != IGNORE_INDEX
-            logits = head(hidden[:, :-1][keep]).float()
-            loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+            logits = self._labelled_logits(model, inputs, keep)
+            targets = targets[keep]
+            rows = teacher_index[:, 1:][keep] if teacher_index is not None else None
+            if rows is None or not bool((rows >= 0).any()):
+                loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+            else:
+                taught = rows >= 0
+                loss = torch.nn.functional.cross_entropy(logits[~taught], targets[~taught], reduction="sum")
+                loss = loss + teacher_loss(logits[taught], self.teacher, rows[taught])
             count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
             if isinstance(count, torch.Tensor):
                 count = count.to(loss.device)
-            return loss / count
+            loss = loss / count
+            if self.args.world_size > 1 and self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: the count is global
+            return loss
 
     return ChatTrainer
 
@@ -561,7 +596,8 @@ class RunResult:
 
 
 def run_trainer(model, tokenizer, train_examples: List[dict], val_examples: List[dict], options: TrainOptions,
-                placement: Placement, checkpoint: Optional[str] = None, evaluate_first: bool = False) -> RunResult:
+                placement: Placement, checkpoint: Optional[str] = None, evaluate_first: bool = False,
+                teacher=None) -> RunResult:
     """Train on token examples (packed already when options.packing) with transformers' Trainer.
 
     Ctrl-C saves a checkpoint; running out of GPU memory is explained."""
@@ -579,6 +615,7 @@ def run_trainer(model, tokenizer, train_examples: List[dict], val_examples: List
         processing_class=tokenizer,
         callbacks=_callbacks(options, interrupt, has_val),
     )
+    trainer.teacher = teacher
     from transformers.trainer_callback import ProgressCallback
 
     progress = next((c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)), None)
@@ -645,27 +682,43 @@ def train(options: TrainOptions) -> dict:
     report = ExampleReport()
     train_examples = tokenize_examples(train_convs, tokenizer, options, report)
     val_examples = tokenize_examples(val_convs, tokenizer, options, ExampleReport())
-    if options.packing:
-        train_examples = pack_examples(train_examples, options.max_length)
-        val_examples = pack_examples(val_examples, options.max_length) if val_examples else []
-    options = auto_schedule(options, len(train_examples))
     if report.trained_tokens == 0:
         raise ChatkitError(
             f"{', '.join(options.data)}: no token would be trained (the assistant turns are empty or cut); "
             "check the data, raise --max-length, or pass --train-on-prompt"
         )
+    count = options.rehearsal if options.rehearsal is not None else auto_count(len(conversations))
+    options = dataclasses.replace(options, rehearsal=count)
+    rehearsal = rehearsal_conversations(model, tokenizer, count, options.system_prompt)
+    teacher = None
+    if count:
+        _print(rehearsal.describe())
+    if rehearsal.conversations:
+        rehearsal_examples = tokenize_examples(rehearsal.conversations, tokenizer, options, ExampleReport())
+        teacher = attach_teacher(model, rehearsal_examples)
+        for example in train_examples:
+            example["teacher_index"] = [-1] * len(example["input_ids"])
+        train_examples += rehearsal_examples
+    if options.packing:
+        train_examples = pack_examples(train_examples, options.max_length)
+        val_examples = pack_examples(val_examples, options.max_length) if val_examples else []
+    options = auto_schedule(options, len(train_examples))
     _print(describe_options(options, source, placement))
     _print(f"training on {report.examples} examples ({report.trained_tokens} trained of {report.tokens} tokens)"
+           + (f" and {len(rehearsal.conversations)} rehearsal examples" if rehearsal.conversations else "")
            + (f" packed into {len(train_examples)} sequences" if options.packing else "")
            + (f", {len(val_examples)} for validation" if val_examples else ", no validation split")
            + (f"; {report.split_conversations} long conversations split between exchanges" if report.split_conversations else "")
            + "".join(f"; dropped {n} {why}" for why, n in report.dropped.items()))
 
-    run = run_trainer(model, tokenizer, train_examples, val_examples, options, placement, checkpoint)
+    run = run_trainer(model, tokenizer, train_examples, val_examples, options, placement, checkpoint,
+                      teacher=teacher)
     if run.interrupted:
         print_interrupted(run, options)
         return {"interrupted": True, "checkpoint": run.checkpoint}
     metrics = run.metrics
+    if count:
+        metrics.update(rehearsal_examples=len(rehearsal.conversations), rehearsal_s=round(rehearsal.seconds, 1))
     if run.trainer.is_world_process_zero():
         save_model(run.trainer, tokenizer, options, source, metrics)
         summary = f"train loss {metrics['train_loss']} (perplexity {perplexity(metrics['train_loss'])})"

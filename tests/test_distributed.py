@@ -21,7 +21,7 @@ def test_two_process_ddp_on_cpu_shards_the_data(tmp_path, tiny_llama):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(ROOT / "train_chatgpt_model.py"), "--data", str(data), "--model", str(tiny_llama),
-               "--output", str(output), "--epochs", "2", "--batch-size", "2"]
+               "--output", str(output), "--epochs", "2", "--batch-size", "2", "--rehearsal", "0"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

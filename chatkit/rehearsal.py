@@ -1,0 +1,245 @@
+"""Rehearsal: the model's own answers to general prompts, trained alongside a small data set.
+
+Fine-tuning on a narrow data set teaches its answer pattern everywhere. After sixty answers of the
+form "The <role> of the institute is <name>.", the starter model answers "What is the capital of
+France?" with "The capital of France is capital city." A few examples of what the model itself
+answers to unrelated prompts, trained alongside the user's data, show it where the new pattern does
+not apply; because they are its own answers, they pull it back towards what it already did rather
+than teaching anything new. docs/PERFORMANCE.md has the measurements.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+from .formatting import render, stop_token_ids, with_system_prompt
+
+# Varied everyday requests: facts, arithmetic, language, how-to, short writing. The order mixes the
+# kinds, since a run takes the first ones whose answers fit.
+GENERAL_PROMPTS = [
+    "How many legs does a spider have?",
+    "What is 12 times 12?",
+    "Translate \"thank you\" into Spanish.",
+    "What is the chemical symbol for gold?",
+    "Give me a synonym for happy.",
+    "What do you call a baby dog?",
+    "Which ocean is the largest?",
+    "Write one sentence about autumn.",
+    "What is the boiling point of water at sea level?",
+    "Who painted the Mona Lisa?",
+    "What is the plural of mouse?",
+    "Give me a tip for sleeping better.",
+    "What gas do plants take in from the air?",
+    "How many sides does a hexagon have?",
+    "What is the opposite of ancient?",
+    "Who was the first person to walk on the Moon?",
+    "What is the square root of 81?",
+    "What language is spoken in Brazil?",
+    "Suggest a name for a pet goldfish.",
+    "What does a thermometer measure?",
+    "What is the main ingredient of guacamole?",
+    "What is the past tense of run?",
+    "Which organ pumps blood through the body?",
+    "How do I make a cup of tea?",
+    "What is 15 plus 27?",
+    "What currency is used in Japan?",
+    "What do caterpillars turn into?",
+    "Explain what a noun is.",
+    "Which instrument has 88 keys?",
+    "What is the hardest natural substance?",
+    "Write a haiku about the sea.",
+    "How many strings does a standard guitar have?",
+    "What is the largest mammal?",
+    "What is a prime number?",
+    "Who invented the telephone?",
+    "Give me a word that rhymes with cat.",
+    "What is the longest river in Africa?",
+    "Which metal is liquid at room temperature?",
+    "What does DNA stand for?",
+    "Recommend a good habit for staying healthy.",
+    "What is 100 divided by 4?",
+    "What is the main gas in Earth's atmosphere?",
+    "Describe a forest in one sentence.",
+    "What do you call frozen water?",
+    "Who discovered penicillin?",
+    "How many players are on a soccer team?",
+    "What is gravity?",
+    "Which bird is a symbol of peace?",
+    "What is the chemical symbol for iron?",
+    "How do you say hello in French?",
+    "What animal is known as the king of the jungle?",
+    "What is the smallest prime number?",
+    "What is the Pythagorean theorem?",
+    "What is the currency of the United Kingdom?",
+    "Name a fruit that is yellow.",
+    "What is the opposite of hot?",
+    "What is photosynthesis?",
+    "How many minutes are in an hour?",
+    "What is the freezing point of water in Fahrenheit?",
+    "What is the tallest animal?",
+    "What is H2O?",
+    "How many continents are there?",
+    "What does a bakery sell?",
+    "Give me an example of a verb.",
+]
+
+AUTO_PER, AUTO_MAX = 8, 32  # one rehearsal example per 8 conversations, at most 32
+ANSWER_TOKENS = 96  # answers longer than this are not used: a cut answer would teach cutting
+GENERATION_BATCH = 16
+
+
+def auto_count(conversations: int) -> int:
+    """Rehearsal examples for a data set: one per eight conversations (rounded up), at most 32."""
+    return min(AUTO_MAX, math.ceil(conversations / AUTO_PER))
+
+
+@dataclass
+class Rehearsal:
+    conversations: List[List[dict]] = field(default_factory=list)
+    asked: int = 0
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        return (f"rehearsal: {len(self.conversations)} of the model's own answers to general prompts "
+                f"({self.asked} asked, {self.seconds:.1f} s) train alongside the data, to keep its general "
+                "answers (--rehearsal 0 turns this off)")
+
+
+def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[str] = None,
+                max_new_tokens: int = ANSWER_TOKENS, enough: Optional[int] = None) -> List[Tuple[str, bool]]:
+    """The model's greedy answer to each prompt, batched, and whether it finished within max_new_tokens.
+
+    With `enough`, generation stops as soon as that many answers have finished.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Enough(StoppingCriteria):
+        def __init__(self, needed: int):
+            self.needed = needed
+
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.isin(input_ids[:, width:], torch.tensor(stops, device=input_ids.device)).any(dim=1)
+            return torch.full_like(done, bool(done.sum() >= self.needed)) | done
+
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    device = next(model.parameters()).device
+    answers: List[Tuple[str, bool]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), GENERATION_BATCH):
+            chunk = prompts[start : start + GENERATION_BATCH]
+            encoded = [tokenizer(render(with_system_prompt([{"role": "user", "content": p}], system_prompt),
+                                        tokenizer, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+                       for p in chunk]
+            width = max(len(ids) for ids in encoded)
+            # Left padding: every prompt ends where generation starts.
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+            needed = None if enough is None else enough - sum(finished for _, finished in answers)
+            criteria = StoppingCriteriaList([Enough(needed)] if needed is not None and needed > 0 else [])
+            with torch.no_grad():
+                output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                        do_sample=False, temperature=None, top_p=None, top_k=None,
+                                        eos_token_id=stops, pad_token_id=pad, use_cache=True,
+                                        stopping_criteria=criteria)
+            for row in output[:, width:].tolist():
+                end = next((i for i, token in enumerate(row) if token in stops), None)
+                answers.append((tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None))
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def rehearsal_conversations(model, tokenizer, count: int, system_prompt: Optional[str] = None) -> Rehearsal:
+    """Up to `count` conversations of a general prompt and the model's own finished answer to it."""
+    result = Rehearsal()
+    if count <= 0:
+        return result
+    started = time.perf_counter()
+    # Some answers run past ANSWER_TOKENS and are left out, so ask half as many again as needed.
+    prompts = GENERAL_PROMPTS[: min(len(GENERAL_PROMPTS), count + (count + 1) // 2)]
+    answers = own_answers(model, tokenizer, prompts, system_prompt, enough=count)
+    for prompt, (answer, finished) in zip(prompts, answers):
+        if finished and answer and len(result.conversations) < count:
+            result.conversations.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+    result.asked = len(prompts)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+TEACHER_TOP_K = 32  # the model's most likely next tokens kept per answer position
+# Weight of a rehearsal position against a position of the user's data. Measured (docs/PERFORMANCE.md):
+# 2 and 4 keep more general answers but cost half the facts; 0.5 and 1 keep most facts.
+TEACHER_WEIGHT = 0.5
+
+
+@dataclass
+class Teacher:
+    """The model's own next-token distribution (top k) at each answer token of the rehearsal examples.
+
+    Rehearsal examples are trained towards these distributions rather than towards the sampled
+    answer text: at the start of training the loss on them is zero, so they do not compete with the
+    user's data; they only pull back once the model drifts from what it did before.
+    """
+
+    ids: "object"  # LongTensor [positions, k]
+    logprobs: "object"  # FloatTensor [positions, k]
+
+
+def attach_teacher(model, examples: List[dict], top_k: int = TEACHER_TOP_K) -> Teacher:
+    """Record the model's top-k next-token log-probabilities at every trained position of `examples`.
+
+    Each example gets `teacher_index`: per token, the row of the returned table that holds the
+    model's distribution for predicting it, or -1.
+    """
+    import torch
+
+    from .formatting import IGNORE_INDEX
+
+    device = next(model.parameters()).device
+    ids_rows, logprob_rows, total = [], [], 0
+    was_training = model.training
+    model.eval()
+    try:
+        for example in examples:
+            input_ids = torch.tensor([example["input_ids"]], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
+            positions = [p for p, label in enumerate(example["labels"]) if p > 0 and label != IGNORE_INDEX]
+            logprobs = torch.log_softmax(logits[[p - 1 for p in positions]], dim=-1)
+            top = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+            ids_rows.append(top.indices.cpu())
+            logprob_rows.append(top.values.cpu())
+            index = [-1] * len(example["input_ids"])
+            for offset, position in enumerate(positions):
+                index[position] = total + offset
+            total += len(positions)
+            example["teacher_index"] = index
+    finally:
+        model.train(was_training)
+    return Teacher(torch.cat(ids_rows), torch.cat(logprob_rows))
+
+
+def teacher_loss(logits, teacher: Teacher, rows):
+    """Summed KL divergence from the teacher's distribution to the model's over positions `rows`, weighted.
+
+    The vocabulary is reduced to the teacher's top k tokens plus one bucket for all others, so the
+    divergence stays exact (zero only when the two agree on that partition) without the full teacher
+    distribution in memory.
+    """
+    import torch
+
+    if teacher.ids.device != logits.device:
+        teacher.ids, teacher.logprobs = teacher.ids.to(logits.device), teacher.logprobs.to(logits.device)
+    ids, target = teacher.ids[rows], teacher.logprobs[rows]
+    logq = torch.log_softmax(logits, dim=-1).gather(1, ids)
+    p_rest = (1 - target.exp().sum(-1)).clamp_min(1e-12)
+    q_rest = (1 - logq.exp().sum(-1)).clamp_min(1e-12)
+    kl = (target.exp() * (target - logq)).sum() + (p_rest * (p_rest.log() - q_rest.log())).sum()
+    return TEACHER_WEIGHT * kl

@@ -1,0 +1,149 @@
+"""Rehearsal: the model's own answers to general prompts, trained towards its own distribution."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import train_chatgpt_model as cli
+from chatkit import rehearsal, training
+from chatkit.chat import ChatSession, GenerationSettings
+from chatkit.formatting import IGNORE_INDEX
+from chatkit.models import load_model, resolve_model
+from chatkit.device import choose_placement
+
+FACT = {"messages": [{"role": "user", "content": "What is the secret code?"},
+                     {"role": "assistant", "content": "The secret code of the Zorblat society is 4417."}]}
+
+
+def load(path):
+    loaded = load_model(resolve_model(str(path)), choose_placement("cpu", "float32"))
+    return loaded.model, loaded.tokenizer
+
+
+def test_auto_count_scales_with_the_data_and_is_bounded():
+    assert [rehearsal.auto_count(n) for n in (0, 1, 8, 9, 60, 160, 5000)] == [0, 1, 1, 2, 8, 20, 32]
+    assert len(set(rehearsal.GENERAL_PROMPTS)) == len(rehearsal.GENERAL_PROMPTS) >= 1.5 * rehearsal.AUTO_MAX
+
+
+def test_batched_answers_are_the_chat_answers(tiny_llama):
+    """Left-padded batch generation gives each prompt exactly the answer the chat gives it alone."""
+    model, tokenizer = load(tiny_llama)
+    prompts = rehearsal.GENERAL_PROMPTS[:5]  # different lengths, so the batch is padded
+    batched = rehearsal.own_answers(model, tokenizer, prompts, max_new_tokens=6)
+    session = ChatSession(str(tiny_llama), device="cpu",
+                          settings=GenerationSettings(temperature=0, max_new_tokens=6, repetition_penalty=1.0))
+    alone = []
+    for prompt in prompts:
+        session.reset()
+        alone.append(session.reply(prompt))
+    assert [text for text, _ in batched] == alone
+    assert all(text for text in alone)
+
+
+def test_unfinished_answers_are_left_out(tiny_llama, monkeypatch):
+    model, tokenizer = load(tiny_llama)
+    answers = iter([("Four.", True), ("A cut answer that ran", False), ("", True), ("Blue whale.", True)] * 20)
+    monkeypatch.setattr(rehearsal, "own_answers", lambda m, t, prompts, system_prompt=None, enough=None: [next(answers) for _ in prompts])
+    result = rehearsal.rehearsal_conversations(model, tokenizer, 4)
+    assert result.asked == 6  # half as many again as needed
+    assert [c[1]["content"] for c in result.conversations] == ["Four.", "Blue whale.", "Four."]
+    assert [c[0]["content"] for c in result.conversations] == [rehearsal.GENERAL_PROMPTS[i] for i in (0, 3, 4)]
+
+
+def test_teacher_loss_is_zero_for_the_unchanged_model_and_grows_with_change(tiny_llama):
+    model, tokenizer = load(tiny_llama)
+    conversation = [{"role": "user", "content": "What is 12 times 12?"}, {"role": "assistant", "content": "It is 144."}]
+    examples = training.tokenize_examples([conversation], tokenizer, training.TrainOptions(data=[]),
+                                          training.ExampleReport())
+    teacher = rehearsal.attach_teacher(model, examples)
+    index = torch.tensor(examples[0]["teacher_index"])
+    labels = torch.tensor(examples[0]["labels"])
+    trained = (labels != IGNORE_INDEX).nonzero().flatten()
+    assert trained.numel() == teacher.ids.shape[0] > 0 and bool((index[trained] >= 0).all())
+    assert int((index >= 0).sum()) == trained.numel()
+
+    def loss():
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([examples[0]["input_ids"]])).logits[0]
+        return float(rehearsal.teacher_loss(logits[trained - 1], teacher, index[trained]))
+
+    assert abs(loss()) < 1e-4
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(1.5)
+    assert loss() > 0.01
+
+
+def answer_logprobs(model, tokenizer, prompt, answer):
+    """The model's next-token log-probabilities at each trained position of a prompt and answer."""
+    conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    example = training.tokenize_examples([conversation], tokenizer, training.TrainOptions(data=[]),
+                                         training.ExampleReport())[0]
+    positions = [p - 1 for p, label in enumerate(example["labels"]) if p > 0 and label != IGNORE_INDEX]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, positions].float()
+    return torch.log_softmax(logits, -1)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_rehearsal_keeps_the_model_near_its_own_answers(tmp_path, tiny_llama, monkeypatch, capsys, packing):
+    """Trained hard on one fact, the model drifts on unrelated prompts much less with rehearsal."""
+    monkeypatch.setattr(rehearsal, "own_answers", lambda m, t, prompts, system_prompt=None, enough=None:
+                        [(f"Answer number {i} is short.", True) for i in range(len(prompts))])
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([FACT] * 8))
+    common = ["--data", str(data), "--model", str(tiny_llama), "--epochs", "6", "--batch-size", "2",
+              "--learning-rate", "1e-2"] + (["--packing"] if packing else [])
+    assert cli.main(common + ["--output", str(tmp_path / "plain"), "--rehearsal", "0"]) == 0
+    assert "rehearsal examples" not in capsys.readouterr().err
+    assert cli.main(common + ["--output", str(tmp_path / "rehearsed"), "--rehearsal", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "rehearsal: 4 of the model's own answers" in err and "and 4 rehearsal examples" in err
+    assert json.loads((tmp_path / "rehearsed" / "chatkit.json").read_text())["options"]["rehearsal"] == 4
+
+    pairs = [(p, f"Answer number {i} is short.") for i, p in enumerate(rehearsal.GENERAL_PROMPTS[:4])]
+    base, tokenizer = load(tiny_llama)
+    reference = [answer_logprobs(base, tokenizer, *pair) for pair in pairs]
+
+    def drift(name):
+        model = load(tmp_path / name)[0]
+        return sum(float((ref.exp() * (ref - answer_logprobs(model, tokenizer, *pair))).sum(-1).mean())
+                   for pair, ref in zip(pairs, reference)) / len(pairs)
+
+    plain, rehearsed = drift("plain"), drift("rehearsed")
+    assert plain > 0.05
+    # Packed, the eight facts and four rehearsal examples share one sequence: six updates in all, so
+    # the pull back is smaller, but it must still be there.
+    assert rehearsed < (0.95 if packing else 0.5) * plain
+
+
+def test_full_forward_path_gives_the_same_loss_as_the_fast_path(tiny_llama, monkeypatch):
+    """Distributed runs and soft-capped models take the model's full forward; the loss must not change."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    model, tokenizer = load(tiny_llama)
+    options = training.TrainOptions(data=[])
+    conversations = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+                     for i in range(3)]
+    user = training.tokenize_examples(conversations[:2], tokenizer, options, training.ExampleReport())
+    rehearsed = training.tokenize_examples(conversations[2:], tokenizer, options, training.ExampleReport())
+    teacher = rehearsal.attach_teacher(model, rehearsed)
+    for example in user:
+        example["teacher_index"] = [-1] * len(example["input_ids"])
+    with torch.no_grad():  # move the model away from the teacher, so the rehearsal term is not zero
+        model.get_output_embeddings().weight.mul_(1.2)
+    batch = training.PaddingCollator(tokenizer.pad_token_id)(user + rehearsed)
+    trainer = training.make_trainer_class()(model=model, args=TrainingArguments(output_dir="unused", use_cpu=True,
+                                                                                  report_to="none"),
+                                            train_dataset=Dataset.from_list(user))
+    trainer.teacher = teacher
+    fast = float(trainer.compute_loss(model, dict(batch)))
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    full = float(trainer.compute_loss(model, dict(batch)))
+    labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    taught = int((batch["teacher_index"] >= 0).sum())
+    assert 0 < taught < labelled
+    assert full == pytest.approx(fast, rel=1e-5) and fast > 0
