@@ -42,7 +42,7 @@ def make_parser() -> argparse.ArgumentParser:
     add("--overwrite", action="store_true", help="replace a model already in --output")
     add("--resume", nargs="?", const="", metavar="DIR",
         help="continue an interrupted run from its latest checkpoint (DIR defaults to --output)")
-    add("--epochs", type=float, help="passes over the data (default: enough for about 120 updates, 3 to 20)")
+    add("--epochs", type=float, help="passes over the data (default: enough for about 140 updates, 3 to 20)")
     add("--learning-rate", type=float, help="default 1e-3 with LoRA, 2e-5 for full fine-tuning")
     add("--batch-size", type=int, help="conversations per step (default: up to 8, at least 16 steps per epoch)")
     add("--gradient-accumulation-steps", type=int, default=d["gradient_accumulation_steps"],

@@ -103,14 +103,14 @@ class TrainOptions:
 # few passes (docs/PERFORMANCE.md, "Teaching facts and style").
 AUTO_MAX_BATCH = 8
 AUTO_MIN_STEPS_PER_EPOCH = 16
-AUTO_TARGET_STEPS = 120  # optimizer updates the schedule aims for
+AUTO_TARGET_STEPS = 140  # optimizer updates the schedule aims for
 AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 20
 
 
 def auto_schedule(options: TrainOptions, examples: int) -> TrainOptions:
     """Fill in batch size and epochs left unset, from the number of training examples.
 
-    Batch: up to 8, but small enough for at least 16 steps per epoch. Epochs: enough for about 120
+    Batch: up to 8, but small enough for at least 16 steps per epoch. Epochs: enough for about 140
     optimizer updates, at least 3 and at most 20 passes over the data.
     """
     batch = options.batch_size or max(1, min(AUTO_MAX_BATCH, examples // AUTO_MIN_STEPS_PER_EPOCH))
