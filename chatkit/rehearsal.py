@@ -10,6 +10,7 @@ than teaching anything new. docs/PERFORMANCE.md has the measurements.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -108,6 +109,17 @@ class Rehearsal:
                 "answers (--rehearsal 0 turns this off)")
 
 
+@contextlib.contextmanager
+def _evaluating(model):
+    """The model in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[str] = None,
                 max_new_tokens: int = ANSWER_TOKENS, enough: Optional[int] = None) -> List[Tuple[str, bool]]:
     """The model's greedy answer to each prompt, batched, and whether it finished within max_new_tokens.
@@ -118,20 +130,21 @@ def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[st
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Enough(StoppingCriteria):
-        def __init__(self, needed: int):
-            self.needed = needed
+        """Stop every sequence once `needed` of them have produced a stop token after `prompt_width`."""
+
+        def __init__(self, needed: int, prompt_width: int):
+            self.needed, self.prompt_width = needed, prompt_width
 
         def __call__(self, input_ids, scores, **kwargs):
-            done = torch.isin(input_ids[:, width:], torch.tensor(stops, device=input_ids.device)).any(dim=1)
+            new = input_ids[:, self.prompt_width:]
+            done = torch.isin(new, torch.tensor(stops, device=input_ids.device)).any(dim=1)
             return torch.full_like(done, bool(done.sum() >= self.needed)) | done
 
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
     answers: List[Tuple[str, bool]] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with _evaluating(model):
         for start in range(0, len(prompts), GENERATION_BATCH):
             chunk = prompts[start : start + GENERATION_BATCH]
             encoded = [tokenizer(render(with_system_prompt([{"role": "user", "content": p}], system_prompt),
@@ -142,7 +155,7 @@ def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[st
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
             needed = None if enough is None else enough - sum(finished for _, finished in answers)
-            criteria = StoppingCriteriaList([Enough(needed)] if needed is not None and needed > 0 else [])
+            criteria = StoppingCriteriaList([Enough(needed, width)] if needed is not None and needed > 0 else [])
             with torch.no_grad():
                 output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                         do_sample=False, temperature=None, top_p=None, top_k=None,
@@ -151,8 +164,6 @@ def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[st
             for row in output[:, width:].tolist():
                 end = next((i for i, token in enumerate(row) if token in stops), None)
                 answers.append((tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None))
-    finally:
-        model.train(was_training)
     return answers
 
 
@@ -204,9 +215,7 @@ def attach_teacher(model, examples: List[dict], top_k: int = TEACHER_TOP_K) -> T
 
     device = next(model.parameters()).device
     ids_rows, logprob_rows, total = [], [], 0
-    was_training = model.training
-    model.eval()
-    try:
+    with _evaluating(model):
         for example in examples:
             input_ids = torch.tensor([example["input_ids"]], device=device)
             with torch.no_grad():
@@ -221,8 +230,6 @@ def attach_teacher(model, examples: List[dict], top_k: int = TEACHER_TOP_K) -> T
                 index[position] = total + offset
             total += len(positions)
             example["teacher_index"] = index
-    finally:
-        model.train(was_training)
     return Teacher(torch.cat(ids_rows), torch.cat(logprob_rows))
 
 
