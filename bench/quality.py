@@ -2,7 +2,7 @@
 """Quality benchmark: does fine-tuning teach invented facts and a style, without breaking the model?
 
     python bench/quality.py                                  # 12 facts, ~60 conversations, default flags
-    python bench/quality.py --facts 20 --phrasings 8         # a larger set (160 conversations)
+    python bench/quality.py --facts 30 --phrasings 8         # a larger set (240 conversations)
     python bench/quality.py --train-args "--learning-rate 2e-4 --epochs 5"   # one point of a sweep
     python bench/quality.py --data my.jsonl --questions held-out.json        # your own data
 
@@ -42,7 +42,8 @@ LAST = ["Brask", "Quenzel", "Varrow", "Ostrand", "Pellucid", "Marrant", "Thistle
 ROLES = ["director", "head librarian", "chief engineer", "treasurer", "archivist", "head gardener",
          "lighthouse keeper", "choir master", "ferry captain", "chief cartographer", "beekeeper", "bell ringer",
          "clockmaker", "night watch captain", "harbour master", "glassblower", "falconer", "printer",
-         "orchard keeper", "astronomer"]
+         "orchard keeper", "astronomer", "ship's cook", "gatekeeper", "boat builder", "weaver", "physician",
+         "stonemason", "bookbinder", "kennel master", "tide warden", "lamplighter"]
 
 # Training phrasings and held-out phrasings never share a template.
 TRAIN_TEMPLATES = [

@@ -90,6 +90,7 @@ GENERAL_PROMPTS = [
 AUTO_PER, AUTO_MAX = 8, 32  # one rehearsal example per 8 conversations, at most 32
 ANSWER_TOKENS = 96  # answers longer than this are not used: a cut answer would teach cutting
 GENERATION_BATCH = 16
+STATE_BATCH = 32
 
 
 def auto_count(conversations: int) -> int:
@@ -167,14 +168,87 @@ def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[st
     return answers
 
 
-def rehearsal_conversations(model, tokenizer, count: int, system_prompt: Optional[str] = None) -> Rehearsal:
-    """Up to `count` conversations of a general prompt and the model's own finished answer to it."""
+def answer_states(model, tokenizer, prompts: List[str], system_prompt: Optional[str] = None):
+    """The model's last hidden state at the point where it starts to answer each prompt: [prompts, hidden].
+
+    The rendered prompts share their start (the system prompt and the template's opening), which is
+    run once per batch and reused from the cache. Each batch is padded on the right: in a causal
+    model no real token sees the padding, so no attention mask is needed.
+    """
+    import torch
+
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(causal_lm, causal_lm.base_model_prefix, causal_lm)
+    device = next(model.parameters()).device
+    encoded = [tokenizer(render(with_system_prompt([{"role": "user", "content": p}], system_prompt), tokenizer,
+                                add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
+    shared = 0  # tokens every prompt starts with, leaving each at least one of its own
+    while shared < min(len(ids) for ids in encoded) - 1 and len({ids[shared] for ids in encoded}) == 1:
+        shared += 1
+    states = []
+    with _evaluating(model), torch.no_grad():
+        for start in range(0, len(encoded), STATE_BATCH):
+            rest = [ids[shared:] for ids in encoded[start : start + STATE_BATCH]]
+            width = max(len(ids) for ids in rest)
+            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in rest], device=device)
+            cache = None
+            if shared:
+                cache = inner(input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True).past_key_values
+                cache.batch_repeat_interleave(len(rest))
+            positions = torch.arange(shared, shared + width, device=device).expand(len(rest), -1)
+            hidden = inner(input_ids=input_ids, position_ids=positions, past_key_values=cache,
+                           use_cache=cache is not None).last_hidden_state
+            ends = torch.tensor([len(ids) - 1 for ids in rest], device=device)
+            states.append(hidden[torch.arange(len(rest), device=device), ends].float())
+    return torch.cat(states)
+
+
+SAMPLED_PROMPTS = 64  # user prompts compared with the general ones, at most
+PROMPT_CHARS = 1000  # of each, enough to tell what kind of request it is
+
+
+def closest_prompts(model, tokenizer, user_prompts: List[str], system_prompt: Optional[str] = None,
+                    seed: int = 0) -> List[str]:
+    """GENERAL_PROMPTS, those on which the model starts its answer most as it does on the user's first.
+
+    A narrow data set drifts the model most on prompts like its own: after sixty "Who is the <role>
+    of the institute?" questions, "Who wrote Romeo and Juliet?" takes the taught shape long before
+    "Write a haiku about the sea." does. Prompts are compared by the model's hidden state at the
+    first answer token (cosine similarity to the mean over the user's prompts, both measured from
+    the general prompts' mean).
+    """
+    import random
+
+    import torch
+
+    if not user_prompts:
+        return list(GENERAL_PROMPTS)
+    if len(user_prompts) > SAMPLED_PROMPTS:
+        user_prompts = random.Random(seed).sample(list(user_prompts), SAMPLED_PROMPTS)
+    general = answer_states(model, tokenizer, GENERAL_PROMPTS, system_prompt)
+    user = answer_states(model, tokenizer, [p[:PROMPT_CHARS] for p in user_prompts], system_prompt)
+    centre = general.mean(0)
+    general = torch.nn.functional.normalize(general - centre, dim=-1)
+    target = torch.nn.functional.normalize((user - centre).mean(0), dim=-1)
+    order = (general @ target).argsort(descending=True).tolist()
+    return [GENERAL_PROMPTS[i] for i in order]
+
+
+def rehearsal_conversations(model, tokenizer, count: int, system_prompt: Optional[str] = None,
+                            like: Optional[List[str]] = None) -> Rehearsal:
+    """Up to `count` conversations of a general prompt and the model's own finished answer to it.
+
+    With `like` (the user's prompts), the general prompts closest to them are taken first.
+    """
     result = Rehearsal()
     if count <= 0:
         return result
     started = time.perf_counter()
+    pool = closest_prompts(model, tokenizer, like, system_prompt) if like else GENERAL_PROMPTS
     # Some answers run past ANSWER_TOKENS and are left out, so ask half as many again as needed.
-    prompts = GENERAL_PROMPTS[: min(len(GENERAL_PROMPTS), count + (count + 1) // 2)]
+    prompts = pool[: min(len(pool), count + (count + 1) // 2)]
     answers = own_answers(model, tokenizer, prompts, system_prompt, enough=count)
     for prompt, (answer, finished) in zip(prompts, answers):
         if finished and answer and len(result.conversations) < count:

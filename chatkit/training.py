@@ -543,7 +543,8 @@ def _base_model_spec(source: ModelSource) -> str:
     return os.path.abspath(base.spec) if os.path.exists(os.path.expanduser(base.spec)) else base.spec
 
 
-def save_model(trainer, tokenizer, options: TrainOptions, source: ModelSource, metrics: dict) -> None:
+def save_model(trainer, tokenizer, options: TrainOptions, source: ModelSource, metrics: dict,
+               rehearsed: Sequence[List[dict]] = ()) -> None:
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(output)
@@ -556,6 +557,7 @@ def save_model(trainer, tokenizer, options: TrainOptions, source: ModelSource, m
         "system_prompt": options.system_prompt,
         "options": dataclasses.asdict(options) | {"learning_rate": options.effective_learning_rate},
         "metrics": metrics,
+        "rehearsal": list(rehearsed),  # the general prompts and own answers trained alongside the data
     }
     (output / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     if options.merge and options.lora:
@@ -689,7 +691,8 @@ def train(options: TrainOptions) -> dict:
         )
     count = options.rehearsal if options.rehearsal is not None else auto_count(len(conversations))
     options = dataclasses.replace(options, rehearsal=count)
-    rehearsal = rehearsal_conversations(model, tokenizer, count, options.system_prompt)
+    like = [m["content"] for c in train_convs for m in c if m["role"] == "user"]
+    rehearsal = rehearsal_conversations(model, tokenizer, count, options.system_prompt, like=like)
     teacher = None
     if count:
         _print(rehearsal.describe())
@@ -720,7 +723,7 @@ def train(options: TrainOptions) -> dict:
     if count:
         metrics.update(rehearsal_examples=len(rehearsal.conversations), rehearsal_s=round(rehearsal.seconds, 1))
     if run.trainer.is_world_process_zero():
-        save_model(run.trainer, tokenizer, options, source, metrics)
+        save_model(run.trainer, tokenizer, options, source, metrics, rehearsal.conversations)
         summary = f"train loss {metrics['train_loss']} (perplexity {perplexity(metrics['train_loss'])})"
         if "eval_loss" in metrics:
             summary += f", validation loss {metrics['eval_loss']} (perplexity {metrics['eval_perplexity']})"

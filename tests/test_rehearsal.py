@@ -10,7 +10,7 @@ import torch
 import train_chatgpt_model as cli
 from chatkit import rehearsal, training
 from chatkit.chat import ChatSession, GenerationSettings
-from chatkit.formatting import IGNORE_INDEX
+from chatkit.formatting import IGNORE_INDEX, render
 from chatkit.models import load_model, resolve_model
 from chatkit.device import choose_placement
 
@@ -51,6 +51,33 @@ def test_unfinished_answers_are_left_out(tiny_llama, monkeypatch):
     assert result.asked == 6  # half as many again as needed
     assert [c[1]["content"] for c in result.conversations] == ["Four.", "Blue whale.", "Four."]
     assert [c[0]["content"] for c in result.conversations] == [rehearsal.GENERAL_PROMPTS[i] for i in (0, 3, 4)]
+
+
+def test_answer_states_do_not_depend_on_the_batch(tiny_llama):
+    model, tokenizer = load(tiny_llama)
+    prompts = rehearsal.GENERAL_PROMPTS[:3]  # different lengths: padded in the batch
+    together = rehearsal.answer_states(model, tokenizer, prompts)
+    alone = []
+    for prompt in prompts:  # a plain forward of the whole prompt, no shared start, no cache
+        text = render([{"role": "user", "content": prompt}], tokenizer, add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            alone.append(model.model(input_ids=ids).last_hidden_state[0, -1])
+    assert together.shape == (3, model.config.hidden_size)
+    assert torch.allclose(together, torch.stack(alone), atol=1e-4)
+
+
+def test_general_prompts_like_the_users_come_first(tiny_llama, monkeypatch):
+    model, tokenizer = load(tiny_llama)
+    for target in (rehearsal.GENERAL_PROMPTS[20], rehearsal.GENERAL_PROMPTS[41]):
+        ranked = rehearsal.closest_prompts(model, tokenizer, [target] * 3)
+        assert ranked[0] == target and sorted(ranked) == sorted(rehearsal.GENERAL_PROMPTS)
+    assert rehearsal.closest_prompts(model, tokenizer, []) == rehearsal.GENERAL_PROMPTS
+
+    monkeypatch.setattr(rehearsal, "own_answers", lambda m, t, prompts, system_prompt=None, enough=None:
+                        [("Fine.", True)] * len(prompts))
+    result = rehearsal.rehearsal_conversations(model, tokenizer, 2, like=[rehearsal.GENERAL_PROMPTS[41]] * 3)
+    assert [c[0]["content"] for c in result.conversations] == ranked[:2]
 
 
 def test_teacher_loss_is_zero_for_the_unchanged_model_and_grows_with_change(tiny_llama):
@@ -101,9 +128,11 @@ def test_rehearsal_keeps_the_model_near_its_own_answers(tmp_path, tiny_llama, mo
     assert cli.main(common + ["--output", str(tmp_path / "rehearsed"), "--rehearsal", "4"]) == 0
     err = capsys.readouterr().err
     assert "rehearsal: 4 of the model's own answers" in err and "and 4 rehearsal examples" in err
-    assert json.loads((tmp_path / "rehearsed" / "chatkit.json").read_text())["options"]["rehearsal"] == 4
-
-    pairs = [(p, f"Answer number {i} is short.") for i, p in enumerate(rehearsal.GENERAL_PROMPTS[:4])]
+    info = json.loads((tmp_path / "rehearsed" / "chatkit.json").read_text())
+    assert info["options"]["rehearsal"] == 4
+    pairs = [(c[0]["content"], c[1]["content"]) for c in info["rehearsal"]]
+    assert [answer for _, answer in pairs] == [f"Answer number {i} is short." for i in range(4)]
+    assert len({prompt for prompt, _ in pairs}) == 4 and all(p in rehearsal.GENERAL_PROMPTS for p, _ in pairs)
     base, tokenizer = load(tiny_llama)
     reference = [answer_logprobs(base, tokenizer, *pair) for pair in pairs]
 
