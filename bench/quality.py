@@ -3,6 +3,7 @@
 
     python bench/quality.py                                  # 12 facts, ~60 conversations, default flags
     python bench/quality.py --facts 30 --phrasings 8         # a larger set (240 conversations)
+    python bench/quality.py --fact-seed 1                    # the same shape, other invented names
     python bench/quality.py --train-args "--learning-rate 2e-4 --epochs 5"   # one point of a sweep
     python bench/quality.py --data my.jsonl --questions held-out.json        # your own data
 
@@ -113,6 +114,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--facts", type=int, default=12)
     parser.add_argument("--phrasings", type=int, default=5, help="training questions per fact (at most 8)")
+    parser.add_argument("--fact-seed", type=int, default=0, help="another assignment of invented names to roles")
     parser.add_argument("--data", help="your own training data instead of the generated set")
     parser.add_argument("--questions", help="held-out questions for --data (see the module help)")
     parser.add_argument("--sign-off", default=SIGN_OFF, help="style marker expected at the end of answers")
@@ -132,7 +134,7 @@ def main() -> int:
         questions = json.loads(Path(args.questions).read_text())
         conversations = None
     else:
-        records, questions = make_dataset(make_facts(args.facts), min(args.phrasings, len(TRAIN_TEMPLATES)))
+        records, questions = make_dataset(make_facts(args.facts, args.fact_seed), min(args.phrasings, len(TRAIN_TEMPLATES)))
         data = workdir / "facts.json"
         data.write_text(json.dumps(records, ensure_ascii=False, indent=1))
         conversations = len(records)
