@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from .formatting import render, stop_token_ids, with_system_prompt
 
@@ -88,7 +88,10 @@ GENERAL_PROMPTS = [
 ]
 
 AUTO_PER, AUTO_MAX = 8, 32  # one rehearsal example per 8 conversations, at most 32
-ANSWER_TOKENS = 96  # answers longer than this are not used: a cut answer would teach cutting
+# Answers are cut after this many tokens: the start of an answer is where its shape is set. A cut
+# answer teaches no cutting, since each position is trained towards what the model itself predicted
+# there, and after the cut that is to go on.
+ANSWER_TOKENS = 64
 GENERATION_BATCH = 16
 STATE_BATCH = 32
 
@@ -122,29 +125,14 @@ def _evaluating(model):
 
 
 def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[str] = None,
-                max_new_tokens: int = ANSWER_TOKENS, enough: Optional[int] = None) -> List[Tuple[str, bool]]:
-    """The model's greedy answer to each prompt, batched, and whether it finished within max_new_tokens.
-
-    With `enough`, generation stops as soon as that many answers have finished.
-    """
+                max_new_tokens: int = ANSWER_TOKENS) -> List[str]:
+    """The model's greedy answer to each prompt, batched, cut after max_new_tokens."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Enough(StoppingCriteria):
-        """Stop every sequence once `needed` of them have produced a stop token after `prompt_width`."""
-
-        def __init__(self, needed: int, prompt_width: int):
-            self.needed, self.prompt_width = needed, prompt_width
-
-        def __call__(self, input_ids, scores, **kwargs):
-            new = input_ids[:, self.prompt_width:]
-            done = torch.isin(new, torch.tensor(stops, device=input_ids.device)).any(dim=1)
-            return torch.full_like(done, bool(done.sum() >= self.needed)) | done
 
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
-    answers: List[Tuple[str, bool]] = []
+    answers: List[str] = []
     with _evaluating(model):
         for start in range(0, len(prompts), GENERATION_BATCH):
             chunk = prompts[start : start + GENERATION_BATCH]
@@ -155,16 +143,13 @@ def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[st
             # Left padding: every prompt ends where generation starts.
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
             mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-            needed = None if enough is None else enough - sum(finished for _, finished in answers)
-            criteria = StoppingCriteriaList([Enough(needed, width)] if needed is not None and needed > 0 else [])
             with torch.no_grad():
                 output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                         do_sample=False, temperature=None, top_p=None, top_k=None,
-                                        eos_token_id=stops, pad_token_id=pad, use_cache=True,
-                                        stopping_criteria=criteria)
+                                        eos_token_id=stops, pad_token_id=pad, use_cache=True)
             for row in output[:, width:].tolist():
                 end = next((i for i, token in enumerate(row) if token in stops), None)
-                answers.append((tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is not None))
+                answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
     return answers
 
 
@@ -238,20 +223,18 @@ def closest_prompts(model, tokenizer, user_prompts: List[str], system_prompt: Op
 
 def rehearsal_conversations(model, tokenizer, count: int, system_prompt: Optional[str] = None,
                             like: Optional[List[str]] = None) -> Rehearsal:
-    """Up to `count` conversations of a general prompt and the model's own finished answer to it.
+    """Up to `count` conversations of a general prompt and the start of the model's own answer to it.
 
-    With `like` (the user's prompts), the general prompts closest to them are taken first.
+    With `like` (the user's prompts), the general prompts closest to them are taken.
     """
     result = Rehearsal()
     if count <= 0:
         return result
     started = time.perf_counter()
     pool = closest_prompts(model, tokenizer, like, system_prompt) if like else GENERAL_PROMPTS
-    # Some answers run past ANSWER_TOKENS and are left out, so ask half as many again as needed.
-    prompts = pool[: min(len(pool), count + (count + 1) // 2)]
-    answers = own_answers(model, tokenizer, prompts, system_prompt, enough=count)
-    for prompt, (answer, finished) in zip(prompts, answers):
-        if finished and answer and len(result.conversations) < count:
+    prompts = pool[:count]
+    for prompt, answer in zip(prompts, own_answers(model, tokenizer, prompts, system_prompt)):
+        if answer:
             result.conversations.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
     result.asked = len(prompts)
     result.seconds = time.perf_counter() - started

@@ -39,18 +39,21 @@ def test_batched_answers_are_the_chat_answers(tiny_llama):
     for prompt in prompts:
         session.reset()
         alone.append(session.reply(prompt))
-    assert [text for text, _ in batched] == alone
+    assert batched == alone
     assert all(text for text in alone)
+    cut = rehearsal.own_answers(model, tokenizer, prompts, max_new_tokens=2)
+    assert [a.startswith(c) for a, c in zip(batched, cut)] == [True] * len(prompts)
+    assert sum(map(len, cut)) < sum(map(len, batched))
 
 
-def test_unfinished_answers_are_left_out(tiny_llama, monkeypatch):
+def test_rehearsal_takes_the_first_prompts_and_skips_empty_answers(tiny_llama, monkeypatch):
     model, tokenizer = load(tiny_llama)
-    answers = iter([("Four.", True), ("A cut answer that ran", False), ("", True), ("Blue whale.", True)] * 20)
-    monkeypatch.setattr(rehearsal, "own_answers", lambda m, t, prompts, system_prompt=None, enough=None: [next(answers) for _ in prompts])
+    answers = iter(["Four.", "A cut answer that ran", "", "Blue whale."])
+    monkeypatch.setattr(rehearsal, "own_answers", lambda m, t, prompts, system_prompt=None: [next(answers) for _ in prompts])
     result = rehearsal.rehearsal_conversations(model, tokenizer, 4)
-    assert result.asked == 6  # half as many again as needed
-    assert [c[1]["content"] for c in result.conversations] == ["Four.", "Blue whale.", "Four."]
-    assert [c[0]["content"] for c in result.conversations] == [rehearsal.GENERAL_PROMPTS[i] for i in (0, 3, 4)]
+    assert result.asked == 4
+    assert [c[1]["content"] for c in result.conversations] == ["Four.", "A cut answer that ran", "Blue whale."]
+    assert [c[0]["content"] for c in result.conversations] == [rehearsal.GENERAL_PROMPTS[i] for i in (0, 1, 3)]
 
 
 def test_answer_states_do_not_depend_on_the_batch(tiny_llama):
@@ -74,8 +77,8 @@ def test_general_prompts_like_the_users_come_first(tiny_llama, monkeypatch):
         assert ranked[0] == target and sorted(ranked) == sorted(rehearsal.GENERAL_PROMPTS)
     assert rehearsal.closest_prompts(model, tokenizer, []) == rehearsal.GENERAL_PROMPTS
 
-    monkeypatch.setattr(rehearsal, "own_answers", lambda m, t, prompts, system_prompt=None, enough=None:
-                        [("Fine.", True)] * len(prompts))
+    monkeypatch.setattr(rehearsal, "own_answers", lambda m, t, prompts, system_prompt=None:
+                        ["Fine."] * len(prompts))
     result = rehearsal.rehearsal_conversations(model, tokenizer, 2, like=[rehearsal.GENERAL_PROMPTS[41]] * 3)
     assert [c[0]["content"] for c in result.conversations] == ranked[:2]
 
@@ -117,8 +120,8 @@ def answer_logprobs(model, tokenizer, prompt, answer):
 @pytest.mark.parametrize("packing", [False, True])
 def test_rehearsal_keeps_the_model_near_its_own_answers(tmp_path, tiny_llama, monkeypatch, capsys, packing):
     """Trained hard on one fact, the model drifts on unrelated prompts much less with rehearsal."""
-    monkeypatch.setattr(rehearsal, "own_answers", lambda m, t, prompts, system_prompt=None, enough=None:
-                        [(f"Answer number {i} is short.", True) for i in range(len(prompts))])
+    monkeypatch.setattr(rehearsal, "own_answers", lambda m, t, prompts, system_prompt=None:
+                        [f"Answer number {i} is short." for i in range(len(prompts))])
     data = tmp_path / "data.json"
     data.write_text(json.dumps([FACT] * 8))
     common = ["--data", str(data), "--model", str(tiny_llama), "--epochs", "6", "--batch-size", "2",
