@@ -124,6 +124,12 @@ def _evaluating(model):
         model.train(was_training)
 
 
+def _prompt_ids(tokenizer, prompts: List[str], system_prompt: Optional[str]) -> List[List[int]]:
+    """Each prompt as a one-turn conversation rendered up to the start of the answer, as token ids."""
+    return [tokenizer(render(with_system_prompt([{"role": "user", "content": p}], system_prompt), tokenizer,
+                             add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
 def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[str] = None,
                 max_new_tokens: int = ANSWER_TOKENS) -> List[str]:
     """The model's greedy answer to each prompt, batched, cut after max_new_tokens."""
@@ -136,9 +142,7 @@ def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[st
     with _evaluating(model):
         for start in range(0, len(prompts), GENERATION_BATCH):
             chunk = prompts[start : start + GENERATION_BATCH]
-            encoded = [tokenizer(render(with_system_prompt([{"role": "user", "content": p}], system_prompt),
-                                        tokenizer, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-                       for p in chunk]
+            encoded = _prompt_ids(tokenizer, chunk, system_prompt)
             width = max(len(ids) for ids in encoded)
             # Left padding: every prompt ends where generation starts.
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
@@ -167,8 +171,7 @@ def answer_states(model, tokenizer, prompts: List[str], system_prompt: Optional[
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = getattr(causal_lm, causal_lm.base_model_prefix, causal_lm)
     device = next(model.parameters()).device
-    encoded = [tokenizer(render(with_system_prompt([{"role": "user", "content": p}], system_prompt), tokenizer,
-                                add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = _prompt_ids(tokenizer, prompts, system_prompt)
     shared = 0  # tokens every prompt starts with, leaving each at least one of its own
     while shared < min(len(ids) for ids in encoded) - 1 and len({ids[shared] for ids in encoded}) == 1:
         shared += 1
