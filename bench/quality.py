@@ -134,7 +134,8 @@ def main() -> int:
         questions = json.loads(Path(args.questions).read_text())
         conversations = None
     else:
-        records, questions = make_dataset(make_facts(args.facts, args.fact_seed), min(args.phrasings, len(TRAIN_TEMPLATES)))
+        facts = make_facts(args.facts, args.fact_seed)
+        records, questions = make_dataset(facts, min(args.phrasings, len(TRAIN_TEMPLATES)))
         data = workdir / "facts.json"
         data.write_text(json.dumps(records, ensure_ascii=False, indent=1))
         conversations = len(records)

@@ -230,6 +230,16 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
         raise ChatkitError(f"could not load the tokenizer of {source.describe()}: {exc}") from None
 
 
+def causal_lm_parts(model):
+    """The causal LM under a PEFT wrapper, and its transformer body (None where it has none).
+
+    The body gives hidden states without the output layer, whose vocabulary-wide logits are the
+    largest single cost per token.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm, getattr(causal_lm, causal_lm.base_model_prefix, None)
+
+
 @dataclass
 class LoadedModel:
     model: object

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from .formatting import render, stop_token_ids, with_system_prompt
+from .models import causal_lm_parts
 
-# Varied everyday requests: facts, arithmetic, language, how-to, short writing. The order mixes the
-# kinds, since a run takes the first ones whose answers fit.
+# Varied everyday requests: facts, arithmetic, language, how-to, short writing. A run takes those most
+# like the user's prompts (closest_prompts); without user prompts, the first ones, so the order mixes
+# the kinds.
 GENERAL_PROMPTS = [
     "How many legs does a spider have?",
     "What is 12 times 12?",
@@ -130,13 +132,17 @@ def _prompt_ids(tokenizer, prompts: List[str], system_prompt: Optional[str]) -> 
                              add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
 
 
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids(tokenizer)[0]
+
+
 def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[str] = None,
                 max_new_tokens: int = ANSWER_TOKENS) -> List[str]:
     """The model's greedy answer to each prompt, batched, cut after max_new_tokens."""
     import torch
 
     stops = stop_token_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad = _pad_id(tokenizer)
     device = next(model.parameters()).device
     answers: List[str] = []
     with _evaluating(model):
@@ -166,10 +172,17 @@ def answer_states(model, tokenizer, prompts: List[str], system_prompt: Optional[
     """
     import torch
 
-    stops = stop_token_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(causal_lm, causal_lm.base_model_prefix, causal_lm)
+    pad = _pad_id(tokenizer)
+    causal_lm, inner = causal_lm_parts(model)
+
+    def run(**kwargs):
+        """Last hidden states and cache, from the body alone where the model has one."""
+        if inner is not None:
+            output = inner(**kwargs)
+            return output.last_hidden_state, output.past_key_values
+        output = causal_lm(output_hidden_states=True, **kwargs)
+        return output.hidden_states[-1], output.past_key_values
+
     device = next(model.parameters()).device
     encoded = _prompt_ids(tokenizer, prompts, system_prompt)
     shared = 0  # tokens every prompt starts with, leaving each at least one of its own
@@ -183,11 +196,11 @@ def answer_states(model, tokenizer, prompts: List[str], system_prompt: Optional[
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in rest], device=device)
             cache = None
             if shared:
-                cache = inner(input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True).past_key_values
+                _, cache = run(input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True)
                 cache.batch_repeat_interleave(len(rest))
             positions = torch.arange(shared, shared + width, device=device).expand(len(rest), -1)
-            hidden = inner(input_ids=input_ids, position_ids=positions, past_key_values=cache,
-                           use_cache=cache is not None).last_hidden_state
+            hidden, _ = run(input_ids=input_ids, position_ids=positions, past_key_values=cache,
+                            use_cache=cache is not None)
             ends = torch.tensor([len(ids) - 1 for ids in rest], device=device)
             states.append(hidden[torch.arange(len(rest), device=device), ends].float())
     return torch.cat(states)
@@ -234,8 +247,7 @@ def rehearsal_conversations(model, tokenizer, count: int, system_prompt: Optiona
     if count <= 0:
         return result
     started = time.perf_counter()
-    pool = closest_prompts(model, tokenizer, like, system_prompt) if like else GENERAL_PROMPTS
-    prompts = pool[:count]
+    prompts = closest_prompts(model, tokenizer, like or [], system_prompt)[:count]
     for prompt, answer in zip(prompts, own_answers(model, tokenizer, prompts, system_prompt)):
         if answer:
             result.conversations.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])

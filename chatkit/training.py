@@ -21,7 +21,7 @@ from .device import Placement, choose_placement
 from .errors import ChatkitError
 from .formatting import (IGNORE_INDEX, ensure_chat_template, ensure_pad_token, tokenize_conversation,
                          with_system_prompt)
-from .models import TRAINING_INFO_FILE, ModelSource, load_model, resolve_model
+from .models import TRAINING_INFO_FILE, ModelSource, causal_lm_parts, load_model, resolve_model
 from .rehearsal import attach_teacher, auto_count, rehearsal_conversations
 
 CHECKPOINTS = "checkpoints"
@@ -440,10 +440,9 @@ def make_trainer_class():
         teacher = None
 
         def _labelled_logits(self, model, inputs, keep):
-            causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+            causal_lm, inner = causal_lm_parts(model)
             config = causal_lm.config
             plain = not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
-            inner = getattr(causal_lm, causal_lm.base_model_prefix, None)
             head = causal_lm.get_output_embeddings()
             if plain and inner is not None and head is not None and self.args.world_size == 1:
                 # PaddingCollator pads on the right, so in a causal model no real token can see padding:

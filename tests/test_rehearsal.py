@@ -70,6 +70,15 @@ def test_answer_states_do_not_depend_on_the_batch(tiny_llama):
     assert torch.allclose(together, torch.stack(alone), atol=1e-4)
 
 
+def test_answer_states_of_a_model_without_a_separate_body(tiny_llama, monkeypatch):
+    """Where no transformer body can be reached, the whole model's last hidden states are used."""
+    model, tokenizer = load(tiny_llama)
+    prompts = rehearsal.GENERAL_PROMPTS[:3]
+    expected = rehearsal.answer_states(model, tokenizer, prompts)
+    monkeypatch.setattr(rehearsal, "causal_lm_parts", lambda m: (m, None))
+    assert torch.allclose(rehearsal.answer_states(model, tokenizer, prompts), expected, atol=1e-4)
+
+
 def test_general_prompts_like_the_users_come_first(tiny_llama, monkeypatch):
     model, tokenizer = load(tiny_llama)
     for target in (rehearsal.GENERAL_PROMPTS[20], rehearsal.GENERAL_PROMPTS[41]):
