@@ -12,11 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # Converted models go to a per-run cache, never the user's; the starter model is converted once
-# per run into it and shared by every test that needs it.
+# per run into it and shared by every test that needs it, and the cache is removed when the run ends.
+import atexit
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("CHATKIT_CACHE", tempfile.mkdtemp(prefix="chatkit-test-cache-"))
+if "CHATKIT_CACHE" not in os.environ:
+    os.environ["CHATKIT_CACHE"] = tempfile.mkdtemp(prefix="chatkit-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CHATKIT_CACHE"], ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CORPUS = [
