@@ -62,6 +62,9 @@ def make_parser() -> argparse.ArgumentParser:
     add("--rehearsal", type=int, metavar="N",
         help="mix in the model's own answers to N general prompts, so it keeps answering general questions "
              "as before (default: one per 8 conversations, at most 32; 0 turns it off)")
+    add("--neftune-alpha", type=float, default=d["neftune_alpha"], metavar="A",
+        help="noise on the input embeddings while training (NEFTune; 5 is usual): facts asked in new words are "
+             "recalled more often, general answers kept less often (default: %(default)s, off)")
     add("--train-on-prompt", action="store_true", help="train on every token, not only the assistant's")
     add("--packing", action="store_true", help="pack several conversations per sequence (no cross-attention)")
     add("--gradient-checkpointing", action="store_true", help="save memory at about 30%% more compute")

@@ -62,6 +62,7 @@ class TrainOptions:
     merge: bool = False
     system_prompt: Optional[str] = None
     rehearsal: Optional[int] = None  # None: see rehearsal.auto_count
+    neftune_alpha: float = 0.0  # noise on the input embeddings while training (0: off)
     train_on_prompt: bool = False
     overwrite: bool = False
     device: Optional[str] = None
@@ -94,6 +95,8 @@ class TrainOptions:
             found.append("--learning-rate must be positive")
         if self.rehearsal is not None and self.rehearsal < 0:
             found.append("--rehearsal must be 0 (off) or more")
+        if self.neftune_alpha < 0:
+            found.append("--neftune-alpha must be 0 (off) or more")
         if self.max_length < 16:
             found.append("--max-length must be at least 16 tokens")
         return found
@@ -520,6 +523,7 @@ def training_arguments(options: TrainOptions, placement: Placement, has_val: boo
         length_column_name="length",
         dataloader_pin_memory=on_cuda,
         ddp_find_unused_parameters=False,
+        neftune_noise_alpha=options.neftune_alpha or None,
     )
 
 
@@ -679,6 +683,9 @@ def train(options: TrainOptions) -> dict:
     val_split = options.val_split if options.val_split is not None else default_val_split(len(conversations))
     train_convs, val_convs = split_train_val(conversations, val_split, options.seed)
 
+    from transformers import set_seed
+
+    set_seed(options.seed)  # the adapter's initial weights too, so --seed repeats the whole run
     model, tokenizer = prepare_model(options, source, placement)
     report = ExampleReport()
     train_examples = tokenize_examples(train_convs, tokenizer, options, report)

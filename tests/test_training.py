@@ -246,9 +246,11 @@ def test_config_file_and_flag_override(tmp_path, tiny_llama):
 
 
 def test_option_problems_are_reported_together():
-    options = training.TrainOptions(data=["x"], load_in_4bit=True, load_in_8bit=True, push_to_hub=True, batch_size=0)
+    options = training.TrainOptions(data=["x"], load_in_4bit=True, load_in_8bit=True, push_to_hub=True, batch_size=0,
+                                    neftune_alpha=-1)
     assert options.problems() == ["--load-in-4bit and --load-in-8bit: choose one",
-                                  "--push-to-hub needs --hub-name USER/NAME", "--batch-size must be positive"]
+                                  "--push-to-hub needs --hub-name USER/NAME", "--batch-size must be positive",
+                                  "--neftune-alpha must be 0 (off) or more"]
 
 
 def test_gpu_out_of_memory_says_what_to_lower(tmp_path, tiny_llama, monkeypatch, capsys):
@@ -302,3 +304,29 @@ def test_packing_and_gradient_checkpointing_train(tmp_path, tiny_llama, flag, ca
     assert losses[-1] < losses[0] * 0.5
     if flag == "--packing":
         assert "packed into 1 sequences" in capsys.readouterr().err  # 8 short conversations, one row
+
+
+def test_embedding_noise_changes_what_is_learned_the_same_way_each_run(tmp_path, tiny_llama):
+    """NEFTune noise (input embeddings, training only) is off by default; on, it repeats with --seed."""
+    flags = ("--epochs", "2", "--batch-size", "2", "--learning-rate", "1e-2")
+    for name, extra in (("noisy", ("--neftune-alpha", "5")), ("again", ("--neftune-alpha", "5")), ("quiet", ())):
+        assert run(tmp_path, tiny_llama, *flags, *extra, output=name) == 0
+    noisy, again, quiet = (lora_weights(tmp_path / name) for name in ("noisy", "again", "quiet"))
+    assert all(torch.equal(noisy[k], again[k]) for k in noisy)
+    assert any(not torch.allclose(noisy[k], quiet[k]) for k in noisy if "lora_B" in k)
+    assert json.loads((tmp_path / "noisy" / "chatkit.json").read_text())["options"]["neftune_alpha"] == 5.0
+    placement = training.choose_placement("cpu", "float32")
+    assert training.training_arguments(training.TrainOptions(data=[]), placement, False).neftune_noise_alpha is None
+    noisy_args = training.training_arguments(training.TrainOptions(data=[], neftune_alpha=5), placement, False)
+    assert noisy_args.neftune_noise_alpha == 5.0
+
+
+def test_seed_repeats_the_whole_run_in_one_process(tmp_path, tiny_llama):
+    """--seed fixes the adapter's initial weights as well as the data order: the same command, the same model."""
+    flags = ("--epochs", "1", "--batch-size", "2")
+    torch.manual_seed(1)  # whatever the process drew before, the run starts from --seed
+    assert run(tmp_path, tiny_llama, *flags, output="first") == 0
+    torch.manual_seed(2)
+    assert run(tmp_path, tiny_llama, *flags, output="second") == 0
+    first, second = lora_weights(tmp_path / "first"), lora_weights(tmp_path / "second")
+    assert any("lora_A" in k for k in first) and all(torch.equal(first[k], second[k]) for k in first)
