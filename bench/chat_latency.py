@@ -13,9 +13,7 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 QUESTIONS = [
     "Hi! I'm planning a trip to Portugal.", "What should I see in Lisbon?", "How many days do I need there?",

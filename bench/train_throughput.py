@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 WORDS = ("the model learns from your own conversations and answers in your style while keeping what it "
          "knew before because only small adapter matrices change during training on the processor").split()
@@ -51,7 +50,8 @@ def make_data(path: Path, count: int, seed: int = 0) -> None:
 
 
 def run_chatkit(data: Path, workdir: Path, batch: int) -> dict:
-    from chatkit.training import TrainOptions, train
+    from chatkit.options import TrainOptions
+    from chatkit.pipeline import train
 
     options = TrainOptions(data=[str(data)], output=str(workdir / "chatkit"), epochs=1, batch_size=batch,
                            val_split=0, logging_steps=1000)

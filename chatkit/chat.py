@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
 import sys
 import threading
-from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
 
 from .errors import ChatkitError
-from .formatting import ensure_chat_template, render, stop_token_ids, with_system_prompt
-from .models import LoadedModel, load_model, read_training_info, resolve_model
+from .files import read_training_info, write_json
+from .formatting import (ensure_chat_template, pad_token_id, render, split_exchanges, stop_token_ids,
+                         with_system_prompt)
+from .models import LoadedModel, context_length, load_model, resolve_model
+from .options import GenerationSettings
 
-
-@dataclass
-class GenerationSettings:
-    temperature: float = 0.7  # 0 means greedy
-    top_p: float = 0.9
-    max_new_tokens: int = 256
-    repetition_penalty: float = 1.1
-    seed: Optional[int] = None
-
-    def generate_kwargs(self) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        if self.temperature and self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs
+__all__ = ["ChatSession", "GenerationSettings"]
 
 
 class ChatSession:
@@ -64,9 +49,7 @@ class ChatSession:
         self.settings = settings or GenerationSettings()
         self.reuse_cache = reuse_cache
         self.stop_ids = stop_token_ids(self.tokenizer)
-        config_limit = getattr(self.model.config, "max_position_embeddings", None) or \
-            getattr(self.model.config, "n_positions", None) or 2048
-        self.max_context = max_context or config_limit
+        self.max_context = max_context or context_length(self.model.config)
         self.history: List[dict] = []
         # Guiding examples: (user, assistant) pairs placed as earlier exchanges before the conversation.
         self.examples: List[tuple] = []
@@ -143,11 +126,8 @@ class ChatSession:
         return ids
 
     def _drop_oldest_exchange(self) -> None:
-        # An exchange is a user turn and everything up to the next user turn.
-        end = 1
-        while end < len(self.history) and self.history[end]["role"] != "user":
-            end += 1
-        del self.history[:end]
+        _, exchanges = split_exchanges(self.history)
+        del self.history[:len(exchanges[0])]
         if not self.trimmed_notice_given:
             self.trimmed_notice_given = True
             self.on_notice("(The conversation is longer than the model's context window: the oldest exchanges "
@@ -163,7 +143,7 @@ class ChatSession:
         ids = self.prompt_ids(user_text)
         input_ids = torch.tensor([ids], device=self.device)
         kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                      eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id or self.stop_ids[0],
+                      eos_token_id=self.stop_ids, pad_token_id=pad_token_id(self.tokenizer),
                       **(self.settings.generate_kwargs() | {"max_new_tokens": self.new_tokens}))
         cache = self._reusable_cache(ids)
         if cache is not None:
@@ -228,11 +208,5 @@ class ChatSession:
         messages = self.messages()
         if not any(m["role"] == "assistant" for m in messages):
             raise ChatkitError("nothing to save yet: the conversation has no answer")
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        temporary = path + ".part"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump([{"messages": copy.deepcopy(messages)}], handle, ensure_ascii=False, indent=2)
-            handle.write("\n")
-        os.replace(temporary, path)
+        write_json(path, [{"messages": copy.deepcopy(messages)}])
         return len(messages)

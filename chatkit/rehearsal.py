@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .formatting import render, stop_token_ids, with_system_prompt
+from .formatting import pad_token_id, render, stop_token_ids, with_system_prompt
 from .models import causal_lm_parts
 
 # Varied everyday requests: facts, arithmetic, language, how-to, short writing. A run takes those most
@@ -132,17 +132,13 @@ def _prompt_ids(tokenizer, prompts: List[str], system_prompt: Optional[str]) -> 
                              add_generation_prompt=True), add_special_tokens=False)["input_ids"] for p in prompts]
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids(tokenizer)[0]
-
-
 def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[str] = None,
                 max_new_tokens: int = ANSWER_TOKENS) -> List[str]:
     """The model's greedy answer to each prompt, batched, cut after max_new_tokens."""
     import torch
 
     stops = stop_token_ids(tokenizer)
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     answers: List[str] = []
     with _evaluating(model):
@@ -172,7 +168,7 @@ def answer_states(model, tokenizer, prompts: List[str], system_prompt: Optional[
     """
     import torch
 
-    pad = _pad_id(tokenizer)
+    pad = pad_token_id(tokenizer)
     causal_lm, inner = causal_lm_parts(model)
 
     def run(**kwargs):

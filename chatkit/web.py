@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import List, Optional
+from typing import List
 
 from .chat import ChatSession
 from .errors import ChatkitError

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # Converted models go to a per-run cache, never the user's; the starter model is converted once
 # per run into it and shared by every test that needs it, and the cache is removed when the run ends.

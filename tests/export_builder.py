@@ -6,7 +6,7 @@ import itertools
 import json
 import zipfile
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 _ids = itertools.count(1)
 

@@ -220,11 +220,11 @@ def filter_data():
     (["--until", "2024-01-01"], ["a"]),
     (["--since", "2024-01-02", "--until", "2024-12-31"], ["b"]),
     (["--title", "^py"], ["a"]),
-    (["--model", "gpt-4o"], ["a"]),
-    (["--model", "o1"], ["c"]),
+    (["--chatgpt-model", "gpt-4o"], ["a"]),
+    (["--chatgpt-model", "o1"], ["c"]),
     (["--exclude-archived"], ["a", "c"]),
     (["--min-exchanges", "2"], ["c"]),
-    (["--max-length", "20"], ["b", "c"]),  # a has 21 characters
+    (["--max-chars", "20"], ["b", "c"]),  # a has 21 characters
 ])
 def test_filters(tmp_path, flags, expected):
     records = convert(tmp_path, filter_data(), "--metadata", *flags)
@@ -233,14 +233,14 @@ def test_filters(tmp_path, flags, expected):
 
 def test_truncate_cuts_at_exchange_boundary(tmp_path, capsys):
     conv = simple("t", ("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2 is long"))
-    records = convert(tmp_path, [conv], "--max-length", "10", "--truncate")
+    records = convert(tmp_path, [conv], "--max-chars", "10", "--truncate")
     assert pairs(records[0]) == [("user", "q1"), ("assistant", "a1")]
     assert "truncated at an exchange: 1" in capsys.readouterr().err
 
 
 def test_max_tokens_with_tokenizer(tmp_path, tiny_llama):
     conv = simple("t", ("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2 " * 50))
-    records = convert(tmp_path, [conv], "--max-tokens", "30", "--tokenizer", str(tiny_llama), "--truncate")
+    records = convert(tmp_path, [conv], "--max-conversation-tokens", "30", "--tokenizer", str(tiny_llama), "--truncate")
     assert pairs(records[0]) == [("user", "q1"), ("assistant", "a1")]
 
 
@@ -374,3 +374,13 @@ def test_the_readme_sample_export(tmp_path, capsys):
         "Try \"Mother Dough\": it is what", "Around 24 °C (75 °F). Cooler k", "Dense patches near the bottom "]
     assert "sample@example.com" not in out.read_text()
     assert "conversations read:    4\nconversations kept:    3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("old, new, value, expected", [
+    ("--model", "--chatgpt-model", "o1", ["c"]),
+    ("--max-length", "--max-chars", "20", ["b", "c"]),
+])
+def test_old_flag_spellings_still_work_with_a_note(tmp_path, capsys, old, new, value, expected):
+    records = convert(tmp_path, filter_data(), "--metadata", old, value)
+    assert [r["id"] for r in records] == expected
+    assert f"note: {old} is now {new}" in capsys.readouterr().err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -70,12 +69,14 @@ def test_pt_round_trip_in_a_fresh_process(tmp_path, tiny_gpt2):
     path = tmp_path / "model.pt"
     checkpoint.save_checkpoint(model, tokenizer, path, base_model="gpt2-small (124M)")
     assert checkpoint.is_safetensors(path)  # no pickle inside
-    code = ("import sys, json, torch; sys.path.insert(0, %r)\n"
-            "from chatkit.checkpoint import load_checkpoint\n"
-            "m, t, base = load_checkpoint(%r)\n"
+    code = ("import json, torch\n"
+            "from chatkit.models import load_model\n"
+            "loaded = load_model(%r)\n"
+            "m, t, base = loaded.model, loaded.tokenizer, loaded.trained_from\n"
             "print(json.dumps({'logits': m(torch.tensor([[5, 6, 7, 8, 9, 10]])).logits.tolist(), 'base': base,"
-            " 'template': t.chat_template, 'eos': t.eos_token}))") % (str(ROOT), str(path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+            " 'template': t.chat_template, 'eos': t.eos_token}))") % str(path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                         cwd=ROOT)
     loaded = json.loads(out.stdout)
     assert torch.equal(torch.tensor(loaded["logits"]), logits(model))
     assert (loaded["base"], loaded["template"], loaded["eos"]) == ("gpt2-small (124M)", tokenizer.chat_template,

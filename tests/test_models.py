@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from chatkit import models
+from chatkit import files, models
 from chatkit.device import Placement
 from chatkit.errors import ChatkitError
 
@@ -58,7 +58,7 @@ def test_adapter_directory_loads_its_base(tiny_llama, tmp_path):
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
-    (adapter / models.TRAINING_INFO_FILE).write_text(json.dumps({"base_model": str(tiny_llama)}))
+    (adapter / files.TRAINING_INFO_FILE).write_text(json.dumps({"base_model": str(tiny_llama)}))
 
     source = models.resolve_model(str(adapter))
     assert source.kind == "adapter" and source.base.path == str(tiny_llama)

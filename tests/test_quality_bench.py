@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
 
-import quality  # noqa: E402
+from bench import quality  # noqa: E402
 
 
 def test_data_set_teaches_every_fact_and_holds_out_the_question_wording():

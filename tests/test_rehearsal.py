@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import train_chatgpt_model as cli
-from chatkit import rehearsal, training
+from chatkit import rehearsal
+from chatkit.engine import ChatTrainer
+from chatkit.examples import PaddingCollator, tokenize_examples
 from chatkit.chat import ChatSession, GenerationSettings
 from chatkit.formatting import IGNORE_INDEX, render
 from chatkit.models import load_model, resolve_model
@@ -95,8 +97,7 @@ def test_general_prompts_like_the_users_come_first(tiny_llama, monkeypatch):
 def test_teacher_loss_is_zero_for_the_unchanged_model_and_grows_with_change(tiny_llama):
     model, tokenizer = load(tiny_llama)
     conversation = [{"role": "user", "content": "What is 12 times 12?"}, {"role": "assistant", "content": "It is 144."}]
-    examples = training.tokenize_examples([conversation], tokenizer, training.TrainOptions(data=[]),
-                                          training.ExampleReport())
+    examples = tokenize_examples([conversation], tokenizer, 1024)
     teacher = rehearsal.attach_teacher(model, examples)
     index = torch.tensor(examples[0]["teacher_index"])
     labels = torch.tensor(examples[0]["labels"])
@@ -118,8 +119,7 @@ def test_teacher_loss_is_zero_for_the_unchanged_model_and_grows_with_change(tiny
 def answer_logprobs(model, tokenizer, prompt, answer):
     """The model's next-token log-probabilities at each trained position of a prompt and answer."""
     conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-    example = training.tokenize_examples([conversation], tokenizer, training.TrainOptions(data=[]),
-                                         training.ExampleReport())[0]
+    example = tokenize_examples([conversation], tokenizer, 1024)[0]
     positions = [p - 1 for p, label in enumerate(example["labels"]) if p > 0 and label != IGNORE_INDEX]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, positions].float()
@@ -139,7 +139,7 @@ def test_rehearsal_keeps_the_model_near_its_own_answers(tmp_path, tiny_llama, mo
     assert "rehearsal examples" not in capsys.readouterr().err
     assert cli.main(common + ["--output", str(tmp_path / "rehearsed"), "--rehearsal", "4"]) == 0
     err = capsys.readouterr().err
-    assert "rehearsal: 4 of the model's own answers" in err and "and 4 rehearsal examples" in err
+    assert "rehearsal: 4 of the model's own answers" in err and "with 4 rehearsal examples" in err
     info = json.loads((tmp_path / "rehearsed" / "chatkit.json").read_text())
     assert info["options"]["rehearsal"] == 4
     pairs = [(c[0]["content"], c[1]["content"]) for c in info["rehearsal"]]
@@ -160,26 +160,24 @@ def test_rehearsal_keeps_the_model_near_its_own_answers(tmp_path, tiny_llama, mo
     assert rehearsed < (0.95 if packing else 0.5) * plain
 
 
-def test_full_forward_path_gives_the_same_loss_as_the_fast_path(tiny_llama, monkeypatch):
+def test_full_forward_path_gives_the_same_loss_as_the_fast_path(tiny_llama, monkeypatch, tmp_path):
     """Distributed runs and soft-capped models take the model's full forward; the loss must not change."""
     from datasets import Dataset
     from transformers import TrainingArguments
 
     model, tokenizer = load(tiny_llama)
-    options = training.TrainOptions(data=[])
     conversations = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
                      for i in range(3)]
-    user = training.tokenize_examples(conversations[:2], tokenizer, options, training.ExampleReport())
-    rehearsed = training.tokenize_examples(conversations[2:], tokenizer, options, training.ExampleReport())
+    user = tokenize_examples(conversations[:2], tokenizer, 1024)
+    rehearsed = tokenize_examples(conversations[2:], tokenizer, 1024)
     teacher = rehearsal.attach_teacher(model, rehearsed)
     for example in user:
         example["teacher_index"] = [-1] * len(example["input_ids"])
     with torch.no_grad():  # move the model away from the teacher, so the rehearsal term is not zero
         model.get_output_embeddings().weight.mul_(1.2)
-    batch = training.PaddingCollator(tokenizer.pad_token_id)(user + rehearsed)
-    trainer = training.make_trainer_class()(model=model, args=TrainingArguments(output_dir="unused", use_cpu=True,
-                                                                                  report_to="none"),
-                                            train_dataset=Dataset.from_list(user))
+    batch = PaddingCollator(tokenizer.pad_token_id)(user + rehearsed)
+    trainer = ChatTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"),
+                          train_dataset=Dataset.from_list(user))
     trainer.teacher = teacher
     fast = float(trainer.compute_loss(model, dict(batch)))
     monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))

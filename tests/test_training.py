@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import train_chatgpt_model as cli
-from chatkit import formatting, training
+from chatkit import engine, examples, formatting, options as options_module
+from chatkit.cli import parse
 from chatkit.datasets import read_conversations
 from chatkit.errors import ChatkitError
 
@@ -46,12 +47,11 @@ def test_tokenized_examples_train_assistant_text_and_eos(tiny_gpt2):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     formatting.ensure_chat_template(tokenizer)
-    report = training.ExampleReport()
-    examples = training.tokenize_examples([FACTS[1]["messages"]], tokenizer,
-                                          training.TrainOptions(data=[]), report)
-    assert formatting.trained_text(examples[0]["input_ids"], examples[0]["labels"], tokenizer) == [
+    report = examples.ExampleReport()
+    made = examples.tokenize_examples([FACTS[1]["messages"]], tokenizer, 1024, report=report)
+    assert formatting.trained_text(made[0]["input_ids"], made[0]["labels"], tokenizer) == [
         "Why did the computer go to the doctor? It had a virus.<|endoftext|>"]
-    assert report.trained_tokens == sum(1 for x in examples[0]["labels"] if x != formatting.IGNORE_INDEX)
+    assert report.trained_tokens == sum(1 for x in made[0]["labels"] if x != formatting.IGNORE_INDEX)
 
 
 def test_long_conversations_are_split_between_exchanges(tiny_llama):
@@ -62,12 +62,12 @@ def test_long_conversations_are_split_between_exchanges(tiny_llama):
     for number in range(6):
         messages += [{"role": "user", "content": f"question {number}"},
                      {"role": "assistant", "content": f"answer number {number} is here"}]
-    report = training.ExampleReport()
-    examples = training.tokenize_examples([messages], tokenizer, training.TrainOptions(data=[], max_length=100), report)
-    assert report.split_conversations == 1 and len(examples) > 1
-    trained = [formatting.trained_text(e["input_ids"], e["labels"], tokenizer) for e in examples]
+    report = examples.ExampleReport()
+    made = examples.tokenize_examples([messages], tokenizer, 100, report=report)
+    assert report.split_conversations == 1 and len(made) > 1
+    trained = [formatting.trained_text(e["input_ids"], e["labels"], tokenizer) for e in made]
     assert sum(trained, []) == [f"answer number {n} is here<|im_end|>" for n in range(6)]  # nothing cut or lost
-    for example in examples:
+    for example in made:
         assert len(example["input_ids"]) <= 100
         assert tokenizer.decode(example["input_ids"]).startswith("<|im_start|>system\nS<|im_end|>")
 
@@ -78,9 +78,9 @@ def test_packing_has_no_cross_attention(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     first = {"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}
     second = {"input_ids": [9, 10, 11], "labels": [9, 10, 11]}
-    packed = training.pack_examples([first, second], max_length=16)
+    packed = examples.pack_examples([first, second], max_length=16)
     assert len(packed) == 1 and packed[0]["position_ids"] == [0, 1, 2, 3, 0, 1, 2]
-    batch = training.PaddingCollator(0, packed=True)(packed)
+    batch = examples.PaddingCollator(0, packed=True)(packed)
     assert "attention_mask" not in batch
     with torch.no_grad():
         together = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, 4:]
@@ -151,14 +151,14 @@ def test_resume_continues_from_saved_step(tmp_path, tiny_llama):
 def test_ctrl_c_saves_a_checkpoint_and_prints_resume(tmp_path, tiny_llama, monkeypatch, capsys):
     from transformers import TrainerCallback
 
-    original = training._callbacks
+    original = engine.make_callbacks
 
     class SendInterrupt(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 2:
                 os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(training, "_callbacks", lambda *a: original(*a) + [SendInterrupt()])
+    monkeypatch.setattr(engine, "make_callbacks", lambda *a: original(*a) + [SendInterrupt()])
     code = run(tmp_path, tiny_llama, "--epochs", "5", "--batch-size", "2")
     assert code == 130
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-3").is_dir()
@@ -237,27 +237,27 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_llama, capsys):
 def test_config_file_and_flag_override(tmp_path, tiny_llama):
     config = tmp_path / "train.yaml"
     config.write_text(f"data: {write(tmp_path / 'd.json', FACTS)}\nmodel: {tiny_llama}\nlora-r: 4\nepochs: 1\n")
-    options = cli.parse_options(["--config", str(config), "--epochs", "2"])
+    options = parse(options_module.TrainOptions, cli.__doc__, ["--config", str(config), "--epochs", "2"])
     assert (options.lora_r, options.epochs, options.model) == (4, 2.0, str(tiny_llama))
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 0.1\n")
     with pytest.raises(ChatkitError, match="unknown option 'learning_rat'"):
-        cli.parse_options(["--config", str(bad)])
+        parse(options_module.TrainOptions, cli.__doc__, ["--config", str(bad)])
 
 
 def test_option_problems_are_reported_together():
-    options = training.TrainOptions(data=["x"], load_in_4bit=True, load_in_8bit=True, push_to_hub=True, batch_size=0,
-                                    neftune_alpha=-1)
-    assert options.problems() == ["--load-in-4bit and --load-in-8bit: choose one",
-                                  "--push-to-hub needs --hub-name USER/NAME", "--batch-size must be positive",
-                                  "--neftune-alpha must be 0 (off) or more"]
+    options = options_module.TrainOptions(data=["x"], load_in_4bit=True, load_in_8bit=True, push_to_hub=True,
+                                          batch_size=0, neftune_alpha=-1)
+    assert options_module.problems(options) == [
+        "--batch-size must be positive", "--neftune-alpha must be 0 (off) or more",
+        "--load-in-4bit and --load-in-8bit: choose one", "--push-to-hub needs --hub-name USER/NAME"]
 
 
 def test_gpu_out_of_memory_says_what_to_lower(tmp_path, tiny_llama, monkeypatch, capsys):
     from transformers import Trainer
 
     def out_of_memory(self, *args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Trainer, "train", out_of_memory)
     assert run(tmp_path, tiny_llama, "--epochs", "1") == 1
@@ -315,10 +315,12 @@ def test_embedding_noise_changes_what_is_learned_the_same_way_each_run(tmp_path,
     assert all(torch.equal(noisy[k], again[k]) for k in noisy)
     assert any(not torch.allclose(noisy[k], quiet[k]) for k in noisy if "lora_B" in k)
     assert json.loads((tmp_path / "noisy" / "chatkit.json").read_text())["options"]["neftune_alpha"] == 5.0
-    placement = training.choose_placement("cpu", "float32")
-    assert training.training_arguments(training.TrainOptions(data=[]), placement, False).neftune_noise_alpha is None
-    noisy_args = training.training_arguments(training.TrainOptions(data=[], neftune_alpha=5), placement, False)
-    assert noisy_args.neftune_noise_alpha == 5.0
+    from chatkit.pipeline import engine_settings
+
+    settings = engine_settings(options_module.TrainOptions(data=[], epochs=1, batch_size=1))
+    assert engine.training_arguments(settings, "cpu", "float32", False).neftune_noise_alpha is None
+    noisy = engine_settings(options_module.TrainOptions(data=[], epochs=1, batch_size=1, neftune_alpha=5))
+    assert engine.training_arguments(noisy, "cpu", "float32", False).neftune_noise_alpha == 5.0
 
 
 def test_seed_repeats_the_whole_run_in_one_process(tmp_path, tiny_llama):

@@ -1,0 +1,341 @@
+"""The training engine: ChatTrainer (transformers' Trainer with a labelled-positions loss and rehearsal),
+its callbacks (progress, throughput, Ctrl-C) and one run over token examples.
+
+Imported only when training starts: it imports torch and transformers at the top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from .errors import ChatkitError
+from .examples import PaddingCollator
+from .formatting import IGNORE_INDEX, pad_token_id
+from .models import causal_lm_parts
+from .output import Progress, quiet_transformers, say
+from .rehearsal import teacher_loss
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# transformers renamed gradient checkpointing to activation checkpointing (the old name warns).
+CHECKPOINTING_ARGUMENT = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                          else "gradient_checkpointing")
+
+
+@dataclass
+class EngineSettings:
+    """What one Trainer run needs to know; each trainer fills it from its own options."""
+
+    checkpoints_dir: str
+    epochs: float
+    batch_size: int
+    learning_rate: float
+    logs_dir: Optional[str] = None  # TensorBoard event files; None: none written
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    logging_steps: int = 5
+    eval_steps: Optional[int] = None  # None (with save_steps None): once per epoch
+    save_steps: Optional[int] = None
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    early_stopping_patience: Optional[int] = None
+    neftune_alpha: float = 0.0
+
+
+class ChatTrainer(Trainer):
+    """transformers' Trainer, computing the output layer only at positions that carry a label.
+
+    The output layer (hidden size x vocabulary, 49k wide for the starter model) and the softmax over
+    it are the largest single cost per token; prompt tokens and padding have no label, so their logits
+    are never needed. Models with logit soft-capping or scaling, and distributed runs (where the
+    forward must go through the DDP wrapper), take the model's full forward instead.
+
+    Rehearsal positions (a batch's `teacher_index`, with the table in `self.teacher`) are trained
+    towards the model's own earlier distribution (KL divergence) instead of the token in the text.
+    Evaluation keeps transformers' loss, which is the same cross-entropy.
+    """
+
+    teacher = None
+
+    def _labelled_logits(self, model, inputs, keep):
+        causal_lm, inner = causal_lm_parts(model)
+        config = causal_lm.config
+        plain = not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
+        head = causal_lm.get_output_embeddings()
+        if plain and inner is not None and head is not None and self.args.world_size == 1:
+            # PaddingCollator pads on the right, so in a causal model no real token can see padding:
+            # without the mask, attention takes its plain causal path instead of a materialised mask.
+            forward = {k: v for k, v in inputs.items() if k not in ("labels", "attention_mask")}
+            hidden = inner(**forward).last_hidden_state
+            return head(hidden[:, :-1][keep]).float()
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        return model(**forward).logits[:, :-1][keep].float()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher_index = inputs.pop("teacher_index", None)
+        if return_outputs or (self.args.world_size > 1 and teacher_index is None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        targets = inputs["labels"][:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self._labelled_logits(model, inputs, keep)
+        targets = targets[keep]
+        rows = teacher_index[:, 1:][keep] if teacher_index is not None else None
+        if rows is None or not bool((rows >= 0).any()):
+            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        else:
+            taught = rows >= 0
+            loss = torch.nn.functional.cross_entropy(logits[~taught], targets[~taught], reduction="sum")
+            loss = loss + teacher_loss(logits[taught], self.teacher, rows[taught])
+        count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+        if isinstance(count, torch.Tensor):
+            count = count.to(loss.device)
+        loss = loss / count
+        if self.args.world_size > 1 and self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: the count is global
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Callbacks
+
+
+class StopOnInterrupt:
+    """First Ctrl-C: finish the current step, save a checkpoint and stop. Second Ctrl-C: stop now."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            say("\nInterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)...")
+
+        try:
+            self.previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+class Interrupt(TrainerCallback):
+    """Turns a requested stop into: save at the end of this step (no evaluation first), then stop."""
+
+    def __init__(self, stop: StopOnInterrupt):
+        self.stop = stop
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop.requested:
+            control.should_save = True
+            control.should_evaluate = False
+            control.should_training_stop = True
+
+
+class Throughput(TrainerCallback):
+    """Adds trained tokens per second to each log line (and so to TensorBoard)."""
+
+    def __init__(self):
+        self.last = (time.perf_counter(), 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        now, seen = time.perf_counter(), state.num_input_tokens_seen
+        elapsed = now - self.last[0]
+        if elapsed > 0:
+            logs["tokens_per_second"] = round((seen - self.last[1]) / elapsed, 1)
+        self.last = (now, seen)
+
+
+class ProgressReport(TrainerCallback):
+    """One progress display (loss, learning rate, ETA) and one line per evaluation; no raw log dicts."""
+
+    progress: Optional[Progress] = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.progress = Progress(state.max_steps, first_step=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress:
+            self.progress.update(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress and logs and "loss" in logs:
+            self.progress.update(state.global_step, loss=logs["loss"], learning_rate=logs.get("learning_rate"))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.progress and metrics and "eval_loss" in metrics:
+            loss = metrics["eval_loss"]
+            self.progress.write(f"evaluation at step {state.global_step}: validation loss {loss:.4f} "
+                                f"(perplexity {perplexity(loss)})")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress:
+            self.progress.close()
+            self.progress = None  # evaluations after training are reported by the caller
+
+
+def make_callbacks(settings: EngineSettings, stop: StopOnInterrupt, has_val: bool) -> List[TrainerCallback]:
+    callbacks = [Throughput(), ProgressReport(), Interrupt(stop)]
+    if settings.logs_dir:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            from transformers.integrations import TensorBoardCallback
+
+            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=settings.logs_dir)))
+        except ImportError:
+            say("warning: tensorboard is not installed; no TensorBoard logs (pip install tensorboard)")
+    if settings.early_stopping_patience and has_val:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
+    return callbacks
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+
+
+def training_arguments(settings: EngineSettings, device: str, dtype: str, has_val: bool) -> TrainingArguments:
+    per_epoch = settings.eval_steps is None and settings.save_steps is None
+    strategy = "epoch" if per_epoch else "steps"
+    save_steps = settings.save_steps or settings.eval_steps or 500
+    eval_steps = settings.eval_steps or save_steps
+    on_cuda = device.startswith("cuda")
+    return TrainingArguments(
+        output_dir=settings.checkpoints_dir,
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_ratio,  # below 1: a fraction of all steps (transformers 5)
+        weight_decay=settings.weight_decay,
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        eval_strategy=strategy if has_val else "no",
+        eval_steps=eval_steps if has_val and not per_epoch else None,
+        save_strategy=strategy,
+        save_steps=save_steps if not per_epoch else None,
+        save_total_limit=2,  # the newest and the best: enough to resume and to keep the best model
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss" if has_val else None,
+        greater_is_better=False if has_val else None,
+        use_cpu=device == "cpu",
+        bf16=on_cuda and dtype == "bfloat16",
+        fp16=on_cuda and dtype == "float16",
+        **{CHECKPOINTING_ARGUMENT: settings.gradient_checkpointing},
+        report_to="none",  # TensorBoard is added as a callback writing to logs_dir
+        disable_tqdm=True,  # ProgressReport shows the progress instead
+        seed=settings.seed,
+        data_seed=settings.seed,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",  # counts the real tokens of each step
+        train_sampling_strategy="random" if settings.packing else "group_by_length",
+        length_column_name="length",
+        dataloader_pin_memory=on_cuda,
+        ddp_find_unused_parameters=False,
+        neftune_noise_alpha=settings.neftune_alpha or None,
+    )
+
+
+@dataclass
+class RunResult:
+    """What a Trainer run left: the trainer (with the best model loaded) and its figures."""
+
+    trainer: ChatTrainer
+    metrics: dict
+    interrupted: bool = False
+    checkpoint: Optional[str] = None
+
+
+def latest_checkpoint(folder: str | Path) -> Optional[str]:
+    """The newest checkpoint-N folder in `folder`, or None."""
+    def step(path: Path) -> int:
+        tail = path.name[len(CHECKPOINT_PREFIX):]
+        return int(tail) if tail.isdigit() else -1
+
+    found = sorted(Path(folder).glob(CHECKPOINT_PREFIX + "*"), key=step)
+    return str(found[-1]) if found else None
+
+
+def perplexity(loss: float) -> float:
+    return round(math.exp(min(loss, 50)), 2)
+
+
+def make_trainer(model, tokenizer, train_examples: List[dict], val_examples: List[dict], settings: EngineSettings,
+                 device: str, dtype: str, stop: StopOnInterrupt, teacher=None) -> ChatTrainer:
+    from datasets import Dataset
+
+    quiet_transformers()
+    has_val = bool(val_examples)
+    trainer = ChatTrainer(
+        model=model,
+        args=training_arguments(settings, device, dtype, has_val),
+        data_collator=PaddingCollator(pad_token_id(tokenizer), packed=settings.packing),
+        train_dataset=Dataset.from_list(train_examples),
+        eval_dataset=Dataset.from_list(val_examples) if has_val else None,
+        processing_class=tokenizer,
+        callbacks=make_callbacks(settings, stop, has_val),
+    )
+    for callback in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(callback)
+    trainer.teacher = teacher
+    return trainer
+
+
+def run_trainer(model, tokenizer, train_examples: List[dict], val_examples: List[dict], settings: EngineSettings,
+                device: str, dtype: str, checkpoint: Optional[str] = None, evaluate_first: bool = False,
+                teacher=None) -> RunResult:
+    """Train on token examples (packed already when settings.packing) with ChatTrainer.
+
+    Ctrl-C saves a checkpoint; running out of GPU memory is explained."""
+    stop = StopOnInterrupt()
+    trainer = make_trainer(model, tokenizer, train_examples, val_examples, settings, device, dtype, stop, teacher)
+    has_val = bool(val_examples)
+    metrics = {}
+    # The Trainer prints on stdout; scripts keep stdout for results.
+    with contextlib.redirect_stdout(sys.stderr):
+        if evaluate_first and has_val:
+            metrics["eval_loss_before"] = round(trainer.evaluate()["eval_loss"], 4)
+        try:
+            with stop:
+                result = trainer.train(resume_from_checkpoint=checkpoint)
+        except torch.cuda.OutOfMemoryError:
+            raise ChatkitError(
+                "the GPU ran out of memory; lower --batch-size (and raise --gradient-accumulation-steps to "
+                "keep the effective batch), lower --max-length, add --gradient-checkpointing, or use "
+                "--load-in-4bit"
+            ) from None
+        if stop.requested:
+            return RunResult(trainer, metrics, interrupted=True,
+                             checkpoint=latest_checkpoint(settings.checkpoints_dir))
+        runtime = result.metrics.get("train_runtime", 0.0)
+        tokens = trainer.state.num_input_tokens_seen
+        metrics.update(train_loss=round(result.training_loss, 4), steps=result.global_step,
+                       train_runtime_s=round(runtime, 1), tokens_seen=tokens,
+                       tokens_per_second=round(tokens / runtime, 1) if runtime else None)
+        if has_val:
+            eval_loss = trainer.evaluate()["eval_loss"]
+            metrics.update(eval_loss=round(eval_loss, 4), eval_perplexity=perplexity(eval_loss))
+    return RunResult(trainer, metrics)

@@ -1,0 +1,80 @@
+"""Writing files so that nothing is half-written, and the chatkit.json record beside every trained model."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+from . import __version__
+from .errors import ChatkitError
+
+# What this toolkit writes beside a trained model: how it was made and how to rebuild it.
+TRAINING_INFO_FILE = "chatkit.json"
+
+
+def _ordinary_mode(path: str) -> None:
+    """The mode a new file of the user's gets (temporary files are created private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path beside `path`; it replaces `path` only when the block ends without an error.
+
+    On an error or an interrupt the temporary file is removed, and `path` is as it was.
+    """
+    target = os.path.abspath(path)
+    directory = os.path.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(target)}.", suffix=".part")
+    os.close(handle)
+    try:
+        yield temporary
+        _ordinary_mode(temporary)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, encoding: str = "utf-8"):
+    """A text file opened for writing that appears at `path` whole, or not at all."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding=encoding) as handle:
+            yield handle
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    with atomic_output(path) as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+
+
+def training_info(method: str, chat_template: Optional[str], base_model: Optional[str] = None, **details) -> dict:
+    """The chatkit.json record: one schema for every trainer (details: options, metrics, system_prompt...)."""
+    return {"created_by": f"chatkit {__version__}", "base_model": base_model, "method": method,
+            "chat_template": chat_template, **details}
+
+
+def write_training_info(directory: str | os.PathLike, info: dict) -> None:
+    write_json(Path(directory) / TRAINING_INFO_FILE, info)
+
+
+def read_training_info(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / TRAINING_INFO_FILE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ChatkitError(f"{path} is not valid JSON ({exc}); delete it or retrain the model") from None
+    if not isinstance(info, dict):
+        raise ChatkitError(f"{path} should hold a JSON object; delete it or retrain the model")
+    return info

@@ -1,0 +1,353 @@
+"""Every option of every script, declared once: name, type, default, help and check.
+
+Each script's options are one dataclass; groups that several scripts take (the model and hardware,
+generation, LoRA) are dataclasses they inherit, so a flag is spelled and explained in one place.
+`chatkit.cli` builds the argparse parser and the `--config` reader from these declarations, and
+`problems()` checks a filled-in object, naming each flag, whether it came from a command line or code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .device import DTYPES
+
+STARTER_MODEL = "smollm2-135m"
+GPT2_MODEL = "gpt2-small (124M)"
+
+
+def option(default=None, help: str = "", *, flags=(), deprecated=(), metavar=None, choices=None, nargs=None,
+           const=None, positional=False, required=False, check=None, factory=None):
+    """A dataclass field carrying its command-line declaration.
+
+    flags: other accepted spellings; deprecated: old spellings that still work with a note;
+    check: "positive", "non-negative", "fraction" (0 <= x < 1), "probability" (0 < x <= 1), or a
+    function returning a problem text (or None).
+    """
+    metadata = dict(help=help, flags=tuple(flags), deprecated=tuple(deprecated), metavar=metavar, choices=choices,
+                    nargs=nargs, const=const, positional=positional, required=required, check=check)
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+CHECKS: dict = {
+    "positive": (lambda v: v > 0, "must be positive"),
+    "non-negative": (lambda v: v >= 0, "must not be negative"),
+    "fraction": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
+    "probability": (lambda v: 0 < v <= 1, "must be above 0 and at most 1"),
+}
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def problems(options) -> List[str]:
+    """Every problem with a filled-in options object, each naming its flag, so one run reports them all."""
+    found = []
+    for item in dataclasses.fields(options):
+        check, value = item.metadata.get("check"), getattr(options, item.name)
+        if check is None or value is None:
+            continue
+        if isinstance(check, str):
+            test, text = CHECKS[check]
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                found.append(f"{flag_name(item.name)} must be a number, not {value!r}")
+            elif not test(value):
+                found.append(f"{flag_name(item.name)} {text}")
+        else:
+            problem = check(value)
+            if problem:
+                found.append(f"{flag_name(item.name)} {problem}")
+    cross = getattr(options, "cross_problems", None)
+    return found + (cross() if cross else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared groups
+
+
+@dataclass
+class Common:
+    __group__ = None
+    verbose: bool = option(False, "show library warnings and notices (CHATKIT_DEBUG=1 also shows tracebacks)")
+
+
+@dataclass
+class Hardware:
+    __group__ = "hardware"
+    device: Optional[str] = option(None, "auto (default), cpu, cuda, cuda:N or mps")
+    dtype: Optional[str] = option(None, "auto (default: bf16/fp16 on GPU, float32 on CPU), float32, bfloat16, float16",
+                                  choices=DTYPES)
+    trust_remote_code: bool = option(False, "allow model code from the Hub repository")
+
+
+@dataclass
+class GenerationSettings:
+    """How answers are sampled; the chat, the web page and the GPT-2 chatbot share these defaults."""
+
+    __group__ = "generation"
+    temperature: float = option(0.7, "0 means greedy (default: %(default)s)", check="non-negative")
+    top_p: float = option(0.9, "(default: %(default)s)", flags=("--top_p",), check="probability")
+    # 256 tokens: a few paragraphs, the length of most chat answers; the context window caps it too.
+    max_new_tokens: int = option(256, "longest answer in tokens (default: %(default)s)",
+                                 flags=("--max_new_tokens", "--max-tokens"), check="positive")
+    # 1.1: small models loop on their own phrases without a little penalty.
+    repetition_penalty: float = option(1.1, "(default: %(default)s)", check="positive")
+    seed: Optional[int] = option(None, "make sampling repeatable")
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.temperature and self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+def generation_settings(options) -> GenerationSettings:
+    """The generation group of a script's options, as its own object."""
+    names = [f.name for f in dataclasses.fields(GenerationSettings)]
+    return GenerationSettings(**{name: getattr(options, name) for name in names})
+
+
+@dataclass
+class Lora:
+    __group__ = "LoRA"
+    lora: bool = option(True, "train a LoRA adapter (default) or, with --no-lora, every weight")
+    # Rank 16 on all linear layers: the measured best of speed and recall on the starter model.
+    lora_r: int = option(16, "adapter rank (default: %(default)s)", check="positive")
+    lora_alpha: int = option(32, "(default: %(default)s)", check="positive")
+    lora_dropout: float = option(0.0, "(default: %(default)s; 0.05 costs 20%% of CPU throughput)", check="fraction")
+    lora_target_modules: str = option("all-linear", "comma-separated module names, or all-linear "
+                                                    "(default: %(default)s)")
+    load_in_4bit: bool = option(False, "QLoRA: 4-bit base model (CUDA GPU only)")
+    load_in_8bit: bool = option(False, "8-bit base model (CUDA GPU only)")
+    merge: bool = option(False, "also write a standalone merged model to OUTPUT/merged")
+
+
+# ---------------------------------------------------------------------------------------------
+# train_chatgpt_model.py
+
+
+@dataclass
+class TrainOptions(Common, Hardware, Lora):
+    """Fine-tuning a chat model on conversations."""
+
+    __config__ = True  # the script takes --config FILE
+    data: List[str] = option(help="training data: JSON or JSONL (several files allowed)", nargs="+",
+                             metavar="FILE", required=True, factory=list)
+    model: Optional[str] = option(None, f"model to fine-tune: a name, Hub id, local directory or .gguf "
+                                        f"(default: {STARTER_MODEL})")
+    output: str = option("./chat-model", "where the trained model goes (default: %(default)s)")
+    overwrite: bool = option(False, "replace a model already in --output")
+    resume: Optional[str] = option(None, "continue an interrupted run from its latest checkpoint "
+                                         "(DIR defaults to --output)", nargs="?", const="", metavar="DIR")
+    epochs: Optional[float] = option(None, "passes over the data (default: enough for about 140 updates, 3 to 20)",
+                                     check="positive")
+    learning_rate: Optional[float] = option(None, "default 1e-3 with LoRA, 2e-5 for full fine-tuning",
+                                            check="positive")
+    batch_size: Optional[int] = option(None, "conversations per step (default: up to 8, at least 16 steps "
+                                             "per epoch)", check="positive")
+    gradient_accumulation_steps: int = option(1, "steps whose gradients add up before an update "
+                                                 "(default: %(default)s)", check="positive")
+    # 1024 tokens: most chat exchanges fit; longer conversations are split between exchanges.
+    max_length: int = option(1024, "tokens per example; longer conversations are split between exchanges "
+                                   "(default: %(default)s)", check=lambda v: None if v >= 16 else "must be at least 16 tokens")
+    warmup_ratio: float = option(0.05, "share of steps warming up (default: %(default)s)", check="fraction")
+    lr_scheduler: str = option("cosine", "learning-rate schedule (default: %(default)s)")
+    weight_decay: float = option(0.0, "(default: %(default)s)", check="non-negative")
+    val_split: Optional[float] = option(None, "share held out for validation (default 0.1 with 10+ "
+                                              "conversations, else 0)", check="fraction")
+    eval_steps: Optional[int] = option(None, "evaluate every N steps (default: once per epoch)", check="positive")
+    save_steps: Optional[int] = option(None, "save a checkpoint every N steps (default: once per epoch)",
+                                       check="positive")
+    logging_steps: int = option(5, "log every N steps (default: %(default)s)", check="positive")
+    early_stopping_patience: Optional[int] = option(None, "stop after N evaluations without improvement",
+                                                    metavar="N", check="positive")
+    seed: int = option(42, "(default: %(default)s)")
+    system_prompt: Optional[str] = option(None, "system message added to conversations without one (and used by "
+                                                "the chat)")
+    rehearsal: Optional[int] = option(None, "mix in the model's own answers to N general prompts, so it keeps "
+                                            "answering general questions as before (default: one per 8 "
+                                            "conversations, at most 32; 0 turns it off)", metavar="N",
+                                      check=lambda v: None if v >= 0 else "must be 0 (off) or more")
+    # Off by default: it recalled facts asked in new words more often but kept fewer general answers.
+    neftune_alpha: float = option(0.0, "noise on the input embeddings while training (NEFTune; 5 is usual): facts "
+                                       "asked in new words are recalled more often, general answers kept less "
+                                       "often (default: %(default)s, off)", metavar="A",
+                                  check=lambda v: None if v >= 0 else "must be 0 (off) or more")
+    train_on_prompt: bool = option(False, "train on every token, not only the assistant's")
+    packing: bool = option(False, "pack several conversations per sequence (no cross-attention)")
+    gradient_checkpointing: bool = option(False, "save memory at about 30%% more compute")
+    push_to_hub: bool = option(False, "upload the result (private) after training")
+    hub_name: Optional[str] = option(None, "repository to push to", metavar="USER/NAME")
+
+    @property
+    def effective_learning_rate(self) -> float:
+        # LoRA's small adapters need a rate far above full fine-tuning's (docs/PERFORMANCE.md).
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-3 if self.lora else 2e-5
+
+    @property
+    def method(self) -> str:
+        if not self.lora:
+            return "full fine-tuning"
+        return "QLoRA 4-bit" if self.load_in_4bit else "QLoRA 8-bit" if self.load_in_8bit else "LoRA"
+
+    def cross_problems(self) -> List[str]:
+        found = []
+        if self.load_in_4bit and self.load_in_8bit:
+            found.append("--load-in-4bit and --load-in-8bit: choose one")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.lora:
+            found.append("--load-in-4bit/--load-in-8bit train a LoRA adapter: drop --no-lora")
+        if self.push_to_hub and not self.hub_name:
+            found.append("--push-to-hub needs --hub-name USER/NAME")
+        return found
+
+
+# ---------------------------------------------------------------------------------------------
+# demo_chatbot.py
+
+
+@dataclass
+class ChatOptions(Common, Hardware, GenerationSettings):
+    """Talking to a model: console, one query, or a web page."""
+
+    model: Optional[str] = option(None, f"model to load (default: {STARTER_MODEL}); also --model MODEL",
+                                  positional=True, nargs="?", metavar="MODEL", flags=("--model",))
+    query: Optional[str] = option(None, "answer TEXT on stdout and exit (- reads stdin)", flags=("-q",),
+                                  metavar="TEXT")
+    system_prompt: Optional[str] = option(None, "system message (default: the one the model was trained with)")
+    no_cache_reuse: bool = option(False, "recompute the whole history every turn")
+    web: bool = option(False, "serve a chat page instead of the console chat")
+    host: str = option("127.0.0.1", "address to serve on (default: %(default)s, this machine only)")
+    port: int = option(7860, "(default: %(default)s)", check=lambda v: None if 0 < v < 65536 else "must be 1-65535")
+    share: bool = option(False, "also open a public gradio.live link (only when asked)")
+
+    def cross_problems(self) -> List[str]:
+        found = []
+        if self.web and self.query is not None:
+            found.append("--web and --query: choose one")
+        if (self.share or self.host != "127.0.0.1" or self.port != 7860) and not self.web:
+            found.append("--host, --port and --share go with --web")
+        return found
+
+
+# ---------------------------------------------------------------------------------------------
+# convert_chatgpt_export.py
+
+
+def _date(value: str) -> Optional[str]:
+    from datetime import datetime
+
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return f"{value!r} is not YYYY-MM-DD or an ISO date-time"
+    return None
+
+
+@dataclass
+class ConvertOptions(Common):
+    """Turning ChatGPT exports into training records."""
+
+    paths: List[str] = option(help="one or more exports, then the output file", positional=True, nargs="+",
+                              metavar="INPUT ... OUTPUT", factory=list,
+                              check=lambda v: None if len(v) >= 2 else "needs at least one INPUT and then the OUTPUT file")
+    jsonl: bool = option(False, "write JSON Lines whatever OUTPUT is called")
+    metadata: bool = option(False, "add id, title, create_time and model to each record")
+    preview: int = option(0, "print K converted conversations to stderr (default 3)", nargs="?", const=3,
+                          metavar="K", check="non-negative")
+    quiet: bool = option(False, "no progress lines")
+    all_branches: bool = option(False, "every root-to-leaf path (edits, regenerations) becomes its own record")
+    include_tools: bool = option(False, "keep tool calls and results as fenced blocks inside the assistant turn")
+    image_placeholder: Optional[str] = option(None, "put TEXT where an image or file was", metavar="TEXT")
+    system_prompt: Optional[str] = option(None, "prepend this system message to every record", metavar="TEXT")
+    custom_instructions: bool = option(False, "use the conversation's custom instructions as its system message")
+    redact: bool = option(False, "replace e-mails, phone numbers, keys and tokens, IPs and card numbers with "
+                                 "[EMAIL] etc.")
+    min_exchanges: int = option(1, "keep conversations with at least N user->assistant exchanges (default 1)",
+                                metavar="N", check="non-negative")
+    max_chars: Optional[int] = option(None, "drop conversations over N characters", metavar="N",
+                                      deprecated=("--max-length",), check="non-negative")
+    max_conversation_tokens: Optional[int] = option(None, "drop conversations over N tokens (needs --tokenizer)",
+                                                    metavar="N", deprecated=("--max-tokens",), check="non-negative")
+    tokenizer: Optional[str] = option(None, "model whose tokenizer counts --max-conversation-tokens", metavar="MODEL")
+    truncate: bool = option(False, "with --max-chars/--max-conversation-tokens: cut at an exchange boundary "
+                                   "instead of dropping")
+    since: Optional[str] = option(None, "only conversations created on or after DATE (YYYY-MM-DD)", metavar="DATE",
+                                  check=_date)
+    until: Optional[str] = option(None, "only conversations created on or before DATE", metavar="DATE", check=_date)
+    title: Optional[str] = option(None, "only conversations whose title matches (case-insensitive)", metavar="REGEX")
+    chatgpt_model: Optional[str] = option(None, "only conversations with this ChatGPT model (e.g. gpt-4o)",
+                                          metavar="SLUG", deprecated=("--model",))
+    exclude_archived: bool = option(False, "leave out archived conversations")
+
+    @property
+    def inputs(self) -> List[str]:
+        return list(self.paths[:-1])
+
+    @property
+    def output(self) -> str:
+        return self.paths[-1]
+
+    @property
+    def writes_jsonl(self) -> bool:
+        return self.jsonl or self.output.lower().endswith(".jsonl")
+
+    def cross_problems(self) -> List[str]:
+        if self.truncate and not (self.max_chars or self.max_conversation_tokens):
+            return ["--truncate needs --max-chars or --max-conversation-tokens"]
+        return []
+
+
+# ---------------------------------------------------------------------------------------------
+# train_chatbot.py and gpt_generate.py
+
+
+@dataclass
+class ChatbotTrainOptions(Common, Hardware):
+    """Training every weight of a GPT-2 (or any causal) model on text and example dialogues."""
+
+    model: str = option(GPT2_MODEL, "model to train (default: %(default)s)")
+    text_file: Optional[str] = option(None, "plain text to learn", flags=("--text_file",), metavar="FILE")
+    conversation_file: Optional[str] = option(None, "example dialogues: JSON [{\"user\": ..., \"bot\": ...}] or the "
+                                                    "messages format", flags=("--conversation_file",), metavar="FILE")
+    save_path: str = option("trained_model.pt", "where to save: X.pt for one file, or a directory "
+                                                "(default: %(default)s)", flags=("--save_path",))
+    epochs: float = option(1.0, "(default: %(default)s)", check="positive")
+    batch_size: int = option(4, "(default: %(default)s)", flags=("--batch_size",), check="positive")
+    # 5e-5: the usual rate for fine-tuning every weight of GPT-2.
+    learning_rate: float = option(5e-5, "(default: %(default)s)", flags=("--learning_rate",), check="positive")
+    max_length: Optional[int] = option(None, "tokens per block or example (default: the model's context, at "
+                                             "most 1024)", flags=("--max_length",), check="positive")
+    overlap: int = option(0, "tokens repeated between text blocks as context (default: 0)", check="non-negative")
+    val_split: Optional[float] = option(None, "share held out to measure loss (default 0.1 with 10+ blocks or "
+                                              "dialogues)", flags=("--val_split",), check="fraction")
+    seed: int = option(42, "(default: %(default)s)")
+    interactive: bool = option(False, "chat with the model in the console after training")
+
+    def cross_problems(self) -> List[str]:
+        if not self.text_file and not self.conversation_file:
+            return ["give --text_file, --conversation_file, or both"]
+        return []
+
+
+@dataclass
+class GenerateOptions(Common, Hardware, GenerationSettings):
+    """Continuing a prompt with a GPT-2 (or any causal) model, or chatting with it."""
+
+    model: str = option(GPT2_MODEL, "a GPT-2 size, a .pt from train_chatbot.py, or any model the toolkit accepts "
+                                     "(default: %(default)s)")
+    base_model: Optional[str] = option(None, "for a .pt holding only weights: the model they belong to")
+    prompt: Optional[str] = option(None, "text to continue")
+    chat: bool = option(False, "chat in the console instead")
+
+    def cross_problems(self) -> List[str]:
+        return [] if self.prompt or self.chat else ["give --prompt TEXT, or --chat"]
+

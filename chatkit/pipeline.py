@@ -1,0 +1,301 @@
+"""One fine-tuning run of train_chatgpt_model.py: data, model, rehearsal, engine, saving, the Hub."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .datasets import default_val_split, read_conversations, split_train_val
+from .device import Placement, choose_placement
+from .errors import ChatkitError
+from .examples import ExampleReport, pack_examples, tokenize_examples
+from .files import TRAINING_INFO_FILE, training_info, write_training_info
+from .formatting import ensure_chat_template, ensure_pad_token
+from .models import ModelSource, load_model, resolve_model
+from .options import TrainOptions, problems
+from .output import say
+from .rehearsal import Rehearsal, attach_teacher, auto_count, rehearsal_conversations
+
+CHECKPOINTS = "checkpoints"
+RUNS = "runs"
+
+# The automatic schedule: small personal data sets need many small updates to be learned, large ones
+# few passes (docs/PERFORMANCE.md, "Teaching facts and style").
+AUTO_MAX_BATCH = 8
+AUTO_MIN_STEPS_PER_EPOCH = 16
+AUTO_TARGET_STEPS = 140  # optimizer updates the schedule aims for
+AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 20
+
+
+def auto_schedule(options: TrainOptions, examples: int) -> TrainOptions:
+    """Fill in batch size and epochs left unset, from the number of training examples.
+
+    Batch: up to 8, but small enough for at least 16 steps per epoch. Epochs: enough for about 140
+    optimizer updates, at least 3 and at most 20 passes over the data.
+    """
+    batch = options.batch_size or max(1, min(AUTO_MAX_BATCH, examples // AUTO_MIN_STEPS_PER_EPOCH))
+    epochs = options.epochs
+    if epochs is None:
+        steps_per_epoch = max(1, math.ceil(examples / (batch * options.gradient_accumulation_steps)))
+        epochs = float(min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, math.ceil(AUTO_TARGET_STEPS / steps_per_epoch))))
+    return dataclasses.replace(options, batch_size=batch, epochs=epochs)
+
+
+def check_output_dir(options: TrainOptions) -> None:
+    output = Path(options.output)
+    if options.resume is not None or options.overwrite or not output.exists():
+        return
+    markers = ("adapter_config.json", "config.json", TRAINING_INFO_FILE, CHECKPOINTS)
+    if any((output / marker).exists() for marker in markers):
+        raise ChatkitError(
+            f"--output {output} already holds a trained model; pass --overwrite to replace it, "
+            f"--resume to continue its run, or another --output"
+        )
+
+
+def resume_checkpoint(options: TrainOptions) -> Optional[str]:
+    """The newest checkpoint under --resume DIR (a checkpoint itself, or an output directory)."""
+    from .engine import latest_checkpoint
+
+    if options.resume is None:
+        return None
+    where = Path(options.resume or options.output)
+    if (where / "trainer_state.json").is_file():
+        return str(where)
+    found = latest_checkpoint(where / CHECKPOINTS) or latest_checkpoint(where)
+    if found is None:
+        raise ChatkitError(f"--resume {where}: no checkpoint-* folder found there to resume from")
+    return found
+
+
+def quantization_config(options: TrainOptions, placement: Placement):
+    if not (options.load_in_4bit or options.load_in_8bit):
+        return None
+    if not placement.device.startswith("cuda"):
+        raise ChatkitError(
+            "--load-in-4bit/--load-in-8bit (QLoRA) need an NVIDIA GPU with CUDA (bitsandbytes); "
+            f"this run is on {placement.device}. Drop the flag to train LoRA in full precision"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise ChatkitError(f"QLoRA needs bitsandbytes: pip install bitsandbytes ({exc})") from None
+    if options.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=placement.torch_dtype)
+
+
+def prepare_model(options: TrainOptions, source: ModelSource, placement: Placement):
+    """Load the model and tokenizer, and wrap the model with LoRA unless training it whole."""
+    loaded = load_model(source, placement, trust_remote_code=options.trust_remote_code,
+                        quantization_config=quantization_config(options, placement), adapter_trainable=True)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ensure_chat_template(tokenizer)
+    ensure_pad_token(tokenizer)
+    if options.gradient_checkpointing:
+        model.config.use_cache = False
+    if not options.lora or source.kind == "adapter":
+        return model, tokenizer
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if options.load_in_4bit or options.load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+    targets = options.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config), tokenizer
+    except ValueError as exc:
+        raise ChatkitError(f"--lora-target-modules {options.lora_target_modules}: {exc}") from None
+
+
+@dataclass
+class Prepared:
+    """The token examples of a run, and the rehearsal that was mixed in."""
+
+    train: List[dict]
+    val: List[dict]
+    report: ExampleReport
+    rehearsal: Rehearsal
+    teacher: object = None
+
+    def describe(self, packing: bool) -> str:
+        text = f"training on {self.report.describe()}"
+        if self.rehearsal.conversations:
+            count = len(self.rehearsal.conversations)
+            text += f", with {count} rehearsal example{'s' if count != 1 else ''}"
+        if packing:
+            text += f", packed into {len(self.train)} sequences"
+        return text + (f"; {len(self.val)} for validation" if self.val else "; no validation split")
+
+
+def prepare_examples(options: TrainOptions, model, tokenizer, train_convs, val_convs) -> Prepared:
+    """Token examples for training and validation, with the model's own rehearsal answers mixed in."""
+    def tokenize(conversations, report=None):
+        return tokenize_examples(conversations, tokenizer, options.max_length, options.system_prompt,
+                                 options.train_on_prompt, report)
+
+    report = ExampleReport()
+    train, val = tokenize(train_convs, report), tokenize(val_convs)
+    if report.trained_tokens == 0:
+        raise ChatkitError(
+            f"{', '.join(options.data)}: no token would be trained (the assistant turns are empty or cut); "
+            "check the data, raise --max-length, or pass --train-on-prompt"
+        )
+    like = [m["content"] for c in train_convs for m in c if m["role"] == "user"]
+    rehearsal = rehearsal_conversations(model, tokenizer, options.rehearsal, options.system_prompt, like=like)
+    if options.rehearsal:
+        say(rehearsal.describe())
+    teacher = None
+    if rehearsal.conversations:
+        rehearsed = tokenize(rehearsal.conversations)
+        teacher = attach_teacher(model, rehearsed)
+        for example in train:
+            example["teacher_index"] = [-1] * len(example["input_ids"])
+        train += rehearsed
+    if options.packing:
+        train = pack_examples(train, options.max_length)
+        val = pack_examples(val, options.max_length) if val else []
+    return Prepared(train, val, report, rehearsal, teacher)
+
+
+def engine_settings(options: TrainOptions):
+    from .engine import EngineSettings
+
+    output = Path(options.output)
+    return EngineSettings(
+        checkpoints_dir=str(output / CHECKPOINTS), logs_dir=str(output / RUNS), epochs=options.epochs,
+        batch_size=options.batch_size, learning_rate=options.effective_learning_rate,
+        gradient_accumulation_steps=options.gradient_accumulation_steps, lr_scheduler=options.lr_scheduler,
+        warmup_ratio=options.warmup_ratio, weight_decay=options.weight_decay, logging_steps=options.logging_steps,
+        eval_steps=options.eval_steps, save_steps=options.save_steps, seed=options.seed,
+        gradient_checkpointing=options.gradient_checkpointing, packing=options.packing,
+        early_stopping_patience=options.early_stopping_patience, neftune_alpha=options.neftune_alpha,
+    )
+
+
+def describe_run(options: TrainOptions, source: ModelSource, placement: Placement) -> str:
+    """The resolved configuration in two lines (every option is saved in OUTPUT/chatkit.json)."""
+    lines = [f"model {source.describe()} on {placement.describe()}, {options.method}"
+             + (f" (rank {options.lora_r})" if options.lora else ""),
+             f"{options.epochs:g} epochs, batch {options.batch_size}"
+             + (f" x {options.gradient_accumulation_steps} accumulated" if options.gradient_accumulation_steps > 1
+                else "")
+             + f", learning rate {options.effective_learning_rate:g} ({options.lr_scheduler}), "
+               f"max length {options.max_length}, seed {options.seed}"]
+    return "\n".join(lines)
+
+
+def base_model_spec(source: ModelSource) -> str:
+    """How a trained adapter names its base: friendly names and Hub ids as typed, local paths absolute."""
+    base = source.base if source.kind == "adapter" else source
+    return os.path.abspath(base.spec) if os.path.exists(os.path.expanduser(base.spec)) else base.spec
+
+
+def save_model(model, tokenizer, options: TrainOptions, source: ModelSource, metrics: dict,
+               rehearsed: Sequence[List[dict]] = ()) -> None:
+    output = Path(options.output)
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    info = training_info(
+        "lora" if options.lora else "full", tokenizer.chat_template,
+        base_model=base_model_spec(source) if options.lora else None, system_prompt=options.system_prompt,
+        options=dataclasses.asdict(options) | {"learning_rate": options.effective_learning_rate},
+        metrics=metrics, rehearsal=list(rehearsed),  # the general prompts and own answers trained alongside
+    )
+    write_training_info(output, info)
+    if options.merge and options.lora:
+        merged_dir = output / "merged"
+        say(f"Writing a standalone merged model to {merged_dir} ...")
+        merged = load_model(str(output), choose_placement("cpu", "float32")).model.merge_and_unload()
+        merged.save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+        write_training_info(merged_dir, dict(info, base_model=None, method="lora-merged"))
+
+
+def push_to_hub(options: TrainOptions) -> None:
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(options.hub_name, private=True, exist_ok=True)
+        api.upload_folder(folder_path=options.output, repo_id=options.hub_name,
+                          ignore_patterns=[f"{CHECKPOINTS}/*", f"{RUNS}/*"])
+    except Exception as exc:  # network, authentication, permissions: all reported the same way
+        raise ChatkitError(
+            f"--push-to-hub {options.hub_name}: upload failed ({type(exc).__name__}); log in with "
+            "`huggingface-cli login` (or set HF_TOKEN) and check the name. The model is saved in "
+            f"{options.output}"
+        ) from None
+    say(f"Pushed to https://huggingface.co/{options.hub_name} (private)")
+
+
+def read_data(options: TrainOptions):
+    conversations, data_report = read_conversations(options.data)
+    say(data_report.describe())
+    val_split = options.val_split if options.val_split is not None else default_val_split(len(conversations))
+    train_convs, val_convs = split_train_val(conversations, val_split, options.seed)
+    return conversations, train_convs, val_convs
+
+
+def train(options: TrainOptions) -> dict:
+    """The whole run: data, model, Trainer, best checkpoint, saving. Returns the final metrics."""
+    found = problems(options)
+    if found:
+        raise ChatkitError("; ".join(found))
+    check_output_dir(options)
+    checkpoint = resume_checkpoint(options)
+    placement = choose_placement(options.device, options.dtype)
+    source = resolve_model(options.model)
+    quantization_config(options, placement)  # fail before loading anything when QLoRA cannot run
+    conversations, train_convs, val_convs = read_data(options)
+
+    from transformers import set_seed
+
+    from .engine import run_trainer
+
+    set_seed(options.seed)  # the adapter's initial weights too, so --seed repeats the whole run
+    model, tokenizer = prepare_model(options, source, placement)
+    if options.rehearsal is None:
+        options = dataclasses.replace(options, rehearsal=auto_count(len(conversations)))
+    prepared = prepare_examples(options, model, tokenizer, train_convs, val_convs)
+    options = auto_schedule(options, len(prepared.train))
+    say(describe_run(options, source, placement))
+    say(prepared.describe(options.packing))
+    run = run_trainer(model, tokenizer, prepared.train, prepared.val, engine_settings(options), placement.device,
+                      placement.dtype, checkpoint, teacher=prepared.teacher)
+    if run.interrupted:
+        say(f"Stopped early; checkpoint saved in {run.checkpoint}. Continue with the same command plus "
+            f"--resume {options.output}")
+        return {"interrupted": True, "checkpoint": run.checkpoint}
+    return finish(run, tokenizer, options, source, prepared.rehearsal)
+
+
+def finish(run, tokenizer, options: TrainOptions, source: ModelSource, rehearsal: Rehearsal) -> dict:
+    """Save the trained model and say where it is and how well it did."""
+    from .engine import perplexity
+
+    metrics = run.metrics
+    if options.rehearsal:
+        metrics.update(rehearsal_examples=len(rehearsal.conversations), rehearsal_s=round(rehearsal.seconds, 1))
+    if not run.trainer.is_world_process_zero():
+        return metrics
+    save_model(run.trainer.model, tokenizer, options, source, metrics, rehearsal.conversations)
+    summary = f"train loss {metrics['train_loss']} (perplexity {perplexity(metrics['train_loss'])})"
+    if "eval_loss" in metrics:
+        summary += f", validation loss {metrics['eval_loss']} (perplexity {metrics['eval_perplexity']})"
+    merged = f" (standalone merged copy in {Path(options.output) / 'merged'})" if options.merge and options.lora else ""
+    say(f"\nDone in {metrics['train_runtime_s']:.0f} s: {summary}.\nModel saved in {options.output}{merged}"
+        f"\nTalk to it:  python demo_chatbot.py {options.output}"
+        f"\nTensorBoard: tensorboard --logdir {Path(options.output) / RUNS}")
+    if options.push_to_hub:
+        push_to_hub(options)
+    return metrics
