@@ -95,6 +95,9 @@ def make_dataset(facts: list, phrasings: int) -> tuple:
 
 def ask(model: str, questions: list, max_new_tokens: int = 48) -> list:
     from chatkit.chat import ChatSession, GenerationSettings
+    from chatkit.output import set_verbosity
+
+    set_verbosity()
 
     session = ChatSession(model, settings=GenerationSettings(temperature=0, max_new_tokens=max_new_tokens,
                                                              repetition_penalty=1.0))

@@ -333,72 +333,80 @@ def _cut_at_exchange(messages: List[dict], limit: int, measure) -> Optional[List
 # The whole run
 
 
-def run(options: ConvertOptions) -> Stats:
-    """Convert every input into one output file, merging duplicates by newest update_time."""
+def stage(options: ConvertOptions, converter: Converter, staging) -> set:
+    """Convert every conversation into `staging` (one "copy-number TAB record" line per record).
+
+    Returns the copy numbers to keep: of a conversation seen more than once, the newest copy."""
+    stats = converter.stats
     read_stats = export.ReadStats()
     sources = export.find_sources(options.inputs, read_stats)
-    converter = Converter(options)
-    stats = converter.stats
-    for member in read_stats.unsafe_members:
-        stats.warnings.append(f"skipped zip member with an unsafe path: {member}")
+    stats.warnings += [f"skipped zip member with an unsafe path: {member}" for member in read_stats.unsafe_members]
     newest: Dict[str, Tuple[float, int]] = {}  # conversation id -> (update_time, copy number)
-    staging = tempfile.TemporaryFile("w+", encoding="utf-8")
     copy = 0
-    with staging:
-        for label, index, conversation in export.iter_conversations(sources, read_stats, not options.quiet):
-            try:
-                records = converter.convert(conversation)
-            except (TypeError, AttributeError, KeyError, ValueError) as exc:
-                stats.dropped["malformed conversation"] += 1
-                stats.warnings.append(f"{label}, conversation {index}: malformed ({type(exc).__name__}: {exc}); skipped")
-                continue
-            if not records:
-                continue
-            copy += 1
-            key = conversation.get("id") or conversation.get("conversation_id") or f"#{copy}"
-            updated = conversation.get("update_time") or conversation.get("create_time") or 0
-            previous = newest.get(key)
-            if previous is None or updated >= previous[0]:
-                newest[key] = (updated, copy)
-            for record in records:
-                staging.write(f"{copy}\t{json.dumps(record, ensure_ascii=False)}\n")
-        winners = {number for _, number in newest.values()}
-        stats.dropped["duplicate (older copy)"] += copy - len(winners)
-        stats.kept -= copy - len(winners)
-        stats.warnings += [f"{read_stats.replaced_bytes} bytes were not valid UTF-8 and became U+FFFD"] * bool(
-            read_stats.replaced_bytes)
+    for label, index, conversation in export.iter_conversations(sources, read_stats, not options.quiet):
+        try:
+            records = converter.convert(conversation)
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:
+            stats.dropped["malformed conversation"] += 1
+            stats.warnings.append(f"{label}, conversation {index}: malformed ({type(exc).__name__}: {exc}); skipped")
+            continue
+        if not records:
+            continue
+        copy += 1
+        key = conversation.get("id") or conversation.get("conversation_id") or f"#{copy}"
+        updated = conversation.get("update_time") or conversation.get("create_time") or 0
+        previous = newest.get(key)
+        if previous is None or updated >= previous[0]:
+            newest[key] = (updated, copy)
+        for record in records:
+            staging.write(f"{copy}\t{json.dumps(record, ensure_ascii=False)}\n")
+    winners = {number for _, number in newest.values()}
+    stats.dropped["duplicate (older copy)"] += copy - len(winners)
+    stats.kept -= copy - len(winners)
+    if read_stats.replaced_bytes:
+        stats.warnings.append(f"{read_stats.replaced_bytes} bytes were not valid UTF-8 and became U+FFFD")
+    return winners
+
+
+def write_records(staging, winners: set, out, options: ConvertOptions, stats: Stats) -> List[dict]:
+    """The kept records from `staging` into `out` (JSON Lines or a JSON array); returns the preview ones."""
+    preview: List[dict] = []
+    first = True
+    if not options.writes_jsonl:
+        out.write("[\n")
+    for line in staging:
+        number, payload = line.rstrip("\n").split("\t", 1)
+        if int(number) not in winners:
+            continue
+        record = json.loads(payload)
+        stats.records += 1
+        stats.messages += len(record["messages"])
+        stats.characters += sum(len(m["content"]) for m in record["messages"])
+        if len(preview) < options.preview:
+            preview.append(record)
+        if options.writes_jsonl:
+            out.write(payload + "\n")
+        else:
+            out.write(("" if first else ",\n") + "  " + payload)
+        first = False
+    if not options.writes_jsonl:
+        out.write("\n]\n")
+    return preview
+
+
+def run(options: ConvertOptions) -> Stats:
+    """Convert every input into one output file, merging duplicates by newest update_time."""
+    converter = Converter(options)
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as staging:
+        winners = stage(options, converter, staging)
         staging.seek(0)
-        preview: List[dict] = []
-
-        def write(out) -> None:
-            first = True
-            if not options.writes_jsonl:
-                out.write("[\n")
-            for line in staging:
-                number, payload = line.rstrip("\n").split("\t", 1)
-                if int(number) not in winners:
-                    continue
-                record = json.loads(payload)
-                stats.records += 1
-                stats.messages += len(record["messages"])
-                stats.characters += sum(len(m["content"]) for m in record["messages"])
-                if len(preview) < options.preview:
-                    preview.append(record)
-                if options.writes_jsonl:
-                    out.write(payload + "\n")
-                else:
-                    out.write(("" if first else ",\n") + "  " + payload)
-                first = False
-            if not options.writes_jsonl:
-                out.write("\n]\n")
-
         with atomic_output(options.output) as out:
-            write(out)
+            preview = write_records(staging, winners, out, options, converter.stats)
     if converter.redactor:
-        stats.redactions = converter.redactor.counts
+        converter.stats.redactions = converter.redactor.counts
     for record in preview:
         print_preview(record)
-    return stats
+    return converter.stats
 
 
 def print_preview(record: dict, stream=None) -> None:

@@ -131,30 +131,36 @@ _WS = re.compile(r"[\s,]*")
 _WRAPPER = re.compile(r'\{\s*"conversations"\s*:\s*\[')
 
 
+def _array_start(source: Source, stream: "_TextStream", buffer: str, decoder) -> Tuple[str, Optional[int], object]:
+    """(buffer, where the first conversation of the array starts, None) or, for a file holding one
+    conversation object, (buffer, None, that conversation)."""
+    while not stream.eof and len(buffer.lstrip()) < 64:
+        buffer += stream.read()
+    stripped = buffer.lstrip()
+    if stripped.startswith("["):
+        return buffer, len(buffer) - len(stripped) + 1, None
+    if _WRAPPER.match(stripped):
+        return buffer, len(buffer) - len(stripped) + _WRAPPER.match(stripped).end(), None
+    if not stripped.startswith("{"):
+        raise ChatkitError(f"{source.label}: not JSON (it should start with '[' or '{{')")
+    while not stream.eof:  # one conversation object: parse it whole
+        buffer += stream.read()
+    try:
+        value, _ = decoder.raw_decode(buffer, len(buffer) - len(stripped))
+    except json.JSONDecodeError as exc:
+        raise ChatkitError(f"{source.label}: invalid JSON ({exc}); download the export again") from None
+    return buffer, None, value
+
+
 def iter_json_values(source: Source, on_bytes: Callable[[int], None]) -> Iterator[Tuple[int, object]]:
     """Yield (index, conversation) from one file: a JSON array, one object, or {"conversations": [...]}."""
     decoder = json.JSONDecoder()
     with source.open() as handle:
         stream = _TextStream(handle, on_bytes)
-        buffer = stream.read()
-        while not stream.eof and len(buffer.lstrip()) < 64:
-            buffer += stream.read()
-        stripped = buffer.lstrip()
-        if stripped.startswith("["):
-            pos = len(buffer) - len(stripped) + 1
-        elif _WRAPPER.match(stripped):
-            pos = len(buffer) - len(stripped) + _WRAPPER.match(stripped).end()
-        elif stripped.startswith("{"):  # one conversation object: parse it whole
-            while not stream.eof:
-                buffer += stream.read()
-            try:
-                value, _ = decoder.raw_decode(buffer, len(buffer) - len(stripped))
-            except json.JSONDecodeError as exc:
-                raise ChatkitError(f"{source.label}: invalid JSON ({exc}); download the export again") from None
-            yield 0, value
+        buffer, pos, single = _array_start(source, stream, stream.read(), decoder)
+        if pos is None:
+            yield 0, single
             return
-        else:
-            raise ChatkitError(f"{source.label}: not JSON (it should start with '[' or '{{')")
         index = 0
         consumed_chars = 0
         while True:

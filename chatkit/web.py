@@ -8,7 +8,6 @@ model's trained formatting; the session's key/value cache is reused where the pr
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -16,6 +15,7 @@ from typing import List
 
 from .chat import ChatSession
 from .errors import ChatkitError
+from .files import write_json
 
 DOWNLOAD_NAME = "conversation.json"
 
@@ -32,15 +32,8 @@ def _messages(history: list) -> List[dict]:
     return out
 
 
-def build_app(session: ChatSession):
-    """The Gradio Blocks app for one loaded model."""
-    try:
-        import gradio as gr
-    except ImportError:
-        raise ChatkitError("the web page needs gradio: pip install gradio (the console chat does not)") from None
-
-    download_dir = tempfile.mkdtemp(prefix="chatkit-web-")
-
+def _responder(session: ChatSession, gr):
+    """The handler that streams an answer into the tab's conversation, with the page's settings."""
     def respond(message: str, history: list, temperature: float, max_new_tokens: float, system_prompt: str):
         history = list(history or [])
         if not message or not message.strip():
@@ -62,17 +55,35 @@ def build_app(session: ChatSession):
         history[-1] = {"role": "assistant", "content": session.history[-1]["content"]}
         yield history, ""
 
-    def conversation_file(history: list, system_prompt: str, request: gr.Request):
-        """The conversation in the training `messages` format, as a file the download button serves."""
+    return respond
+
+
+def _downloader(download_dir: str):
+    """The handler that writes the tab's conversation in the training `messages` format for download."""
+    def conversation_file(history: list, system_prompt: str, request=None):
         messages = _messages(history)
         if system_prompt and system_prompt.strip():
             messages.insert(0, {"role": "system", "content": system_prompt.strip()})
         folder = os.path.join(download_dir, getattr(request, "session_hash", None) or "shared")
-        os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, DOWNLOAD_NAME)
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump([{"messages": messages}], handle, ensure_ascii=False, indent=2)
+        write_json(path, [{"messages": messages}])
         return path
+
+    return conversation_file
+
+
+def build_app(session: ChatSession):
+    """The Gradio Blocks app for one loaded model."""
+    try:
+        import gradio as gr
+    except ImportError:
+        raise ChatkitError("the web page needs gradio: pip install gradio (the console chat does not)") from None
+
+    respond = _responder(session, gr)
+    downloader = _downloader(tempfile.mkdtemp(prefix="chatkit-web-"))
+
+    def conversation_file(history: list, system_prompt: str, request: gr.Request):
+        return downloader(history, system_prompt, request)
 
     with gr.Blocks(title=f"chatkit: {session.source.spec}") as app:
         gr.Markdown(f"### Chatting with `{session.source.describe()}`\nRunning on **{session.device_description()}**.",

@@ -1,0 +1,65 @@
+"""What a user sees: the scripts print their stage lines and results, and no library noise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOISE = ("Warning", "warn(", "{'loss'", "[transformers]", "gemm_4bit", "missing keys", "Loading weights", "\x1b[", "\r")
+
+
+def run_script(script, *args, cwd):
+    env = dict(os.environ, PYTHONWARNINGS="default")  # warnings a user's Python would show
+    env.pop("CHATKIT_DEBUG", None)
+    env.pop("CHATKIT_VERBOSE", None)
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def assert_quiet(text):
+    found = [noise for noise in NOISE if noise in text]
+    assert not found, f"noise {found} in:\n{text}"
+
+
+def test_training_and_a_query_print_only_what_the_user_needs(tmp_path, tiny_llama):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"messages": [{"role": "user", "content": "What is the secret code?"},
+                                              {"role": "assistant", "content": "The code is 4417."}]}] * 4))
+    trained = run_script("train_chatgpt_model.py", "--data", data, "--model", tiny_llama, "--output",
+                         tmp_path / "model", "--epochs", "2", "--rehearsal", "0", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert trained.stdout == ""  # stdout is kept for results
+    assert_quiet(trained.stderr)
+    lines = trained.stderr.splitlines()
+    assert lines[0] == "read 4 conversations (4 messages)"
+    assert any(line.startswith("step ") and " elapsed" in line for line in lines)  # progress, as plain lines
+    assert "Model saved in" in trained.stderr and len(lines) < 15
+    answered = run_script("demo_chatbot.py", tmp_path / "model", "--query", "What is the secret code?",
+                          "--max-new-tokens", "4", "--temperature", "0", cwd=tmp_path)
+    assert answered.returncode == 0 and answered.stderr == ""
+    assert len(answered.stdout.splitlines()) == 1
+
+
+def test_gpt2_training_is_quiet_too(tmp_path, tiny_gpt2):
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"user": "Hi", "bot": "Hello there"}, {"user": "Bye", "bot": "See you"}]))
+    result = run_script("train_chatbot.py", "--model", tiny_gpt2, "--conversation_file", pairs, "--save_path",
+                        tmp_path / "bot.pt", "--epochs", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_quiet(result.stderr + result.stdout)
+    assert "Saved to" in result.stderr and (tmp_path / "bot.pt").is_file()
+
+
+def test_verbose_shows_what_quiet_hides(tmp_path, tiny_gpt2):
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"user": "Hi", "bot": "Hello there"}]))
+    quiet = run_script("train_chatbot.py", "--model", tiny_gpt2, "--conversation_file", pairs, "--save_path",
+                       tmp_path / "a.pt", cwd=tmp_path)
+    loud = run_script("train_chatbot.py", "--model", tiny_gpt2, "--conversation_file", pairs, "--save_path",
+                      tmp_path / "b.pt", "--verbose", cwd=tmp_path)
+    assert quiet.returncode == loud.returncode == 0
+    assert len(loud.stderr) > len(quiet.stderr)
