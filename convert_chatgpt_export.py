@@ -15,12 +15,10 @@ is {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "conten
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional, Sequence
 
 from chatkit.cli import make_parser as build_parser, parse, run_main
-from chatkit.errors import ChatkitError
 from chatkit.options import ConvertOptions
 
 
@@ -32,9 +30,6 @@ def convert(argv: Optional[Sequence[str]] = None) -> int:
     options = parse(ConvertOptions, __doc__, argv)
     from chatkit import conversion
 
-    output = os.path.realpath(options.output)
-    if any(os.path.realpath(path) == output for path in options.inputs):
-        raise ChatkitError(f"{options.output}: OUTPUT is also an INPUT; name a new file for the output")
     stats = conversion.run(options)
     print(conversion.format_stats(stats, options), file=sys.stderr)
     print(f"wrote {stats.records} records to {options.output}", file=sys.stderr)

@@ -32,12 +32,20 @@ def chat(argv: Optional[Sequence[str]] = None) -> int:
     options = parse(ChatOptions, __doc__, argv)
     query = options.query
     if query == "-":
-        query = sys.stdin.read().strip()
+        if sys.stdin is None:
+            raise ChatkitError("--query -: there is no standard input to read the question from")
+        raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "replace")
+        query = raw.decode("utf-8", errors="replace").strip()
         if not query:
             raise ChatkitError("--query -: nothing was read from standard input")
 
     from chatkit.chat import ChatSession
     from chatkit.console import Console
+
+    if options.web:
+        from chatkit.web import check_port
+
+        check_port(options.host, options.port)
 
     if query is None:
         print("Loading the model...", file=sys.stderr)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import threading
 from typing import Callable, Iterator, List, Optional
 
 from .errors import ChatkitError
 from .files import read_training_info, write_json
-from .formatting import (ensure_chat_template, pad_token_id, render, split_exchanges, stop_token_ids,
+from .formatting import (clean_text, ensure_chat_template, pad_token_id, render, split_exchanges, stop_token_ids,
                          with_system_prompt)
 from .models import LoadedModel, context_length, load_model, resolve_model
 from .options import GenerationSettings
@@ -136,10 +137,15 @@ class ChatSession:
     # ------------------------------------------------------------------ generation
 
     def stream(self, user_text: str) -> Iterator[str]:
-        """Yield the answer piece by piece as it is generated; history is updated at the end."""
+        """Yield the answer piece by piece as it is generated; history is updated at the end.
+
+        Stopped early (Ctrl-C, or the caller closing the generator), generation ends at the next token
+        and the part of the answer given so far is kept in the history.
+        """
         import torch
         from transformers import TextIteratorStreamer
 
+        user_text, _ = clean_text(user_text)  # a broken character in the input must not end the session
         ids = self.prompt_ids(user_text)
         input_ids = torch.tensor([ids], device=self.device)
         kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -155,7 +161,8 @@ class ChatSession:
         if self.settings.seed is not None:
             torch.manual_seed(self.settings.seed)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs["streamer"] = streamer
+        stop = threading.Event()
+        kwargs.update(streamer=streamer, stopping_criteria=_stopping_criteria(stop))
         result = {}
 
         def run():
@@ -168,14 +175,21 @@ class ChatSession:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        for piece in streamer:
-            yield piece
-        thread.join()
+        try:
+            for piece in streamer:
+                yield piece
+        finally:
+            stop.set()  # a no-op when generation has finished; otherwise it ends at the next token
+            thread.join()
+            if "output" in result:
+                self._keep(user_text, ids, result["output"][0].tolist(), kwargs.get("past_key_values"))
         if "error" in result:
             raise result["error"]
-        output = result["output"][0].tolist()
-        if self.reuse_cache:
-            self._cache = kwargs["past_key_values"]
+
+    def _keep(self, user_text: str, ids: List[int], output: List[int], cache) -> None:
+        """Record the exchange (and the cache of what the model has now seen)."""
+        if self.reuse_cache and cache is not None:
+            self._cache = cache
             self._cache_ids = output[: self._cache.get_seq_length()]
         answer = self.tokenizer.decode(output[len(ids):], skip_special_tokens=True).strip()
         self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
@@ -208,5 +222,19 @@ class ChatSession:
         messages = self.messages()
         if not any(m["role"] == "assistant" for m in messages):
             raise ChatkitError("nothing to save yet: the conversation has no answer")
+        if os.path.isdir(path):
+            raise ChatkitError(f"{path} is a folder; name a file, such as {os.path.join(path, 'chat.json')}")
         write_json(path, [{"messages": copy.deepcopy(messages)}])
         return len(messages)
+
+
+def _stopping_criteria(stop):
+    """Generation stops at the next token once `stop` (a threading.Event) is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class WhenAsked(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([WhenAsked()])

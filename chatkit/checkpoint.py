@@ -22,6 +22,7 @@ from .files import atomic_path
 
 FORMAT = "chatkit-causal-lm-v1"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+MIN_WEIGHTS_BYTES = 64  # smaller than any file of weights: an empty or cut file
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -68,7 +69,11 @@ def own_metadata(path: str | os.PathLike) -> Optional[dict]:
     if not path.is_file():
         raise ChatkitError(f"{path}: no such file")
     if is_safetensors(path):
-        metadata = read_metadata(path)
+        try:
+            metadata = read_metadata(path)
+        except Exception as exc:  # safetensors' own error type: a header that does not match the file
+            raise ChatkitError(f"{path} is damaged: {str(exc).splitlines()[0][:120]}; the file was probably cut "
+                               "short while copying or saving. Save or train it again") from None
         if metadata.get("format") == FORMAT:
             return metadata
     return None
@@ -104,14 +109,20 @@ def bare_weights(path: str | os.PathLike) -> dict:
         return load_file(str(path))
     import torch
 
+    if path.stat().st_size < MIN_WEIGHTS_BYTES:
+        raise ChatkitError(f"{path} is damaged or not a model file: it holds only {path.stat().st_size} bytes")
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError) as exc:
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # no class or function named: not an object, just damaged
+            raise ChatkitError(f"{path} is damaged or not a model file ({str(exc).splitlines()[0][:120]})") from None
         raise ChatkitError(
             f"{path}: refusing to load it: it holds a pickled Python object, not only weights, and unpickling "
-            f"could run code ({type(exc).__name__}). Re-save it with torch.save(model.state_dict(), ...) or "
-            "use a model directory"
+            f"could run code. Re-save it with torch.save(model.state_dict(), ...) or use a model directory"
         ) from None
+    except (RuntimeError, AttributeError, TypeError, EOFError, ValueError) as exc:
+        raise ChatkitError(f"{path} is damaged or not a model file ({type(exc).__name__}); the file may have "
+                           "been cut short while copying or saving") from None
     if isinstance(state, dict):
         for key in ("model_state_dict", "state_dict", "model"):
             if isinstance(state.get(key), dict):

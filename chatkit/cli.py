@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -177,6 +178,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
 
     Set CHATKIT_DEBUG=1 to get the full traceback instead. Other exceptions are bugs and keep theirs.
     """
+    previous = _exit_on_sigterm()
     try:
         return main(argv)
     except ChatkitError as exc:
@@ -187,3 +189,17 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """SIGTERM (kill, a closing terminal) unwinds like Ctrl-C, so half-written files are removed."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread
+        return None

@@ -27,6 +27,7 @@ class Console:
                  out: Optional[TextIO] = None):
         self.session = session
         self.read = read or (lambda prompt: input(prompt))  # looked up late, so input() can be scripted
+        self.read_from_stdin = read is None
         self.out = out or sys.stdout
         session.on_notice = lambda text: self.print(text)
 
@@ -41,26 +42,34 @@ class Console:
         self.print("Type a message and press Enter. Commands: quit, exit, clear, history, /save FILE, "
                    "/system TEXT, /help")
 
-    def read_message(self) -> Optional[str]:
-        """One message: a line, or a \"\"\"-delimited block. None at end of input."""
+    def read_line(self, prompt: str) -> Optional[str]:
+        """One line of input; None at its end (Ctrl-D, or no input at all: a closed stdin)."""
         try:
-            line = self.read("You: ")
+            return self.read(prompt)
         except EOFError:
             return None
-        if line.strip() != MULTILINE:
+        except UnicodeDecodeError:
+            self.print("(That line was not valid UTF-8 text and was skipped; type it again.)")
+            return ""
+        except (RuntimeError, OSError, ValueError):  # input() with stdin closed or gone
+            return None
+
+    def read_message(self) -> Optional[str]:
+        """One message: a line, or a \"\"\"-delimited block. None at end of input."""
+        line = self.read_line("You: ")
+        if line is None or line.strip() != MULTILINE:
             return line
         lines = []
         while True:
-            try:
-                line = self.read("... ")
-            except EOFError:
-                break
-            if line.strip() == MULTILINE:
+            line = self.read_line("... ")
+            if line is None or line.strip() == MULTILINE:
                 break
             lines.append(line)
         return "\n".join(lines)
 
     def run(self) -> int:
+        if self.read_from_stdin and hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="replace")  # a byte that is not UTF-8 becomes U+FFFD, not an error
         self.banner()
         try:
             while True:
@@ -110,11 +119,17 @@ class Console:
         return True
 
     def answer(self, text: str) -> None:
+        """Stream the answer; Ctrl-C stops it (what was said so far is kept) and returns to the prompt."""
         self.out.write("Bot: ")
+        pieces = self.session.stream(text)
         try:
-            for piece in self.session.stream(text):
+            for piece in pieces:
                 self.out.write(piece)
                 self.out.flush()
+        except KeyboardInterrupt:
+            pieces.close()
+            self.print("\n(Stopped. Ctrl-C at the prompt, or quit, ends the chat.)")
+            return
         except ChatkitError as exc:
             self.print(f"\nerror: {exc}")
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import tempfile
@@ -14,11 +15,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from . import export
 from .errors import ChatkitError
 from .files import atomic_output
-from .formatting import count_exchanges, split_exchanges
+from .formatting import clean_text, count_exchanges, split_exchanges
 from .options import ConvertOptions
 from .redact import Redactor
 
 TOOL_BLOCK = "```{label}\n{text}\n```"
+TRAINING_RECORD = "training record, not a ChatGPT conversation"
+MAX_BRANCHES = 64  # records per conversation with --all-branches; a tree with more is cut, and counted
 
 
 @dataclass
@@ -32,6 +35,8 @@ class Stats:
     dropped: Counter = field(default_factory=Counter)
     skipped_content: Counter = field(default_factory=Counter)
     truncated: int = 0
+    replaced_characters: int = 0  # lone surrogates, written as U+FFFD
+    branches_cut: int = 0  # conversations with more than MAX_BRANCHES paths
     redactions: Counter = field(default_factory=Counter)
     warnings: List[str] = field(default_factory=list)
 
@@ -54,8 +59,12 @@ def parse_date(value: str, end_of_day: bool = False) -> float:
 
 
 def _text_of_parts(parts, options: ConvertOptions, stats: Stats) -> str:
+    if isinstance(parts, str):  # some exports hold the text itself, not a list of parts
+        parts = [parts]
+    elif not isinstance(parts, list):
+        parts = []
     pieces = []
-    for part in parts or []:
+    for part in parts:
         if isinstance(part, str):
             pieces.append(part)
         elif isinstance(part, dict):
@@ -79,8 +88,21 @@ def _tool_text(message: dict) -> str:
     return ""
 
 
-def message_turn(node: dict, options: ConvertOptions, stats: Stats) -> Optional[Tuple[str, str]]:
-    """(role, text) for one tree node, or None when the user did not see it as a turn."""
+def was_cut(message: dict) -> bool:
+    """ChatGPT stopped this answer at its length limit; "Continue generating" carries on in the next message."""
+    details = (message.get("metadata") or {}).get("finish_details") or {}
+    return isinstance(details, dict) and details.get("type") == "max_tokens"
+
+
+def message_turn(node: dict, options: ConvertOptions, stats: Stats) -> Optional[Tuple[str, str, bool]]:
+    """(role, text, cut at the length limit) for one tree node, or None when the user did not see it as a turn."""
+    turn = _role_and_text(node, options, stats)
+    if turn is None:
+        return None
+    return turn[0], turn[1], turn[0] == "assistant" and was_cut(node["message"])
+
+
+def _role_and_text(node: dict, options: ConvertOptions, stats: Stats) -> Optional[Tuple[str, str]]:
     message = node.get("message") if isinstance(node, dict) else None
     if not isinstance(message, dict):
         return None
@@ -138,16 +160,22 @@ def custom_instructions(conversation: dict) -> Optional[str]:
     return None
 
 
-def normalise_turns(turns: Sequence[Tuple[str, str]]) -> List[dict]:
-    """Drop empty turns, join adjacent same-role turns, trim a leading assistant and a trailing user."""
+def normalise_turns(turns: Sequence[Tuple[str, str, bool]]) -> List[dict]:
+    """Drop empty turns, join adjacent same-role turns, trim a leading assistant and a trailing user.
+
+    An answer cut at ChatGPT's length limit and its continuation are joined exactly as they are (the
+    continuation often starts mid-word or mid-line); other same-role neighbours get a blank line.
+    """
     messages: List[dict] = []
-    for role, text in turns:
+    previous_cut = False
+    for role, text, cut in turns:
         if not text or not text.strip():
             continue
         if messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += "\n\n" + text
+            messages[-1]["content"] += ("" if previous_cut else "\n\n") + text
         else:
             messages.append({"role": role, "content": text})
+        previous_cut = cut
     while messages and messages[0]["role"] == "assistant":
         messages.pop(0)
     while messages and messages[-1]["role"] == "user":
@@ -232,15 +260,21 @@ class Converter:
         if not isinstance(conversation, dict):
             stats.dropped["not a conversation object"] += 1
             return []
+        if "messages" in conversation and "mapping" not in conversation:
+            stats.dropped[TRAINING_RECORD] += 1
+            return []
         reason = filter_reason(conversation, options, self.title_re)
         if reason:
             stats.dropped[reason] += 1
             return []
         try:
-            paths = export.all_paths(conversation) if options.all_branches else [export.current_path(conversation)]
+            paths, left_out = export.all_paths(conversation, MAX_BRANCHES) if options.all_branches else (
+                [export.current_path(conversation)], 0)
         except export.SkipConversation as exc:
             stats.dropped[str(exc)] += 1
             return []
+        if left_out:
+            stats.branches_cut += 1
         mapping = conversation["mapping"]
         if any(isinstance(n, dict) and len(n.get("children") or []) > 1 for n in mapping.values()):
             stats.branches += 1
@@ -297,15 +331,23 @@ class Converter:
             messages = cut
         return messages
 
+    def _clean(self, text):
+        if not isinstance(text, str):
+            return text
+        text, replaced = clean_text(text)
+        self.stats.replaced_characters += replaced
+        return text
+
     def _record(self, conversation: dict, messages: List[dict]) -> dict:
+        messages = [dict(message, content=self._clean(message["content"])) for message in messages]
         record = {"messages": messages}
         if self.options.metadata:
             title = conversation.get("title")
             if self.redactor and isinstance(title, str):
                 title = self.redactor(title)
             record.update(
-                id=conversation.get("id") or conversation.get("conversation_id"),
-                title=title,
+                id=self._clean(conversation.get("id") or conversation.get("conversation_id")),
+                title=self._clean(title),
                 create_time=conversation.get("create_time"),
                 model=_conversation_model(conversation),
             )
@@ -333,6 +375,18 @@ def _cut_at_exchange(messages: List[dict], limit: int, measure) -> Optional[List
 # The whole run
 
 
+def check_output(output: str, inputs: Sequence[str], overwrite: bool) -> None:
+    """OUTPUT must be a new file (or, with --overwrite, an old one), and never one of the inputs."""
+    if os.path.isdir(output):
+        raise ChatkitError(f"{output}: OUTPUT is a folder; name a file such as {os.path.join(output, 'data.jsonl')}")
+    if not os.path.exists(output):
+        return
+    if any(os.path.exists(path) and os.path.samefile(path, output) for path in inputs):
+        raise ChatkitError(f"{output}: OUTPUT is also an INPUT; name a new file for the output")
+    if not overwrite:
+        raise ChatkitError(f"{output} exists already; pass --overwrite to replace it, or name another OUTPUT")
+
+
 def stage(options: ConvertOptions, converter: Converter, staging) -> set:
     """Convert every conversation into `staging` (one "copy-number TAB record" line per record).
 
@@ -340,6 +394,7 @@ def stage(options: ConvertOptions, converter: Converter, staging) -> set:
     stats = converter.stats
     read_stats = export.ReadStats()
     sources = export.find_sources(options.inputs, read_stats)
+    check_output(options.output, [source.file for source in sources], options.overwrite)
     stats.warnings += [f"skipped zip member with an unsafe path: {member}" for member in read_stats.unsafe_members]
     newest: Dict[str, Tuple[float, int]] = {}  # conversation id -> (update_time, copy number)
     copy = 0
@@ -365,6 +420,8 @@ def stage(options: ConvertOptions, converter: Converter, staging) -> set:
     stats.kept -= copy - len(winners)
     if read_stats.replaced_bytes:
         stats.warnings.append(f"{read_stats.replaced_bytes} bytes were not valid UTF-8 and became U+FFFD")
+    if stats.replaced_characters:
+        stats.warnings.append(f"{stats.replaced_characters} broken characters (lone UTF-16 surrogates) became U+FFFD")
     return winners
 
 
@@ -399,6 +456,8 @@ def run(options: ConvertOptions) -> Stats:
     converter = Converter(options)
     with tempfile.TemporaryFile("w+", encoding="utf-8") as staging:
         winners = stage(options, converter, staging)
+        if not winners:
+            raise ChatkitError(nothing_kept(options, converter.stats))
         staging.seek(0)
         with atomic_output(options.output) as out:
             preview = write_records(staging, winners, out, options, converter.stats)
@@ -407,6 +466,17 @@ def run(options: ConvertOptions) -> Stats:
     for record in preview:
         print_preview(record)
     return converter.stats
+
+
+def nothing_kept(options: ConvertOptions, stats: Stats) -> str:
+    """Why no record came out, with the fix; the output file is left as it was."""
+    inputs = ", ".join(options.inputs)
+    if stats.dropped.get(TRAINING_RECORD) == stats.read:
+        return (f"{inputs} holds training data ({{\"messages\": ...}} records), not a ChatGPT export: it is "
+                f"converted already; train on it with: python train_chatgpt_model.py --data {inputs}")
+    reasons = ", ".join(f"{count} {why}" for why, count in stats.dropped.most_common()) or "none found"
+    return (f"{inputs}: no conversation was kept (of {stats.read} read: {reasons}); {options.output} was not "
+            "written. Loosen the filters (--min-exchanges, --since, --title, ...) or check the input")
 
 
 def print_preview(record: dict, stream=None) -> None:
@@ -427,6 +497,9 @@ def format_stats(stats: Stats, options: ConvertOptions) -> str:
     ]
     if stats.truncated:
         lines.append(f"truncated at an exchange: {stats.truncated}")
+    if stats.branches_cut:
+        lines.append(f"conversations with over {MAX_BRANCHES} branches, cut to the first {MAX_BRANCHES}: "
+                     f"{stats.branches_cut}")
     if any(stats.dropped.values()):
         lines.append("dropped:")
         lines += [f"  {reason}: {count}" for reason, count in sorted(stats.dropped.items()) if count]

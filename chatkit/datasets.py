@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +46,14 @@ def read_text_file(path: str, flag: str, what: str) -> str:
     return text
 
 
+CONVERT_FIRST = ("is a ChatGPT export, not training data; convert it first: python convert_chatgpt_export.py "
+                 "{path} my-conversations.jsonl, then --data my-conversations.jsonl")
+
+
 def load_records(path: str) -> List[object]:
     """A JSON array (or {"data"/"conversations": [...]}) or JSON Lines file, as a list of records."""
+    if Path(path).is_file() and zipfile.is_zipfile(path):
+        raise ChatkitError(f"{path} " + CONVERT_FIRST.format(path=path))
     text = read_text_file(path, "--data", "conversations in the messages format")
     stripped = text.lstrip()
     if stripped.startswith("["):
@@ -80,6 +87,8 @@ def normalise_record(record, where: str) -> Tuple[str, List[dict]]:
     """(format name, messages) for one record in any accepted format; raises ChatkitError when unusable."""
     if not isinstance(record, dict):
         raise ChatkitError(f"{where}: expected an object like {{\"messages\": [...]}}, got {type(record).__name__}")
+    if "mapping" in record and "messages" not in record:
+        raise ChatkitError(f"{where.rsplit(' record ', 1)[0]} " + CONVERT_FIRST.format(path=where.rsplit(" record ", 1)[0]))
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list):

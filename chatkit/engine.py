@@ -7,6 +7,7 @@ Imported only when training starts: it imports torch and transformers at the top
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import sys
@@ -269,13 +270,22 @@ class RunResult:
     checkpoint: Optional[str] = None
 
 
+def is_complete(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint was saved whole: the Trainer writes trainer_state.json last."""
+    try:
+        json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def latest_checkpoint(folder: str | Path) -> Optional[str]:
-    """The newest checkpoint-N folder in `folder`, or None."""
+    """The newest complete checkpoint-N folder in `folder`, or None (half-saved ones are passed over)."""
     def step(path: Path) -> int:
         tail = path.name[len(CHECKPOINT_PREFIX):]
         return int(tail) if tail.isdigit() else -1
 
-    found = sorted(Path(folder).glob(CHECKPOINT_PREFIX + "*"), key=step)
+    found = [path for path in sorted(Path(folder).glob(CHECKPOINT_PREFIX + "*"), key=step) if is_complete(path)]
     return str(found[-1]) if found else None
 
 

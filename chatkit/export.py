@@ -13,6 +13,7 @@ import re
 import sys
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterator, List, Optional, Sequence, Tuple
@@ -41,6 +42,7 @@ class Source:
     label: str
     open: Callable[[], IO[bytes]]
     size: int
+    file: str = ""  # the file on disk that holds it (the zip, or the JSON file itself)
 
 
 @dataclass
@@ -65,7 +67,7 @@ def _zip_sources(path: Path, stats: ReadStats) -> List[Source]:
         if name.startswith("/") or ".." in name.split("/"):
             stats.unsafe_members.append(f"{path}:{info.filename}")
             continue
-        sources.append(Source(f"{path}:{name}", lambda info=info: archive.open(info), info.file_size))
+        sources.append(Source(f"{path}:{name}", lambda info=info: archive.open(info), info.file_size, str(path)))
     if not sources:
         raise ChatkitError(
             f"{path}: the zip holds no conversations.json or conversations-NNN.json; "
@@ -93,7 +95,7 @@ def find_sources(inputs: Sequence[str], stats: ReadStats) -> List[Source]:
                     "pass the folder you extracted the export into, or the zip itself"
                 )
             found.sort(key=lambda p: _natural_key(str(p)))
-            sources += [Source(str(p), lambda p=p: open(p, "rb"), p.stat().st_size) for p in found]
+            sources += [Source(str(p), lambda p=p: open(p, "rb"), p.stat().st_size, str(p)) for p in found]
         elif zipfile.is_zipfile(path):
             sources += sorted(_zip_sources(path, stats), key=lambda s: _natural_key(s.label))
         else:
@@ -103,7 +105,7 @@ def find_sources(inputs: Sequence[str], stats: ReadStats) -> List[Source]:
                 raise ChatkitError(
                     f"{raw}: not a ChatGPT export (expected a .zip, an extracted folder, or a conversations .json file)"
                 )
-            sources.append(Source(str(path), lambda p=path: open(p, "rb"), path.stat().st_size))
+            sources.append(Source(str(path), lambda p=path: open(p, "rb"), path.stat().st_size, str(path)))
     stats.files = len(sources)
     stats.bytes_total = sum(s.size for s in sources)
     return sources
@@ -112,14 +114,19 @@ def find_sources(inputs: Sequence[str], stats: ReadStats) -> List[Source]:
 class _TextStream:
     """Decodes a byte stream to text in chunks, counting invalid UTF-8 bytes instead of failing."""
 
-    def __init__(self, handle: IO[bytes], on_bytes: Callable[[int], None]):
+    def __init__(self, handle: IO[bytes], on_bytes: Callable[[int], None], label: str = ""):
         self.handle = handle
+        self.label = label
         self.decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="chatkit-count")
         self.on_bytes = on_bytes
         self.eof = False
 
     def read(self) -> str:
-        data = self.handle.read(CHUNK_CHARS)
+        try:
+            data = self.handle.read(CHUNK_CHARS)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            raise ChatkitError(f"{self.label}: the data is damaged ({type(exc).__name__}: {exc}); nothing was "
+                               "written: download the export again") from None
         self.on_bytes(len(data))
         if not data:
             self.eof = True
@@ -156,7 +163,7 @@ def iter_json_values(source: Source, on_bytes: Callable[[int], None]) -> Iterato
     """Yield (index, conversation) from one file: a JSON array, one object, or {"conversations": [...]}."""
     decoder = json.JSONDecoder()
     with source.open() as handle:
-        stream = _TextStream(handle, on_bytes)
+        stream = _TextStream(handle, on_bytes, source.label)
         buffer, pos, single = _array_start(source, stream, stream.read(), decoder)
         if pos is None:
             yield 0, single
@@ -255,8 +262,12 @@ def current_path(conversation: dict) -> List[dict]:
     return path
 
 
-def all_paths(conversation: dict) -> List[List[dict]]:
-    """Every root-to-leaf path of the tree, the current one first."""
+def all_paths(conversation: dict, limit: int) -> Tuple[List[List[dict]], int]:
+    """Root-to-leaf paths of the tree, the current one first, at most `limit`; and how many were left out.
+
+    Children are followed once each (a node that lists the same child twice gives one path), and the
+    walk stops counting paths past the limit, so a damaged tree cannot blow up.
+    """
     mapping = conversation.get("mapping")
     if not isinstance(mapping, dict) or not mapping:
         raise SkipConversation("no mapping")
@@ -266,16 +277,23 @@ def all_paths(conversation: dict) -> List[List[dict]]:
     except SkipConversation as exc:
         if str(exc) == "cycle in parent links":
             raise
-    roots = [key for key in mapping if _node_parent(mapping, key) is None]
-    for root in roots:
+    left_out = 0
+    for root in (key for key in mapping if _node_parent(mapping, key) is None):
         stack = [(root, [mapping[root]], {root})]
         while stack:
             node_id, path, seen = stack.pop()
-            children = [c for c in (mapping[node_id].get("children") or []) if c in mapping]
+            children = list(dict.fromkeys(c for c in (mapping[node_id].get("children") or [])
+                                          if isinstance(c, str) and c in mapping))
             if not children:
-                paths.append(path)
+                if len(paths) < limit:
+                    paths.append(path)
+                else:
+                    left_out += 1
+                    if left_out >= limit:  # enough to say the tree was cut; stop walking it
+                        return paths, left_out
+                continue
             for child in reversed(children):
                 if child in seen:
                     raise SkipConversation("cycle in parent links")
                 stack.append((child, path + [mapping[child]], seen | {child}))
-    return paths
+    return paths, left_out

@@ -16,6 +16,7 @@ closed by the tokenizer's EOS token, which the model learns to produce so that g
 
 from __future__ import annotations
 
+import re
 from typing import List, Optional, Sequence, Tuple
 
 from .errors import ChatkitError
@@ -30,7 +31,14 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 ROLES = ("system", "user", "assistant")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: no character, cannot be written
 IGNORE_INDEX = -100  # label value the loss skips
+
+
+def clean_text(text: str) -> Tuple[str, int]:
+    """`text` with every lone surrogate (from a broken `\\ud800` escape or an undecodable byte) replaced by
+    U+FFFD, and how many there were."""
+    return _LONE_SURROGATE.subn("\ufffd", text)
 
 
 def has_own_template(tokenizer) -> bool:

@@ -8,6 +8,7 @@ context length, optionally overlapping; the overlapping tokens are context only,
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
@@ -69,6 +70,9 @@ def train_chatbot(options: ChatbotTrainOptions):
 
     if not options.text_file and not options.conversation_file:
         raise ChatkitError("give --text_file, --conversation_file, or both")
+    if os.path.exists(options.save_path) and not options.overwrite:
+        raise ChatkitError(f"--save_path {options.save_path} exists already; pass --overwrite to replace it, or "
+                           "name another file")
     placement = choose_placement(options.device, options.dtype)
     source = resolve_model(options.model)
     loaded = load_model(source, placement, trust_remote_code=options.trust_remote_code)

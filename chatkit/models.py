@@ -131,15 +131,32 @@ def resolve_model(spec: Optional[str]) -> ModelSource:
     )
 
 
+ADAPTER_NUMBERS = ("r", "lora_alpha")
+
+
+def _adapter_config(path: Path) -> dict:
+    """adapter_config.json, checked enough that loading it cannot fail with a traceback."""
+    file = path / "adapter_config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ChatkitError(f"{file} is damaged ({exc}); restore it from a backup or retrain the model") from None
+    if not isinstance(config, dict):
+        raise ChatkitError(f"{file} should hold a JSON object; restore it from a backup or retrain the model")
+    for key in ADAPTER_NUMBERS:
+        if key in config and (not isinstance(config[key], (int, float)) or isinstance(config[key], bool)):
+            raise ChatkitError(f"{file}: {key!r} should be a number, not {config[key]!r}; restore the file or "
+                               "retrain the model")
+    return config
+
+
 def _resolve_directory(spec: str, path: Path) -> ModelSource:
     if (path / "adapter_config.json").is_file():
-        info = read_training_info(path)
-        base_spec = info.get("base_model")
-        if not base_spec:
-            try:
-                base_spec = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-            except (OSError, KeyError, json.JSONDecodeError) as exc:
-                raise ChatkitError(f"{path}/adapter_config.json names no base model ({exc})") from None
+        adapter = _adapter_config(path)
+        base_spec = read_training_info(path).get("base_model") or adapter.get("base_model_name_or_path")
+        if not isinstance(base_spec, str) or not base_spec:
+            raise ChatkitError(f"{path}/adapter_config.json names no base model; retrain, or add "
+                               "\"base_model_name_or_path\" to it")
         return ModelSource(spec=spec, kind="adapter", path=str(path), base=resolve_model(base_spec))
     if (path / "config.json").is_file():
         return ModelSource(spec=spec, kind="directory", path=str(path))
@@ -199,12 +216,61 @@ def convert_gguf(gguf_file: str | os.PathLike) -> Path:
     return target
 
 
+WAYS_OUT = (f"use the starter model (--model {STARTER_MODEL}, which needs no download), a local model folder "
+            "or .gguf file (--model /local/path), or set HF_HUB_OFFLINE=1 to use only what is cached")
+HUB_TIMEOUT_S = 4.0  # a reachable Hub answers well within this; an offline machine would retry for ~50 s
+
+
 def _offline_error(source: ModelSource, exc: Exception) -> ChatkitError:
     return ChatkitError(
         f"could not load model {source.spec!r} from the Hugging Face Hub ({source.path}): it is not in the "
-        f"local cache and the Hub could not be reached or has no such model ({type(exc).__name__}). "
-        "Pass a local model directory or .gguf file with --model /local/path"
+        f"local cache and the Hub could not be reached or has no such model ({type(exc).__name__}); {WAYS_OUT}"
     )
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether the Hub's host accepts a connection within `timeout` (name lookup included)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    result = []
+
+    def connect():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+_HUB_CHECKED: dict = {}
+
+
+def check_hub(source: ModelSource) -> None:
+    """Fail fast, naming the ways out, when a Hub model is not cached and the Hub cannot be reached.
+
+    A cached model with the Hub out of reach is loaded from the cache alone (HF_HUB_OFFLINE=1)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or source.path in _HUB_CHECKED:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(source.path, "config.json"), str)
+    reachable = hub_reachable()
+    _HUB_CHECKED[source.path] = reachable
+    if reachable:
+        return
+    if cached:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return
+    raise ChatkitError(f"model {source.spec!r} ({source.path}) is not in the local cache and the Hugging Face Hub "
+                       f"cannot be reached from this machine; {WAYS_OUT}")
 
 
 def local_path(source: ModelSource) -> str:
@@ -213,6 +279,8 @@ def local_path(source: ModelSource) -> str:
         return str(convert_gguf(source.gguf_file))
     if source.kind == "adapter":
         return local_path(source.base)
+    if source.kind == "hub":
+        check_hub(source)
     return source.path
 
 
@@ -291,7 +359,11 @@ def load_model(
     if source.kind == "adapter":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, source.path, is_trainable=adapter_trainable)
+        try:
+            model = PeftModel.from_pretrained(model, source.path, is_trainable=adapter_trainable)
+        except (ValueError, TypeError, KeyError, RuntimeError, OSError) as exc:
+            raise ChatkitError(f"{source.path}: the LoRA adapter does not load onto {source.base.describe()} "
+                               f"({type(exc).__name__}: {str(exc)[:200]}); restore the folder or retrain") from None
     if quantization_config is None:
         model.to(placement.device)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
@@ -309,7 +381,11 @@ def load_checkpoint_model(source: ModelSource, placement, base: ModelSource | st
     if metadata is not None:
         config = AutoConfig.for_model(**checkpoint.own_config(metadata))
         model = AutoModelForCausalLM.from_config(config)
-        checkpoint.load_own_weights(model, source.path)
+        try:
+            checkpoint.load_own_weights(model, source.path)
+        except Exception as exc:  # safetensors raises its own error types for a cut or corrupt file
+            raise ChatkitError(f"{source.path} is damaged: its weights cannot be read ({type(exc).__name__}); "
+                               "the file was probably cut short while copying or saving. Save or train it again") from None
         model.to(device=placement.device, dtype=placement.torch_dtype).eval()
         return LoadedModel(model=model, tokenizer=checkpoint.own_tokenizer(metadata), source=source,
                            trained_from=metadata.get("base_model"))

@@ -259,6 +259,7 @@ class ConvertOptions(Common):
     paths: List[str] = option(help="one or more exports, then the output file", positional=True, nargs="+",
                               metavar="INPUT ... OUTPUT", factory=list,
                               check=lambda v: None if len(v) >= 2 else "needs at least one INPUT and then the OUTPUT file")
+    overwrite: bool = option(False, "replace OUTPUT when it exists already")
     jsonl: bool = option(False, "write JSON Lines whatever OUTPUT is called")
     metadata: bool = option(False, "add id, title, create_time and model to each record")
     preview: int = option(0, "print K converted conversations to stderr (default 3)", nargs="?", const=3,
@@ -310,16 +311,25 @@ class ConvertOptions(Common):
 # train_chatbot.py and gpt_generate.py
 
 
+def _existing_file(path: str) -> Optional[str]:
+    import os
+
+    return None if os.path.isfile(path) else f"{path}: no such file"
+
+
 @dataclass
 class ChatbotTrainOptions(Common, Hardware):
     """Training every weight of a GPT-2 (or any causal) model on text and example dialogues."""
 
     model: str = option(GPT2_MODEL, "model to train (default: %(default)s)")
-    text_file: Optional[str] = option(None, "plain text to learn", flags=("--text_file",), metavar="FILE")
+    text_file: Optional[str] = option(None, "plain text to learn", flags=("--text_file",), metavar="FILE",
+                                      check=_existing_file)
     conversation_file: Optional[str] = option(None, "example dialogues: JSON [{\"user\": ..., \"bot\": ...}] or the "
-                                                    "messages format", flags=("--conversation_file",), metavar="FILE")
+                                                    "messages format", flags=("--conversation_file",), metavar="FILE",
+                                              check=_existing_file)
     save_path: str = option("trained_model.pt", "where to save: X.pt for one file, or a directory "
                                                 "(default: %(default)s)", flags=("--save_path",))
+    overwrite: bool = option(False, "replace --save_path when it exists already")
     epochs: float = option(1.0, "(default: %(default)s)", check="positive")
     batch_size: int = option(4, "(default: %(default)s)", flags=("--batch_size",), check="positive")
     # 5e-5: the usual rate for fine-tuning every weight of GPT-2.

@@ -47,6 +47,8 @@ def auto_schedule(options: TrainOptions, examples: int) -> TrainOptions:
 
 def check_output_dir(options: TrainOptions) -> None:
     output = Path(options.output)
+    if output.exists() and not output.is_dir():
+        raise ChatkitError(f"--output {output} is a file; name a folder for the trained model")
     if options.resume is not None or options.overwrite or not output.exists():
         return
     markers = ("adapter_config.json", "config.json", TRAINING_INFO_FILE, CHECKPOINTS)
@@ -59,17 +61,29 @@ def check_output_dir(options: TrainOptions) -> None:
 
 def resume_checkpoint(options: TrainOptions) -> Optional[str]:
     """The newest checkpoint under --resume DIR (a checkpoint itself, or an output directory)."""
-    from .engine import latest_checkpoint
+    from .engine import is_complete, latest_checkpoint
 
     if options.resume is None:
         return None
     where = Path(options.resume or options.output)
-    if (where / "trainer_state.json").is_file():
+    if (where / "trainer_state.json").exists():
+        if not is_complete(where):
+            raise ChatkitError(f"--resume {where}: this checkpoint was not saved whole (the run stopped while "
+                               f"saving it); resume from its folder {where.parent} to use the last complete one")
         return str(where)
     found = latest_checkpoint(where / CHECKPOINTS) or latest_checkpoint(where)
     if found is None:
-        raise ChatkitError(f"--resume {where}: no checkpoint-* folder found there to resume from")
+        raise ChatkitError(f"--resume {where}: no complete checkpoint-* folder found there to resume from")
     return found
+
+
+def clear_old_run(options: TrainOptions) -> None:
+    """With --overwrite, the earlier run's checkpoints and logs go, so a later --resume cannot pick them up."""
+    import shutil
+
+    if options.overwrite and options.resume is None:
+        for folder in (CHECKPOINTS, RUNS):
+            shutil.rmtree(Path(options.output) / folder, ignore_errors=True)
 
 
 def quantization_config(options: TrainOptions, placement: Placement):
@@ -270,6 +284,7 @@ def train(options: TrainOptions) -> dict:
     options = auto_schedule(options, len(prepared.train))
     say(describe_run(options, source, placement))
     say(prepared.describe(options.packing))
+    clear_old_run(options)
     run = run_trainer(model, tokenizer, prepared.train, prepared.val, engine_settings(options), placement.device,
                       placement.dtype, checkpoint, teacher=prepared.teacher)
     if run.interrupted:

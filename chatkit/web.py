@@ -8,7 +8,10 @@ model's trained formatting; the session's key/value cache is reused where the pr
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import socket
 import sys
 import tempfile
 from typing import List
@@ -80,7 +83,9 @@ def build_app(session: ChatSession):
         raise ChatkitError("the web page needs gradio: pip install gradio (the console chat does not)") from None
 
     respond = _responder(session, gr)
-    downloader = _downloader(tempfile.mkdtemp(prefix="chatkit-web-"))
+    download_dir = tempfile.mkdtemp(prefix="chatkit-web-")
+    atexit.register(shutil.rmtree, download_dir, ignore_errors=True)
+    downloader = _downloader(download_dir)
 
     def conversation_file(history: list, system_prompt: str, request: gr.Request):
         return downloader(history, system_prompt, request)
@@ -109,6 +114,16 @@ def build_app(session: ChatSession):
     # One generation at a time: the model is shared; later requests wait in the queue.
     app.queue(default_concurrency_limit=1)
     return app
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before the model loads when the address cannot be served on (a port in use, say)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        raise ChatkitError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); another program may be using "
+                           f"the port: pass another --port, e.g. --port {port + 1}") from None
 
 
 def serve(session: ChatSession, host: str = "127.0.0.1", port: int = 7860, share: bool = False,

@@ -13,7 +13,7 @@ from export_builder import Tree, message, pairs, read_records, simple, write_jso
 def convert(tmp_path, data, *flags, name="out.json", capsys=None):
     source = data if not isinstance(data, (list, dict)) else write_json(tmp_path / "conversations.json", data)
     out = tmp_path / name
-    code = cli.main([str(source), str(out), "--quiet", *flags])
+    code = cli.main([str(source), str(out), "--quiet", "--overwrite", *flags])
     assert code == 0
     return read_records(out)
 
@@ -267,10 +267,10 @@ def test_both_formats_and_statistics(tmp_path, capsys):
 def run_bad(tmp_path, source, capsys):
     out = tmp_path / "out.json"
     out.write_text("GOOD OLD OUTPUT")
-    code = cli.main([str(source), str(out), "--quiet"])
+    code = cli.main([str(source), str(out), "--quiet", "--overwrite"])
     err = capsys.readouterr().err
     assert out.read_text() == "GOOD OLD OUTPUT"  # never clobbered
-    assert not list(tmp_path.glob(".tmp-*"))  # no half file left
+    assert not list(tmp_path.glob(".*.part"))  # no half file left
     return code, err
 
 

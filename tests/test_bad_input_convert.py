@@ -1,0 +1,198 @@
+"""convert_chatgpt_export.py on bad input and faults: one clear line, nothing lost, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import zipfile
+
+import pytest
+
+import convert_chatgpt_export as cli
+from export_builder import Tree, message, pairs, read_records, simple, write_json, write_zip
+
+
+def run(*args):
+    return cli.main([str(a) for a in args] + ["--quiet"])
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if p.name.endswith(".part") or p.name.startswith(".tmp-")]
+
+
+def test_output_that_is_the_input_zip_by_another_spelling_is_refused(tmp_path, capsys, monkeypatch):
+    archive = write_zip(tmp_path / "exp.zip", {"conversations.json": [simple("a", ("user", "Q"), ("assistant", "A"))]})
+    before = archive.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert run("exp.zip", "./exp.zip", "--overwrite") == 1
+    assert "OUTPUT is also an INPUT" in capsys.readouterr().err
+    assert archive.read_bytes() == before
+
+
+def test_output_that_is_a_file_of_the_input_folder_is_refused(tmp_path, capsys):
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    member = write_json(folder / "conversations-000.json", [simple("a", ("user", "Q"), ("assistant", "A"))])
+    before = member.read_bytes()
+    assert run(folder, member, "--overwrite") == 1
+    assert "OUTPUT is also an INPUT" in capsys.readouterr().err
+    assert member.read_bytes() == before
+
+
+def test_keeping_nothing_is_an_error_and_leaves_the_old_output(tmp_path, capsys):
+    source = write_json(tmp_path / "conversations.json", [simple("a", ("user", "only a question"))])
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    out.chmod(0o644)
+    assert run(source, out, "--overwrite") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {source}: no conversation was kept") and "was not written" in err
+    assert out.read_text() == "precious\n" and stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert not leftovers(tmp_path)
+
+
+def test_training_data_given_to_the_converter_points_to_the_trainer(tmp_path, capsys):
+    data = write_json(tmp_path / "train.json", [{"messages": [{"role": "user", "content": "Q"},
+                                                              {"role": "assistant", "content": "A"}]}])
+    assert run(data, tmp_path / "out.jsonl") == 1
+    err = capsys.readouterr().err
+    assert "holds training data" in err and f"train_chatgpt_model.py --data {data}" in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_existing_output_needs_overwrite_and_a_folder_is_no_output(tmp_path, capsys):
+    source = write_json(tmp_path / "conversations.json", [simple("a", ("user", "Q"), ("assistant", "A"))])
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    assert run(source, out) == 1
+    assert "exists already; pass --overwrite" in capsys.readouterr().err and out.read_text() == "old\n"
+    assert run(source, out, "--overwrite") == 0 and pairs(read_records(out)[0]) == [("user", "Q"), ("assistant", "A")]
+    assert run(source, tmp_path) == 1
+    assert "OUTPUT is a folder" in capsys.readouterr().err
+
+
+def test_a_lone_surrogate_is_replaced_not_fatal(tmp_path, capsys):
+    raw = json.dumps([simple("s", ("user", "broken XX here"), ("assistant", "fine"))]).replace("XX", "\\ud800")
+    source = tmp_path / "conversations.json"
+    source.write_text(raw)
+    assert run(source, tmp_path / "out.jsonl") == 0
+    assert read_records(tmp_path / "out.jsonl")[0]["messages"][0]["content"] == "broken \ufffd here"
+    assert "1 broken characters (lone UTF-16 surrogates) became U+FFFD" in capsys.readouterr().err
+
+
+def damaged_zip(tmp_path, how):
+    conversations = [simple(f"c{i}", ("user", f"question {i} " * 50), ("assistant", "answer " * 80)) for i in range(40)]
+    archive = write_zip(tmp_path / "export.zip", {"conversations.json": conversations})
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as reader:
+        info = reader.getinfo("conversations.json")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    if how == "deflate":
+        data[start + 10: start + 200] = b"\xff" * 190  # the compressed stream itself
+    else:
+        data[start + info.compress_size - 8: start + info.compress_size - 4] = b"\x00\x00\x00\x00"
+    archive.write_bytes(bytes(data))
+    return archive
+
+
+@pytest.mark.parametrize("how", ["deflate", "crc"])
+def test_a_damaged_zip_is_one_line(tmp_path, capsys, how):
+    archive = damaged_zip(tmp_path, how)
+    assert run(archive, tmp_path / "out.jsonl") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {archive}:conversations.json") and "download the export again" in err
+    assert "Traceback" not in err and not (tmp_path / "out.jsonl").exists() and not leftovers(tmp_path)
+
+
+def test_all_branches_follows_each_child_once(tmp_path):
+    tree = Tree()
+    parent = tree.chain(("user", "Q"), ("assistant", "A"))
+    for step in range(24):  # every node lists its only child twice: 2**24 paths if followed naively
+        child = tree.add(message("user" if step % 2 == 0 else "assistant", f"turn {step}"), parent=parent)
+        tree.mapping[parent]["children"].append(child)
+        parent = child
+    assert run(write_json(tmp_path / "conversations.json", [tree.conversation("dup")]), tmp_path / "o.json",
+               "--all-branches") == 0
+    assert len(read_records(tmp_path / "o.json")) == 1
+
+
+def test_all_branches_is_capped_and_says_so(tmp_path, capsys):
+    from chatkit.conversion import MAX_BRANCHES
+
+    tree = Tree()
+    root = tree.chain(("user", "Q"))
+    for index in range(MAX_BRANCHES + 10):  # that many regenerated answers
+        tree.add(message("assistant", f"answer {index}"), parent=root)
+    assert run(write_json(tmp_path / "conversations.json", [tree.conversation("wide")]), tmp_path / "o.json",
+               "--all-branches") == 0
+    assert len(read_records(tmp_path / "o.json")) == MAX_BRANCHES
+    assert f"conversations with over {MAX_BRANCHES} branches, cut to the first {MAX_BRANCHES}: 1" in \
+        capsys.readouterr().err
+
+
+def test_parts_given_as_one_string_stay_whole(tmp_path):
+    conversation = simple("p", ("user", "Q"), ("assistant", "placeholder"))
+    answer = conversation["mapping"][conversation["current_node"]]["message"]
+    answer["content"]["parts"] = "Hello world"
+    assert run(write_json(tmp_path / "conversations.json", [conversation]), tmp_path / "o.json") == 0
+    assert read_records(tmp_path / "o.json")[0]["messages"][1]["content"] == "Hello world"
+
+
+def test_continue_generating_halves_are_joined_exactly(tmp_path):
+    tree = Tree()
+    first = message("assistant", "def f(x):\n    return x +")
+    first["metadata"]["finish_details"] = {"type": "max_tokens"}
+    parent = tree.chain(("user", "Write f"))
+    parent = tree.add(first, parent=parent)
+    parent = tree.add(message("assistant", " 1\n```"), parent=parent)
+    parent = tree.add(message("user", "And g?"), parent=parent)
+    parent = tree.add(message("assistant", "Here is g."), parent=parent)
+    tree.add(message("assistant", "It is short."), parent=parent)
+    assert run(write_json(tmp_path / "conversations.json", [tree.conversation("cut")]), tmp_path / "o.json") == 0
+    answers = [m["content"] for m in read_records(tmp_path / "o.json")[0]["messages"] if m["role"] == "assistant"]
+    assert answers == ["def f(x):\n    return x + 1\n```", "Here is g.\n\nIt is short."]
+
+
+def test_sigterm_while_writing_leaves_no_half_file(tmp_path, monkeypatch, capsys):
+    from chatkit import conversion
+
+    original = conversion.write_records
+
+    def killed(staging, winners, out, options, stats):
+        out.write("[\n  partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(staging, winners, out, options, stats)
+
+    monkeypatch.setattr(conversion, "write_records", killed)
+    source = write_json(tmp_path / "conversations.json", [simple("a", ("user", "Q"), ("assistant", "A"))])
+    assert run(source, tmp_path / "out.json") == 130
+    assert not (tmp_path / "out.json").exists() and not leftovers(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the script's alone
+
+
+def test_a_zip_named_file_that_is_no_zip(tmp_path, capsys):
+    fake = tmp_path / "export.zip"
+    fake.write_bytes(b"PK\x03\x04 not really a zip")
+    assert run(fake, tmp_path / "o.json") == 1
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--since", "last tuesday"], "--since 'last tuesday' is not YYYY-MM-DD"),
+    (["--min-exchanges", "-1"], "--min-exchanges must not be negative"),
+    (["--truncate"], "--truncate needs --max-chars or --max-conversation-tokens"),
+])
+def test_bad_flags_are_usage_errors(tmp_path, capsys, flags, fragment):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["in.json", "out.json", *flags])
+    assert info.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_bad_title_regex_and_token_limit_without_tokenizer(tmp_path, capsys):
+    source = write_json(tmp_path / "conversations.json", [simple("a", ("user", "Q"), ("assistant", "A"))])
+    assert run(source, tmp_path / "o.json", "--title", "([") == 1
+    assert "--title '([' is not a valid regular expression" in capsys.readouterr().err
+    assert run(source, tmp_path / "o.json", "--max-conversation-tokens", "10") == 1
+    assert "--max-conversation-tokens needs --tokenizer MODEL" in capsys.readouterr().err
