@@ -67,14 +67,17 @@ def write_training_info(directory: str | os.PathLike, info: dict) -> None:
     write_json(Path(directory) / TRAINING_INFO_FILE, info)
 
 
+def read_json_object(path: str | os.PathLike, fix: str) -> dict:
+    """A JSON file holding an object; anything else is a ChatkitError ending with `fix`."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ChatkitError(f"{path} is damaged ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ChatkitError(f"{path} should hold a JSON object; {fix}")
+    return data
+
+
 def read_training_info(directory: str | os.PathLike) -> dict:
     path = Path(directory) / TRAINING_INFO_FILE
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ChatkitError(f"{path} is not valid JSON ({exc}); delete it or retrain the model") from None
-    if not isinstance(info, dict):
-        raise ChatkitError(f"{path} should hold a JSON object; delete it or retrain the model")
-    return info
+    return read_json_object(path, "delete it or retrain the model") if path.is_file() else {}

@@ -16,7 +16,7 @@ from typing import Optional
 
 from .checkpoint import CHECKPOINT_SUFFIXES
 from .errors import ChatkitError
-from .files import read_training_info
+from .files import read_json_object, read_training_info
 from .options import STARTER_MODEL
 from .output import quiet_transformers
 
@@ -137,12 +137,7 @@ ADAPTER_NUMBERS = ("r", "lora_alpha")
 def _adapter_config(path: Path) -> dict:
     """adapter_config.json, checked enough that loading it cannot fail with a traceback."""
     file = path / "adapter_config.json"
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ChatkitError(f"{file} is damaged ({exc}); restore it from a backup or retrain the model") from None
-    if not isinstance(config, dict):
-        raise ChatkitError(f"{file} should hold a JSON object; restore it from a backup or retrain the model")
+    config = read_json_object(file, "restore it from a backup or retrain the model")
     for key in ADAPTER_NUMBERS:
         if key in config and (not isinstance(config[key], (int, float)) or isinstance(config[key], bool)):
             raise ChatkitError(f"{file}: {key!r} should be a number, not {config[key]!r}; restore the file or "

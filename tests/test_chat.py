@@ -10,22 +10,11 @@ import pytest
 import demo_chatbot as cli
 from chatkit import formatting
 from chatkit.chat import ChatSession, GenerationSettings
+from scripted_input import scripted
 from chatkit.console import HELP, Console
 from chatkit.datasets import read_conversations
 
 GREEDY = GenerationSettings(temperature=0, max_new_tokens=8, repetition_penalty=1.0)
-
-
-def scripted(lines):
-    """An input() stand-in that types `lines`, then Ctrl-D."""
-    queue = list(lines)
-
-    def read(prompt):
-        if not queue:
-            raise EOFError
-        return queue.pop(0)
-
-    return read
 
 
 def streamed(session, text):
