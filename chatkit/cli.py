@@ -64,8 +64,8 @@ def _add_field(target, item: dataclasses.Field, hint) -> None:
     if meta.get("choices"):
         kwargs["choices"] = meta["choices"]
     default = item.default if item.default is not dataclasses.MISSING else None
-    if kind is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+    if kind is bool:  # a default of None (choose) or True can be turned off with --no-NAME
+        kwargs["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
         kwargs["default"] = default
     else:
         kwargs.update(type=kind, default=default)

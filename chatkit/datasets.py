@@ -25,7 +25,7 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)
 
     def describe(self) -> str:
-        read = ", ".join(f"{count} {kind}" for kind, count in sorted(self.formats.items())) or "nothing"
+        read = ", ".join(f"{count} in the {kind} format" for kind, count in sorted(self.formats.items())) or "nothing"
         text = f"read {sum(self.formats.values())} conversations ({read})"
         if self.skipped:
             text += "; skipped " + ", ".join(f"{count} {why}" for why, count in sorted(self.skipped.items()))

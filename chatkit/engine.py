@@ -7,13 +7,11 @@ Imported only when training starts: it imports torch and transformers at the top
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -21,13 +19,13 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .errors import ChatkitError
-from .examples import PaddingCollator
+from .examples import PaddingCollator, TokenBudgetSampler
+from .files import latest_checkpoint
 from .formatting import IGNORE_INDEX, pad_token_id
 from .models import causal_lm_parts
 from .output import Progress, quiet_transformers, say
 from .rehearsal import teacher_loss
 
-CHECKPOINT_PREFIX = "checkpoint-"
 # transformers renamed gradient checkpointing to activation checkpointing (the old name warns).
 CHECKPOINTING_ARGUMENT = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
                           else "gradient_checkpointing")
@@ -54,6 +52,7 @@ class EngineSettings:
     packing: bool = False
     early_stopping_patience: Optional[int] = None
     neftune_alpha: float = 0.0
+    max_batch_tokens: Optional[int] = None  # None: batches of batch_size examples, whatever their length
 
 
 class ChatTrainer(Trainer):
@@ -70,6 +69,36 @@ class ChatTrainer(Trainer):
     """
 
     teacher = None
+    batch_sampler = None  # a TokenBudgetSampler: batches by a token budget instead of a fixed size
+
+    eval_batch_sampler = None
+
+    def _budget_loader(self, dataset, sampler):
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
+    def get_train_dataloader(self):
+        if self.batch_sampler is None:
+            return super().get_train_dataloader()
+        return self._budget_loader(self.train_dataset, self.batch_sampler)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_batch_sampler is None or eval_dataset is not None:
+            return super().get_eval_dataloader(eval_dataset)
+        return self._budget_loader(self.eval_dataset, self.eval_batch_sampler)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Validation loss through the same labelled-positions path as training: no vocabulary-wide logits
+        for every position, which would be the largest allocation of the whole run."""
+        if not prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def _labelled_logits(self, model, inputs, keep):
         causal_lm, inner = causal_lm_parts(model)
@@ -150,6 +179,11 @@ class Interrupt(TrainerCallback):
             control.should_save = True
             control.should_evaluate = False
             control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stop.requested:  # saved at the step's end already; no validation pass before exiting
+            control.should_save = False
+            control.should_evaluate = False
 
 
 class Throughput(TrainerCallback):
@@ -257,6 +291,7 @@ def training_arguments(settings: EngineSettings, device: str, dtype: str, has_va
         dataloader_pin_memory=on_cuda,
         ddp_find_unused_parameters=False,
         neftune_noise_alpha=settings.neftune_alpha or None,
+        prediction_loss_only=True,  # validation needs the loss alone (ChatTrainer.prediction_step)
     )
 
 
@@ -270,27 +305,16 @@ class RunResult:
     checkpoint: Optional[str] = None
 
 
-def is_complete(checkpoint: str | Path) -> bool:
-    """Whether a checkpoint was saved whole: the Trainer writes trainer_state.json last."""
-    try:
-        json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def latest_checkpoint(folder: str | Path) -> Optional[str]:
-    """The newest complete checkpoint-N folder in `folder`, or None (half-saved ones are passed over)."""
-    def step(path: Path) -> int:
-        tail = path.name[len(CHECKPOINT_PREFIX):]
-        return int(tail) if tail.isdigit() else -1
-
-    found = [path for path in sorted(Path(folder).glob(CHECKPOINT_PREFIX + "*"), key=step) if is_complete(path)]
-    return str(found[-1]) if found else None
-
-
 def perplexity(loss: float) -> float:
     return round(math.exp(min(loss, 50)), 2)
+
+
+def budget_sampler(examples: List[dict], settings: EngineSettings) -> Optional[TokenBudgetSampler]:
+    """Batches by token budget where the budget would bind; else None (the Trainer's own length grouping)."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    if not lengths or max(lengths) * settings.batch_size <= settings.max_batch_tokens:
+        return None
+    return TokenBudgetSampler(lengths, settings.batch_size, settings.max_batch_tokens, settings.seed)
 
 
 def make_trainer(model, tokenizer, train_examples: List[dict], val_examples: List[dict], settings: EngineSettings,
@@ -311,6 +335,9 @@ def make_trainer(model, tokenizer, train_examples: List[dict], val_examples: Lis
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
     trainer.teacher = teacher
+    if settings.max_batch_tokens and not settings.packing:
+        trainer.batch_sampler = budget_sampler(train_examples, settings)
+        trainer.eval_batch_sampler = budget_sampler(val_examples, settings) if has_val else None
     return trainer
 
 
@@ -346,6 +373,9 @@ def run_trainer(model, tokenizer, train_examples: List[dict], val_examples: List
                        train_runtime_s=round(runtime, 1), tokens_seen=tokens,
                        tokens_per_second=round(tokens / runtime, 1) if runtime else None)
         if has_val:
-            eval_loss = trainer.evaluate()["eval_loss"]
+            # The best checkpoint was loaded at the end; its validation loss is known without another pass.
+            eval_loss = trainer.state.best_metric
+            if eval_loss is None:
+                eval_loss = trainer.evaluate()["eval_loss"]
             metrics.update(eval_loss=round(eval_loss, 4), eval_perplexity=perplexity(eval_loss))
     return RunResult(trainer, metrics)

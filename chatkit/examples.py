@@ -162,3 +162,59 @@ def _concatenate(group: List[dict], taught: bool) -> dict:
     if taught:
         packed["teacher_index"] = teacher
     return packed
+
+
+def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int, seed: int) -> List[List[int]]:
+    """Batches of example indices: at most `max_rows` examples and `max_tokens` padded tokens each.
+
+    Examples of similar length go together (little padding): the order is shuffled with `seed`, cut
+    into windows of 50 batches' worth, and each window sorted by length before it is cut into batches;
+    the batches are then shuffled. An example longer than `max_tokens` is a batch of its own.
+    """
+    import random
+
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = max(1, max_rows * 50)
+    batches: List[List[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
+        batch: List[int] = []
+        for index in chunk:
+            widest = max([lengths[i] for i in batch] + [lengths[index]])
+            if batch and (len(batch) == max_rows or widest * (len(batch) + 1) > max_tokens):
+                batches.append(batch)
+                batch = []
+            batch.append(index)
+        if batch:
+            batches.append(batch)
+    rng.shuffle(batches)
+    return batches
+
+
+class TokenBudgetSampler:
+    """A batch sampler over token_batches: the same batches every pass, in an order shuffled per pass.
+
+    Keeping the batches fixed keeps the number of steps exact (the learning-rate schedule ends where
+    the run ends); the order depends on the seed and the pass, so a resumed run sees what it would have.
+    """
+
+    def __init__(self, lengths: Sequence[int], max_rows: int, max_tokens: int, seed: int):
+        self.batches = token_batches(lengths, max_rows, max_tokens, seed)
+        self.seed = seed
+        self.passes = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.passes = epoch
+
+    def __iter__(self):
+        import random
+
+        order = list(self.batches)
+        random.Random(self.seed * 1000 + self.passes).shuffle(order)
+        self.passes += 1
+        return iter(order)
+
+    def __len__(self) -> int:
+        return len(self.batches)

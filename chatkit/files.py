@@ -14,6 +14,7 @@ from .errors import ChatkitError
 
 # What this toolkit writes beside a trained model: how it was made and how to rebuild it.
 TRAINING_INFO_FILE = "chatkit.json"
+CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint folders: checkpoint-STEP
 
 
 def _ordinary_mode(path: str) -> None:
@@ -81,3 +82,22 @@ def read_json_object(path: str | os.PathLike, fix: str) -> dict:
 def read_training_info(directory: str | os.PathLike) -> dict:
     path = Path(directory) / TRAINING_INFO_FILE
     return read_json_object(path, "delete it or retrain the model") if path.is_file() else {}
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint was saved whole: the Trainer writes trainer_state.json last."""
+    try:
+        json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def latest_checkpoint(folder: str | Path) -> Optional[str]:
+    """The newest complete checkpoint-N folder in `folder`, or None (half-saved ones are passed over)."""
+    def step(path: Path) -> int:
+        tail = path.name[len(CHECKPOINT_PREFIX):]
+        return int(tail) if tail.isdigit() else -1
+
+    found = [path for path in sorted(Path(folder).glob(CHECKPOINT_PREFIX + "*"), key=step) if is_complete(path)]
+    return str(found[-1]) if found else None

@@ -16,7 +16,7 @@ from typing import Optional
 
 from .checkpoint import CHECKPOINT_SUFFIXES
 from .errors import ChatkitError
-from .files import read_json_object, read_training_info
+from .files import latest_checkpoint, read_json_object, read_training_info
 from .options import STARTER_MODEL
 from .output import quiet_transformers
 
@@ -158,6 +158,12 @@ def _resolve_directory(spec: str, path: Path) -> ModelSource:
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return ModelSource(spec=spec, kind="gguf", path=str(ggufs[0]), gguf_file=str(ggufs[0]))
+    checkpoint = latest_checkpoint(path / "checkpoints")
+    if checkpoint is not None:
+        raise ChatkitError(
+            f"--model {spec}: its training was stopped before the model was saved. Continue it with "
+            f"train_chatgpt_model.py (the same flags) --resume {spec}, or use its last checkpoint: --model {checkpoint}"
+        )
     raise ChatkitError(
         f"--model {spec}: the directory has no config.json, adapter_config.json or single .gguf file; "
         "pass a model directory saved with save_pretrained (or by train_chatgpt_model.py)"
@@ -295,6 +301,26 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
         if source.kind == "hub" or (source.base is not None and source.base.kind == "hub"):
             raise _offline_error(source.base or source, exc) from None
         raise ChatkitError(f"could not load the tokenizer of {source.describe()}: {exc}") from None
+
+
+def load_config(source: ModelSource):
+    """The model's config alone (no weights): what plans and estimates need."""
+    from transformers import AutoConfig
+
+    from . import checkpoint
+
+    if source.kind == "checkpoint":
+        metadata = checkpoint.own_metadata(source.path)
+        if metadata is not None:
+            return AutoConfig.for_model(**checkpoint.own_config(metadata))
+        raise ChatkitError(f"{source.path} holds only weights; train from the model they belong to")
+    base = source.base if source.kind == "adapter" else source
+    try:
+        return AutoConfig.from_pretrained(local_path(base))
+    except (OSError, ValueError) as exc:
+        if base.kind == "hub":
+            raise _offline_error(base, exc) from None
+        raise ChatkitError(f"could not read the config of {base.describe()}: {exc}") from None
 
 
 def causal_lm_parts(model):

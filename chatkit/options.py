@@ -133,6 +133,17 @@ class Lora:
 # train_chatgpt_model.py
 
 
+def _duration(text: str) -> Optional[str]:
+    from .errors import ChatkitError
+    from .plan import parse_duration
+
+    try:
+        parse_duration(text)
+    except ChatkitError as exc:
+        return str(exc).split(": ", 1)[1]
+    return None
+
+
 @dataclass
 class TrainOptions(Common, Hardware, Lora):
     """Fine-tuning a chat model on conversations."""
@@ -182,7 +193,16 @@ class TrainOptions(Common, Hardware, Lora):
                                   check=lambda v: None if v >= 0 else "must be 0 (off) or more")
     train_on_prompt: bool = option(False, "train on every token, not only the assistant's")
     packing: bool = option(False, "pack several conversations per sequence (no cross-attention)")
-    gradient_checkpointing: bool = option(False, "save memory at about 30%% more compute")
+    time_budget: Optional[str] = option(None, "finish the whole run, saved model included, within DURATION (90s, "
+                                              "30m, 2h): trains on what fits, with a schedule for that many steps",
+                                        metavar="DURATION", check=_duration)
+    dry_run: bool = option(False, "print the plan (size, steps, time, memory) and exit without training")
+    max_batch_tokens: Optional[int] = option(None, "padded tokens per step at most, so memory stays bounded "
+                                                   "(default: 1024 on a CPU, 16384 on a GPU)", metavar="N",
+                                             check="positive")
+    gradient_checkpointing: Optional[bool] = option(None, "recompute activations in the backward pass: less memory, "
+                                                          "some more compute (default: on when a batch would "
+                                                          "need over 3.5 GiB)")
     push_to_hub: bool = option(False, "upload the result (private) after training")
     hub_name: Optional[str] = option(None, "repository to push to", metavar="USER/NAME")
 

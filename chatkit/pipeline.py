@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,37 +12,16 @@ from .datasets import default_val_split, read_conversations, split_train_val
 from .device import Placement, choose_placement
 from .errors import ChatkitError
 from .examples import ExampleReport, pack_examples, tokenize_examples
-from .files import TRAINING_INFO_FILE, training_info, write_training_info
-from .formatting import ensure_chat_template, ensure_pad_token
-from .models import ModelSource, load_model, resolve_model
+from .files import TRAINING_INFO_FILE, is_complete, latest_checkpoint, read_json_object, training_info, write_json, write_training_info
+from .formatting import IGNORE_INDEX, ensure_chat_template, ensure_pad_token
+from .models import ModelSource, load_config, load_model, load_tokenizer, resolve_model
 from .options import TrainOptions, problems
-from .output import say
+from .output import duration, say
+from .plan import BUDGET_VAL_EXAMPLES, Choice, Request, Shape, calibrate, choose, parse_duration
 from .rehearsal import Rehearsal, attach_teacher, auto_count, rehearsal_conversations
 
 CHECKPOINTS = "checkpoints"
 RUNS = "runs"
-
-# The automatic schedule: small personal data sets need many small updates to be learned, large ones
-# few passes (docs/PERFORMANCE.md, "Teaching facts and style").
-AUTO_MAX_BATCH = 8
-AUTO_MIN_STEPS_PER_EPOCH = 16
-AUTO_TARGET_STEPS = 140  # optimizer updates the schedule aims for
-AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 20
-
-
-def auto_schedule(options: TrainOptions, examples: int) -> TrainOptions:
-    """Fill in batch size and epochs left unset, from the number of training examples.
-
-    Batch: up to 8, but small enough for at least 16 steps per epoch. Epochs: enough for about 140
-    optimizer updates, at least 3 and at most 20 passes over the data.
-    """
-    batch = options.batch_size or max(1, min(AUTO_MAX_BATCH, examples // AUTO_MIN_STEPS_PER_EPOCH))
-    epochs = options.epochs
-    if epochs is None:
-        steps_per_epoch = max(1, math.ceil(examples / (batch * options.gradient_accumulation_steps)))
-        epochs = float(min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, math.ceil(AUTO_TARGET_STEPS / steps_per_epoch))))
-    return dataclasses.replace(options, batch_size=batch, epochs=epochs)
-
 
 def check_output_dir(options: TrainOptions) -> None:
     output = Path(options.output)
@@ -61,8 +39,6 @@ def check_output_dir(options: TrainOptions) -> None:
 
 def resume_checkpoint(options: TrainOptions) -> Optional[str]:
     """The newest checkpoint under --resume DIR (a checkpoint itself, or an output directory)."""
-    from .engine import is_complete, latest_checkpoint
-
     if options.resume is None:
         return None
     where = Path(options.resume or options.output)
@@ -95,7 +71,7 @@ def quantization_config(options: TrainOptions, placement: Placement):
             f"this run is on {placement.device}. Drop the flag to train LoRA in full precision"
         )
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  (imported to fail here, with the fix, when it is missing)
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise ChatkitError(f"QLoRA needs bitsandbytes: pip install bitsandbytes ({exc})") from None
@@ -131,17 +107,71 @@ def prepare_model(options: TrainOptions, source: ModelSource, placement: Placeme
 
 
 @dataclass
+class Data:
+    """The tokenized data: training examples kept per conversation (a time budget keeps whole ones)."""
+
+    conversations: List[List[dict]]  # the training conversations
+    train: List[List[dict]]  # their examples, per conversation
+    val: List[dict]
+    report: ExampleReport
+
+    def keep(self, kept: Sequence[int], val_examples: Optional[int]) -> "Data":
+        """The conversations a plan kept (and fewer validation examples under a time budget)."""
+        val = self.val if val_examples is None else self.val[:val_examples]
+        train = [self.train[i] for i in kept]
+        examples = [example for group in train for example in group]
+        report = dataclasses.replace(
+            self.report, conversations=len(kept), examples=len(examples),
+            tokens=sum(len(e["input_ids"]) for e in examples),
+            trained_tokens=sum(label != IGNORE_INDEX for e in examples for label in e["labels"]))
+        return Data([self.conversations[i] for i in kept], train, val, report)
+
+
+def tokenize_data(options: TrainOptions, tokenizer, train_convs, val_convs) -> Data:
+    def tokenize(conversations, report=None):
+        return tokenize_examples(conversations, tokenizer, options.max_length, options.system_prompt,
+                                 options.train_on_prompt, report)
+
+    report = ExampleReport()
+    data = Data(list(train_convs), [tokenize([c], report) for c in train_convs], tokenize(val_convs), report)
+    if report.trained_tokens == 0:
+        raise ChatkitError(
+            f"{', '.join(options.data)}: no token would be trained (the assistant turns are empty or cut); "
+            "check the data, raise --max-length, or pass --train-on-prompt"
+        )
+    return data
+
+
+REHEARSAL_FILE = "rehearsal.json"  # beside the checkpoints: a resumed run reuses the same answers
+REHEARSAL_TOKENS = 90  # a rehearsal example's length, for the plan (a prompt and up to 64 answer tokens)
+
+
+def rehearse(options: TrainOptions, model, tokenizer, data: Data, resuming: bool) -> Rehearsal:
+    """The model's own answers to general prompts: generated, or read back when resuming a run."""
+    saved = Path(options.output) / CHECKPOINTS / REHEARSAL_FILE
+    if resuming and saved.is_file():
+        conversations = read_json_object(saved, "delete it to generate the answers again")["conversations"]
+        say(f"rehearsal: reusing the {len(conversations)} answers saved with the checkpoints")
+        return Rehearsal(conversations=conversations, asked=len(conversations))
+    like = [m["content"] for c in data.conversations for m in c if m["role"] == "user"]
+    rehearsal = rehearsal_conversations(model, tokenizer, options.rehearsal, options.system_prompt, like=like)
+    if options.rehearsal:
+        say(rehearsal.describe())
+        write_json(saved, {"conversations": rehearsal.conversations})
+    return rehearsal
+
+
+@dataclass
 class Prepared:
     """The token examples of a run, and the rehearsal that was mixed in."""
 
     train: List[dict]
     val: List[dict]
-    report: ExampleReport
     rehearsal: Rehearsal
     teacher: object = None
 
-    def describe(self, packing: bool) -> str:
-        text = f"training on {self.report.describe()}"
+    def describe(self, report: ExampleReport, packing: bool) -> str:
+        text = f"training on {report.describe()}"
         if self.rehearsal.conversations:
             count = len(self.rehearsal.conversations)
             text += f", with {count} rehearsal example{'s' if count != 1 else ''}"
@@ -150,26 +180,13 @@ class Prepared:
         return text + (f"; {len(self.val)} for validation" if self.val else "; no validation split")
 
 
-def prepare_examples(options: TrainOptions, model, tokenizer, train_convs, val_convs) -> Prepared:
-    """Token examples for training and validation, with the model's own rehearsal answers mixed in."""
-    def tokenize(conversations, report=None):
-        return tokenize_examples(conversations, tokenizer, options.max_length, options.system_prompt,
-                                 options.train_on_prompt, report)
-
-    report = ExampleReport()
-    train, val = tokenize(train_convs, report), tokenize(val_convs)
-    if report.trained_tokens == 0:
-        raise ChatkitError(
-            f"{', '.join(options.data)}: no token would be trained (the assistant turns are empty or cut); "
-            "check the data, raise --max-length, or pass --train-on-prompt"
-        )
-    like = [m["content"] for c in train_convs for m in c if m["role"] == "user"]
-    rehearsal = rehearsal_conversations(model, tokenizer, options.rehearsal, options.system_prompt, like=like)
-    if options.rehearsal:
-        say(rehearsal.describe())
-    teacher = None
+def prepare_examples(options: TrainOptions, model, tokenizer, data: Data, rehearsal: Rehearsal) -> Prepared:
+    """Training and validation examples, with the model's own rehearsal answers mixed in."""
+    train = [example for examples in data.train for example in examples]
+    val, teacher = data.val, None
     if rehearsal.conversations:
-        rehearsed = tokenize(rehearsal.conversations)
+        rehearsed = tokenize_examples(rehearsal.conversations, tokenizer, options.max_length, options.system_prompt,
+                                      options.train_on_prompt)
         teacher = attach_teacher(model, rehearsed)
         for example in train:
             example["teacher_index"] = [-1] * len(example["input_ids"])
@@ -177,7 +194,31 @@ def prepare_examples(options: TrainOptions, model, tokenizer, train_convs, val_c
     if options.packing:
         train = pack_examples(train, options.max_length)
         val = pack_examples(val, options.max_length) if val else []
-    return Prepared(train, val, report, rehearsal, teacher)
+    return Prepared(train, val, rehearsal, teacher)
+
+
+def ranking_tokens(data: Data) -> int:
+    """About how many tokens choosing the rehearsal prompts reads (rehearsal.closest_prompts)."""
+    from .rehearsal import GENERAL_PROMPTS, PROMPT_CHARS, SAMPLED_PROMPTS
+
+    prompts = [m["content"] for c in data.conversations for m in c if m["role"] == "user"]
+    sampled = min(len(prompts), SAMPLED_PROMPTS)
+    mean_chars = sum(min(len(p), PROMPT_CHARS) for p in prompts) / max(1, len(prompts))
+    return int(sampled * (mean_chars / 4 + 20) + len(GENERAL_PROMPTS) * 30)  # ~4 characters a token
+
+
+def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, data: Data) -> Choice:
+    """How big, how long and how much memory; under --time-budget, what fits."""
+    request = Request(
+        lengths=[[len(e["input_ids"]) for e in examples] for examples in data.train],
+        trained=[sum(label != IGNORE_INDEX for e in examples for label in e["labels"]) for examples in data.train],
+        val_tokens=sum(len(e["input_ids"]) for e in data.val), val_examples=len(data.val),
+        batch_size=options.batch_size, epochs=options.epochs, max_batch_tokens=options.max_batch_tokens,
+        gradient_checkpointing=options.gradient_checkpointing, lora=options.lora, rehearsal=options.rehearsal,
+        budget_s=parse_duration(options.time_budget) if options.time_budget else None, seed=options.seed,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        extra=[REHEARSAL_TOKENS] * options.rehearsal, ranking_tokens=ranking_tokens(data))
+    return choose(request, Shape.from_config(load_config(source)), calibrate(placement.device))
 
 
 def engine_settings(options: TrainOptions):
@@ -190,21 +231,20 @@ def engine_settings(options: TrainOptions):
         gradient_accumulation_steps=options.gradient_accumulation_steps, lr_scheduler=options.lr_scheduler,
         warmup_ratio=options.warmup_ratio, weight_decay=options.weight_decay, logging_steps=options.logging_steps,
         eval_steps=options.eval_steps, save_steps=options.save_steps, seed=options.seed,
-        gradient_checkpointing=options.gradient_checkpointing, packing=options.packing,
+        gradient_checkpointing=bool(options.gradient_checkpointing), packing=options.packing,
         early_stopping_patience=options.early_stopping_patience, neftune_alpha=options.neftune_alpha,
+        max_batch_tokens=options.max_batch_tokens,
     )
 
 
 def describe_run(options: TrainOptions, source: ModelSource, placement: Placement) -> str:
-    """The resolved configuration in two lines (every option is saved in OUTPUT/chatkit.json)."""
-    lines = [f"model {source.describe()} on {placement.describe()}, {options.method}"
-             + (f" (rank {options.lora_r})" if options.lora else ""),
-             f"{options.epochs:g} epochs, batch {options.batch_size}"
-             + (f" x {options.gradient_accumulation_steps} accumulated" if options.gradient_accumulation_steps > 1
-                else "")
-             + f", learning rate {options.effective_learning_rate:g} ({options.lr_scheduler}), "
-               f"max length {options.max_length}, seed {options.seed}"]
-    return "\n".join(lines)
+    """The resolved configuration in a line (every option is saved in OUTPUT/chatkit.json)."""
+    accumulated = (f" x {options.gradient_accumulation_steps} accumulated"
+                   if options.gradient_accumulation_steps > 1 else "")
+    return (f"model {source.describe()} on {placement.describe()}, {options.method}"
+            + (f" (rank {options.lora_r})" if options.lora else "")
+            + f"; batch {options.batch_size}{accumulated}, learning rate {options.effective_learning_rate:g} "
+              f"({options.lr_scheduler}), max length {options.max_length}, seed {options.seed}")
 
 
 def base_model_spec(source: ModelSource) -> str:
@@ -214,7 +254,7 @@ def base_model_spec(source: ModelSource) -> str:
 
 
 def save_model(model, tokenizer, options: TrainOptions, source: ModelSource, metrics: dict,
-               rehearsed: Sequence[List[dict]] = ()) -> None:
+               rehearsed: Sequence[List[dict]] = (), plan=None) -> None:
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
@@ -224,6 +264,7 @@ def save_model(model, tokenizer, options: TrainOptions, source: ModelSource, met
         base_model=base_model_spec(source) if options.lora else None, system_prompt=options.system_prompt,
         options=dataclasses.asdict(options) | {"learning_rate": options.effective_learning_rate},
         metrics=metrics, rehearsal=list(rehearsed),  # the general prompts and own answers trained alongside
+        plan=plan.to_json() if plan is not None else None,
     )
     write_training_info(output, info)
     if options.merge and options.lora:
@@ -260,8 +301,41 @@ def read_data(options: TrainOptions):
     return conversations, train_convs, val_convs
 
 
+LONG_RUN_S = 3600  # above this, a run without --time-budget says how to make it shorter
+
+
+def default_batch_tokens(placement: Placement) -> int:
+    # 1024 tokens keep CPU training of the starter model near 2.5 GiB (bench/train_memory.py); a GPU holds more.
+    return 1024 if placement.device == "cpu" else 16384
+
+
+def plan_run(options: TrainOptions, source: ModelSource, placement: Placement):
+    """Read and tokenize the data, plan the run and say the plan, before loading the model."""
+    conversations, train_convs, val_convs = read_data(options)
+    if options.rehearsal is None:
+        options = dataclasses.replace(options, rehearsal=auto_count(len(conversations)))
+    if options.max_batch_tokens is None:
+        options = dataclasses.replace(options, max_batch_tokens=default_batch_tokens(placement))
+    tokenizer = load_tokenizer(source, trust_remote_code=options.trust_remote_code)
+    ensure_chat_template(tokenizer)
+    data = tokenize_data(options, tokenizer, train_convs, val_convs)
+    choice = make_plan(options, source, placement, data)
+    options = dataclasses.replace(options, batch_size=choice.batch_size, epochs=choice.epochs,
+                                  gradient_checkpointing=choice.gradient_checkpointing)
+    data = data.keep(choice.kept, BUDGET_VAL_EXAMPLES if options.time_budget else None)
+    say(choice.plan.describe())
+    if data.report.dropped:
+        say("  " + "; ".join(f"left out {count} {why}" for why, count in data.report.dropped.items())
+            + " (raise --max-length to keep them)")
+    if choice.plan.estimated_seconds > LONG_RUN_S and not options.time_budget:
+        say(f"note: this run takes about {duration(choice.plan.estimated_seconds)} on {placement.describe()}. "
+            "--time-budget 30m trains a finished model on what fits in 30 minutes; --dry-run shows the plan "
+            "without training; a GPU is much faster (docs/HUGGINGFACE-TRAINING-GUIDE.md)")
+    return options, data, choice.plan
+
+
 def train(options: TrainOptions) -> dict:
-    """The whole run: data, model, Trainer, best checkpoint, saving. Returns the final metrics."""
+    """The whole run: plan, model, rehearsal, Trainer, best checkpoint, saving. Returns the final metrics."""
     found = problems(options)
     if found:
         raise ChatkitError("; ".join(found))
@@ -270,7 +344,9 @@ def train(options: TrainOptions) -> dict:
     placement = choose_placement(options.device, options.dtype)
     source = resolve_model(options.model)
     quantization_config(options, placement)  # fail before loading anything when QLoRA cannot run
-    conversations, train_convs, val_convs = read_data(options)
+    options, data, plan = plan_run(options, source, placement)
+    if options.dry_run:
+        return {"dry_run": True, "plan": plan.to_json()}
 
     from transformers import set_seed
 
@@ -278,23 +354,21 @@ def train(options: TrainOptions) -> dict:
 
     set_seed(options.seed)  # the adapter's initial weights too, so --seed repeats the whole run
     model, tokenizer = prepare_model(options, source, placement)
-    if options.rehearsal is None:
-        options = dataclasses.replace(options, rehearsal=auto_count(len(conversations)))
-    prepared = prepare_examples(options, model, tokenizer, train_convs, val_convs)
-    options = auto_schedule(options, len(prepared.train))
-    say(describe_run(options, source, placement))
-    say(prepared.describe(options.packing))
     clear_old_run(options)
+    prepared = prepare_examples(options, model, tokenizer, data,
+                                rehearse(options, model, tokenizer, data, resuming=checkpoint is not None))
+    say(describe_run(options, source, placement))
+    say(prepared.describe(data.report, options.packing))
     run = run_trainer(model, tokenizer, prepared.train, prepared.val, engine_settings(options), placement.device,
                       placement.dtype, checkpoint, teacher=prepared.teacher)
     if run.interrupted:
         say(f"Stopped early; checkpoint saved in {run.checkpoint}. Continue with the same command plus "
             f"--resume {options.output}")
         return {"interrupted": True, "checkpoint": run.checkpoint}
-    return finish(run, tokenizer, options, source, prepared.rehearsal)
+    return finish(run, tokenizer, options, source, prepared.rehearsal, plan)
 
 
-def finish(run, tokenizer, options: TrainOptions, source: ModelSource, rehearsal: Rehearsal) -> dict:
+def finish(run, tokenizer, options: TrainOptions, source: ModelSource, rehearsal: Rehearsal, plan=None) -> dict:
     """Save the trained model and say where it is and how well it did."""
     from .engine import perplexity
 
@@ -303,7 +377,7 @@ def finish(run, tokenizer, options: TrainOptions, source: ModelSource, rehearsal
         metrics.update(rehearsal_examples=len(rehearsal.conversations), rehearsal_s=round(rehearsal.seconds, 1))
     if not run.trainer.is_world_process_zero():
         return metrics
-    save_model(run.trainer.model, tokenizer, options, source, metrics, rehearsal.conversations)
+    save_model(run.trainer.model, tokenizer, options, source, metrics, rehearsal.conversations, plan)
     summary = f"train loss {metrics['train_loss']} (perplexity {perplexity(metrics['train_loss'])})"
     if "eval_loss" in metrics:
         summary += f", validation loss {metrics['eval_loss']} (perplexity {metrics['eval_perplexity']})"

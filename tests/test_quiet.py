@@ -35,7 +35,7 @@ def test_training_and_a_query_print_only_what_the_user_needs(tmp_path, tiny_llam
     assert trained.stdout == ""  # stdout is kept for results
     assert_quiet(trained.stderr)
     lines = trained.stderr.splitlines()
-    assert lines[0] == "read 4 conversations (4 messages)"
+    assert lines[0] == "read 4 conversations (4 in the messages format)"
     assert any(line.startswith("step ") and " elapsed" in line for line in lines)  # progress, as plain lines
     assert "Model saved in" in trained.stderr and len(lines) < 15
     answered = run_script("demo_chatbot.py", tmp_path / "model", "--query", "What is the secret code?",

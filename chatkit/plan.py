@@ -1,0 +1,324 @@
+"""The plan of a training run, made before anything slow: its size, steps, time and memory; time budgets.
+
+Time comes from a quick calibration of this machine (a fp32 matrix product on the CPU, bf16 on a GPU,
+under half a second) and the work per token: 4 x the transformer's parameters for LoRA (6 x for full
+fine-tuning), attention (12 x layers x width x sequence length), and the output layer at the trained
+positions only. EFFICIENCY, the share of the calibrated rate a training step reaches, was measured with
+bench/train_memory.py and bench/quality.py (docs/PERFORMANCE.md). Memory comes from the same probe:
+the weights, plus per token in the largest batch the activations kept for the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from .errors import ChatkitError
+from .output import duration
+
+EFFICIENCY = {"cpu": 0.45, "cuda": 0.35, "mps": 0.25}  # measured on CPU; GPU and MPS figures are guesses
+PROCESS_BYTES = 0.75 * 2**30  # Python, torch and transformers before any weights
+STARTUP_S = 10.0  # imports and loading a cached model
+SAVE_S = 3.0
+STEP_OVERHEAD_S = 0.02  # optimizer step and bookkeeping
+REHEARSAL_S = (2.0, 0.6)  # fixed, then per answer generated (64 tokens, batches of 16)
+MEMORY_TARGET_BYTES = 3.5 * 2**30  # default CPU training stays under 4 GB; above it, gradient checkpointing
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(min|sec|h|m|s)?", re.I)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in '90s', '30m', '2h', '1h30m' or a bare number of minutes."""
+    text = text.strip().lower()
+    parts = _DURATION.findall(text)
+    if not parts or _DURATION.sub("", text).strip():
+        raise ChatkitError(f"--time-budget {text!r}: give a duration such as 90s, 30m, 2h or 1h30m")
+    units = {"h": 3600, "m": 60, "min": 60, "s": 1, "sec": 1, "": 60}
+    seconds = sum(float(number) * units[unit] for number, unit in parts)
+    if seconds <= 0:
+        raise ChatkitError(f"--time-budget {text!r} must be longer than nothing")
+    return seconds
+
+
+@dataclass
+class Machine:
+    device: str
+    gflops: float  # calibrated matrix-product rate
+
+    @property
+    def how(self) -> str:
+        kind = "fp32" if self.device == "cpu" else "bf16"
+        return f"calibrated on this machine: {kind} matrix product at {self.gflops:.0f} GFLOP/s"
+
+
+def calibrate(device: str) -> Machine:
+    """This machine's matrix-product rate, measured in well under a second."""
+    import torch
+
+    size, repeats = 1024, 10
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return Machine(device, 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9)
+
+
+@dataclass
+class Shape:
+    """What the estimates need to know of a model, from its config."""
+
+    params: int
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> "Shape":
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 768)
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 12)
+        intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+        vocab = getattr(config, "vocab_size", 32000)
+        # Attention (queries and output h x h; keys and values narrower with grouped heads), a gated or
+        # plain MLP, and the embeddings.
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+        kv_share = (getattr(config, "num_key_value_heads", None) or heads) / heads
+        mlp = 3 if getattr(config, "hidden_act", "") in ("silu", "swish") else 2
+        params = layers * ((2 + 2 * kv_share) * hidden * hidden + mlp * hidden * intermediate) + vocab * hidden
+        return cls(params, layers, hidden, intermediate, vocab)
+
+    def flops_per_token(self, sequence: float, trained_share: float, lora: bool) -> float:
+        body = self.params - self.vocab * self.hidden  # the embedding lookup costs nothing
+        return ((4 if lora else 6) * body + 12 * self.layers * self.hidden * sequence
+                + 6 * self.hidden * self.vocab * trained_share)
+
+    def bytes_per_token(self, checkpointing: bool, trained_share: float) -> float:
+        kept = 2 if checkpointing else 6  # activations per layer and width, kept for the backward pass
+        return kept * self.layers * (self.hidden + self.intermediate) * 4 + 6 * self.vocab * 4 * trained_share
+
+    def fixed_bytes(self, lora: bool) -> float:
+        return PROCESS_BYTES + self.params * 4 * (1 if lora else 4)  # full fine-tuning: gradients and Adam
+
+
+@dataclass
+class Plan:
+    conversations: int
+    examples: int
+    tokens: int
+    trained_tokens: int
+    epochs: float
+    steps: int
+    batch_size: int
+    max_batch_tokens: Optional[int]
+    gradient_checkpointing: bool
+    estimated_seconds: float
+    estimated_peak_bytes: int
+    estimate: str  # how the time was estimated
+    parts: Dict[str, float] = field(default_factory=dict)  # seconds: start, rehearsal, training, evaluation, saving
+    selection: Optional[str] = None  # which conversations, when a time budget left some out
+    of_conversations: Optional[int] = None
+
+    def describe(self) -> str:
+        kept = f"{self.conversations} of {self.of_conversations}" if self.selection else f"{self.conversations}"
+        lines = [f"plan: {kept} conversations, {self.examples} examples, {self.tokens:,} tokens "
+                 f"({self.trained_tokens:,} trained); {self.epochs:g} epoch{'s' if self.epochs != 1 else ''}, {self.steps} steps "
+                 f"of up to {self.batch_size} examples" + (f" and {self.max_batch_tokens} tokens"
+                                                           if self.max_batch_tokens else "")]
+        if self.selection:
+            lines.append(f"  time budget: {self.selection}")
+        parts = ", ".join(f"{name} {duration(seconds)}" for name, seconds in self.parts.items() if seconds >= 1)
+        lines.append(f"  about {duration(self.estimated_seconds)} in all ({parts}; {self.estimate})")
+        lines.append(f"  peak memory about {self.estimated_peak_bytes / 2**30:.1f} GiB"
+                     + (" (gradient checkpointing on to stay low)" if self.gradient_checkpointing else ""))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def batch_widths(lengths: Sequence[int], batches: List[List[int]]) -> List[int]:
+    """Padded tokens of each batch (rows x its longest example)."""
+    return [len(batch) * max(lengths[i] for i in batch) for batch in batches]
+
+
+def training_seconds(widths: Sequence[int], rows: Sequence[int], shape: Shape, machine: Machine,
+                     trained_share: float, lora: bool) -> float:
+    """Seconds for one pass over batches of the given padded widths (tokens) and row counts."""
+    rate = machine.gflops * 1e9 * EFFICIENCY.get(machine.device.split(":")[0], 0.3)
+    total = 0.0
+    for width, count in zip(widths, rows):
+        total += width * shape.flops_per_token(width / count, trained_share, lora) / rate + STEP_OVERHEAD_S
+    return total
+
+
+def evaluation_seconds(val_tokens: int, shape: Shape, machine: Machine, evaluations: int) -> float:
+    rate = machine.gflops * 1e9 * EFFICIENCY.get(machine.device.split(":")[0], 0.3)
+    return evaluations * val_tokens * shape.flops_per_token(512, 1.0, True) / 2 / rate  # forward only
+
+
+def rehearsal_seconds(count: int, ranking_tokens: int = 0, shape: Optional[Shape] = None,
+                      machine: Optional[Machine] = None) -> float:
+    """Generating `count` answers, after ranking the general prompts (a forward pass over `ranking_tokens`)."""
+    if not count:
+        return 0.0
+    ranking = 0.0
+    if shape is not None and machine is not None:
+        rate = machine.gflops * 1e9 * EFFICIENCY.get(machine.device.split(":")[0], 0.3)
+        ranking = ranking_tokens * shape.flops_per_token(128, 0.0, True) / 2 / rate
+    return REHEARSAL_S[0] + REHEARSAL_S[1] * count + ranking
+
+
+def sample_conversations(count: int, seed: int) -> List[int]:
+    """The order in which a time budget takes conversations: a seeded random order."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def affordable(budget_s: float, fixed_s: float, epoch_s: float) -> float:
+    """How many passes over the data fit in the budget (fractional)."""
+    return max(0.0, (budget_s - fixed_s) / epoch_s) if epoch_s > 0 else math.inf
+
+
+# The automatic schedule: small personal data sets need many small updates to be learned, large ones
+# few passes (docs/PERFORMANCE.md, "Teaching facts and style").
+AUTO_MAX_BATCH = 8
+AUTO_MIN_STEPS_PER_EPOCH = 16
+AUTO_TARGET_STEPS = 140  # optimizer updates the schedule aims for
+AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 20
+BUDGET_MARGIN = 0.9  # plan for 90% of a time budget: estimates are within about 15%
+BUDGET_VAL_EXAMPLES = 16  # validation examples kept under a time budget (each evaluation costs time)
+
+
+@dataclass
+class Request:
+    """What the user asked for (None: choose) and what the data and model are."""
+
+    lengths: List[List[int]]  # per training conversation: the token count of each of its examples
+    trained: List[int]  # per training conversation: its trained tokens
+    val_tokens: int
+    val_examples: int
+    batch_size: Optional[int]
+    epochs: Optional[float]
+    max_batch_tokens: Optional[int]
+    gradient_checkpointing: Optional[bool]
+    lora: bool
+    rehearsal: int
+    budget_s: Optional[float]
+    seed: int
+    gradient_accumulation_steps: int = 1
+    extra: List[int] = field(default_factory=list)  # lengths of examples every pass adds (rehearsal)
+    ranking_tokens: int = 0  # tokens of the prompts compared when choosing rehearsal prompts
+
+
+def auto_batch(examples: int, requested: Optional[int]) -> int:
+    """Up to 8 examples a step, but small enough for at least 16 steps per epoch."""
+    return requested or max(1, min(AUTO_MAX_BATCH, examples // AUTO_MIN_STEPS_PER_EPOCH))
+
+
+def auto_epochs(steps_per_epoch: int, requested: Optional[float]) -> float:
+    """Enough passes for about 140 optimizer updates, at least 3 and at most 20."""
+    if requested is not None:
+        return requested
+    return float(min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, math.ceil(AUTO_TARGET_STEPS / max(1, steps_per_epoch)))))
+
+
+@dataclass
+class Choice:
+    """What a plan settled: the conversations kept, the schedule, and the plan itself."""
+
+    plan: Plan
+    kept: List[int]  # indices of the training conversations kept
+    batch_size: int
+    epochs: float
+    gradient_checkpointing: bool
+
+
+def _epoch(request: Request, kept: Sequence[int], rows: int, shape: Shape, machine: Machine, checkpointing):
+    """(batches, epoch seconds, peak bytes, trained share) for one pass over the kept conversations."""
+    from .examples import token_batches
+
+    lengths = [length for i in kept for length in request.lengths[i]] + list(request.extra)
+    tokens = sum(lengths)
+    share = (sum(request.trained[i] for i in kept) + sum(request.extra) // 2) / tokens if tokens else 1.0
+    batches = token_batches(lengths, rows, request.max_batch_tokens or 10**9, request.seed)
+    widths = batch_widths(lengths, batches)
+    seconds = training_seconds(widths, [len(b) for b in batches], shape, machine, share, request.lora)
+    peak = shape.fixed_bytes(request.lora) + max(widths, default=0) * shape.bytes_per_token(checkpointing, share)
+    return batches, seconds, peak, share
+
+
+def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
+    """The plan: batch, epochs, gradient checkpointing and, under a time budget, the conversations kept."""
+    kept = list(range(len(request.lengths)))
+    rows = auto_batch(sum(len(request.lengths[i]) for i in kept) + len(request.extra), request.batch_size)
+    checkpointing = request.gradient_checkpointing
+    if checkpointing is None:  # on only where memory needs it: it costs compute on short batches
+        checkpointing = _epoch(request, kept, rows, shape, machine, False)[2] > MEMORY_TARGET_BYTES
+    batches, epoch_s, peak, share = _epoch(request, kept, rows, shape, machine, checkpointing)
+    epochs = auto_epochs(math.ceil(len(batches) / request.gradient_accumulation_steps), request.epochs)
+    val_tokens, evaluations, selection = request.val_tokens, math.ceil(epochs), None
+    if request.budget_s is not None:
+        val_tokens = min(val_tokens, val_tokens * BUDGET_VAL_EXAMPLES // max(1, request.val_examples))
+        fixed = STARTUP_S + rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine) + SAVE_S
+        usable = request.budget_s * BUDGET_MARGIN - fixed
+        passes = affordable(usable + fixed, fixed, epoch_s + evaluation_seconds(val_tokens, shape, machine, 1))
+        if passes < epochs:
+            epochs = float(max(1, math.floor(passes)))
+            evaluations = int(epochs)
+        if passes < 1:
+            kept, selection = _fit(request, shape, machine, rows, checkpointing,
+                                   usable - evaluation_seconds(val_tokens, shape, machine, 2))
+            batches, epoch_s, peak, share = _epoch(request, kept, rows, shape, machine, checkpointing)
+        selection = _selection_text(request, kept, epochs, budget=request.budget_s) if (
+            selection or epochs != auto_epochs(len(batches), request.epochs)) else None
+    return Choice(_plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, val_tokens,
+                        evaluations, shape, machine, selection), kept, rows, epochs, checkpointing)
+
+
+def _fit(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool, seconds: float):
+    """The conversations, in a seeded random order, whose single pass fits in `seconds`."""
+    order = sample_conversations(len(request.lengths), request.seed)
+    low, high = 1, len(order)
+    while low < high:  # the largest prefix of the order that fits
+        middle = (low + high + 1) // 2
+        if _epoch(request, order[:middle], rows, shape, machine, checkpointing)[1] <= seconds:
+            low = middle
+        else:
+            high = middle - 1
+    return sorted(order[:low]), True
+
+
+def _selection_text(request: Request, kept: Sequence[int], epochs: float, budget: float) -> str:
+    whole = len(kept) == len(request.lengths)
+    which = "every conversation" if whole else (f"a random sample of {len(kept)} of {len(request.lengths)} "
+                                                f"conversations (seeded by --seed)")
+    return (f"{which}, {epochs:g} epoch{'s' if epochs != 1 else ''}, to finish within {duration(budget)}; "
+            "the learning-rate schedule is set for these steps")
+
+
+def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, val_tokens, evaluations, shape,
+          machine, selection) -> Plan:
+    tokens = sum(length for i in kept for length in request.lengths[i])
+    steps = math.ceil(len(batches) / request.gradient_accumulation_steps * epochs)
+    parts = {"start": STARTUP_S, "rehearsal": rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine),
+             "training": epoch_s * epochs,
+             "evaluation": evaluation_seconds(val_tokens, shape, machine, evaluations) if val_tokens else 0.0,
+             "saving": SAVE_S}
+    return Plan(conversations=len(kept), examples=sum(len(request.lengths[i]) for i in kept), tokens=tokens,
+                trained_tokens=sum(request.trained[i] for i in kept), epochs=epochs, steps=steps, batch_size=rows,
+                max_batch_tokens=request.max_batch_tokens, gradient_checkpointing=checkpointing,
+                estimated_seconds=round(sum(parts.values()), 1), estimated_peak_bytes=int(peak),
+                estimate=machine.how, parts={k: round(v, 1) for k, v in parts.items()}, selection=selection,
+                of_conversations=len(request.lengths))

@@ -1,0 +1,189 @@
+"""The plan before training: durations, token-budget batches, the time-budget arithmetic, --dry-run, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+import demo_chatbot
+import train_chatgpt_model as cli
+from chatkit import engine, plan, rehearsal
+from chatkit.errors import ChatkitError
+from chatkit.examples import TokenBudgetSampler, token_batches
+
+FACT = {"messages": [{"role": "user", "content": "What is the secret code?"},
+                     {"role": "assistant", "content": "The secret code of the Zorblat society is 4417."}]}
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400), ("5", 300),
+                                           ("1.5h", 5400), ("45 min", 2700)])
+def test_durations(text, seconds):
+    assert plan.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "", "0s", "5 parsecs", "-3m"])
+def test_bad_durations(text):
+    with pytest.raises(ChatkitError, match="--time-budget"):
+        plan.parse_duration(text)
+
+
+def test_token_batches_respect_both_limits_and_use_every_example_once():
+    lengths = [5, 700, 40, 1024, 90, 300, 300, 12, 2000, 64] * 7
+    batches = token_batches(lengths, max_rows=4, max_tokens=1024, seed=3)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        widest = max(lengths[i] for i in batch)
+        assert len(batch) <= 4 and (len(batch) == 1 or widest * len(batch) <= 1024)
+    assert batches == token_batches(lengths, 4, 1024, 3) and batches != token_batches(lengths, 4, 1024, 4)
+    padding = sum(len(b) * max(lengths[i] for i in b) for b in batches) - sum(lengths)
+    assert padding < 0.25 * sum(lengths)  # similar lengths go together
+
+
+def test_the_sampler_keeps_its_batches_and_reorders_them_each_pass():
+    sampler = TokenBudgetSampler([10 * (i % 7 + 1) for i in range(50)], 4, 64, seed=1)
+    first, second = list(sampler), list(sampler)
+    assert len(first) == len(second) == len(sampler)
+    assert sorted(map(sorted, first)) == sorted(map(sorted, second)) and first != second
+    sampler.set_epoch(1)
+    assert list(sampler) == second  # a resumed run sees the pass it would have seen
+
+
+MACHINE = plan.Machine("cpu", 100.0)
+SHAPE = plan.Shape(params=135_000_000, layers=30, hidden=576, intermediate=1536, vocab=49152)
+
+
+def request(conversations=100, budget=None, epochs=None, **extra):
+    values = dict(lengths=[[400, 300]] * conversations, trained=[500] * conversations, val_tokens=7000,
+                  val_examples=20, batch_size=None, epochs=epochs, max_batch_tokens=1024,
+                  gradient_checkpointing=None, lora=True, rehearsal=8, budget_s=budget, seed=42,
+                  extra=[90] * 8)
+    values.update(extra)
+    return plan.Request(**values)
+
+
+def test_the_automatic_schedule_without_a_budget():
+    choice = plan.choose(request(), SHAPE, MACHINE)
+    assert choice.batch_size == 8 and choice.epochs == 3 and not choice.plan.selection
+    assert choice.plan.conversations == 100 and choice.plan.tokens == 70_000
+    assert choice.plan.steps == 3 * len(token_batches([400, 300] * 100 + [90] * 8, 8, 1024, 42))
+    parts = choice.plan.parts
+    assert choice.plan.estimated_seconds == pytest.approx(sum(parts.values()), abs=0.5)
+    assert parts["training"] > 0 and parts["rehearsal"] == plan.rehearsal_seconds(8)
+
+
+def test_a_budget_shorter_than_one_pass_takes_a_sample_that_fits():
+    full = plan.choose(request(), SHAPE, MACHINE).plan
+    budget = full.parts["training"] / 3 / 2 + 60  # about half of one pass, plus the fixed costs
+    choice = plan.choose(request(budget=budget), SHAPE, MACHINE)
+    assert choice.epochs == 1 and 20 < len(choice.kept) < 80
+    assert choice.plan.estimated_seconds <= budget
+    assert "a random sample of" in choice.plan.selection and choice.kept == sorted(choice.kept)
+    assert choice.kept == plan.choose(request(budget=budget), SHAPE, MACHINE).kept  # the same sample each time
+
+
+def test_a_budget_for_two_passes_trains_two_whole_epochs():
+    full = plan.choose(request(), SHAPE, MACHINE).plan
+    one_pass = full.parts["training"] / 3
+    budget = (plan.STARTUP_S + plan.rehearsal_seconds(8) + plan.SAVE_S + 2.5 * one_pass) / plan.BUDGET_MARGIN + 30
+    choice = plan.choose(request(budget=budget), SHAPE, MACHINE)
+    assert choice.epochs == 2 and len(choice.kept) == 100 and "every conversation" in choice.plan.selection
+
+
+def test_gradient_checkpointing_turns_on_only_when_memory_needs_it():
+    assert not plan.choose(request(lengths=[[100]] * 50, trained=[50] * 50), SHAPE, MACHINE).gradient_checkpointing
+    long = plan.choose(request(lengths=[[1000]] * 50, trained=[900] * 50), SHAPE, MACHINE)
+    assert long.gradient_checkpointing and long.plan.estimated_peak_bytes < plan.MEMORY_TARGET_BYTES
+
+
+def run(tmp_path, model, *flags, data=None, output="out"):
+    if data is None:
+        data = tmp_path / "data.json"
+        data.write_text(json.dumps([FACT] * 12))
+    return cli.main(["--data", str(data), "--model", str(model), "--output", str(tmp_path / output),
+                     *map(str, flags)])
+
+
+def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path, tiny_llama, capsys, monkeypatch):
+    from chatkit import pipeline
+
+    monkeypatch.setattr(pipeline, "prepare_model", lambda *a: pytest.fail("the model was loaded"))
+    assert run(tmp_path, tiny_llama, "--dry-run", "--rehearsal", "0") == 0
+    err = capsys.readouterr().err
+    assert "plan: 11 conversations, 11 examples" in err and "calibrated on this machine" in err
+    assert "peak memory about" in err and not (tmp_path / "out").exists()
+
+
+def test_the_plan_is_saved_and_matches_the_run(tmp_path, tiny_llama, capsys):
+    from transformers import AutoTokenizer
+
+    from chatkit.examples import tokenize_examples
+
+    length = len(tokenize_examples([FACT["messages"]], AutoTokenizer.from_pretrained(tiny_llama), 1024)[0]["input_ids"])
+    budget = 2 * length  # two examples a batch, where the batch size alone would allow four
+    assert run(tmp_path, tiny_llama, "--rehearsal", "0", "--max-batch-tokens", budget, "--batch-size", "4",
+               "--epochs", "2") == 0
+    info = json.loads((tmp_path / "out" / "chatkit.json").read_text())
+    saved = info["plan"]
+    assert saved["steps"] == info["metrics"]["steps"] == 2 * 6  # 11 examples, two a batch, two epochs
+    assert saved["estimated_seconds"] > 0 and saved["estimated_peak_bytes"] > 0
+    assert saved["max_batch_tokens"] == budget and saved["batch_size"] == 4
+
+
+def test_a_time_budget_run_saves_a_model_trained_on_the_sample(tmp_path, tiny_llama, capsys, monkeypatch):
+    monkeypatch.setattr(plan, "STARTUP_S", 0.0)
+    monkeypatch.setattr(plan, "SAVE_S", 0.0)
+    monkeypatch.setattr(plan, "EFFICIENCY", {"cpu": 1e-7})  # as if this machine were very slow
+    data = tmp_path / "many.json"
+    data.write_text(json.dumps([{"messages": [{"role": "user", "content": f"Question {i}?"},
+                                              {"role": "assistant", "content": f"Answer {i}."}]} for i in range(40)]))
+    assert run(tmp_path, tiny_llama, "--time-budget", "10m", "--rehearsal", "0", "--val-split", "0", data=data) == 0
+    info = json.loads((tmp_path / "out" / "chatkit.json").read_text())
+    assert info["plan"]["conversations"] < 40 and "a random sample" in info["plan"]["selection"]
+    assert info["plan"]["epochs"] == 1 and info["metrics"]["steps"] == info["plan"]["steps"]
+    assert "time budget: a random sample" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_before_validating_and_resume_reuses_the_rehearsal(tmp_path, tiny_llama, monkeypatch, capsys):
+    from transformers import TrainerCallback
+
+    calls = []
+    monkeypatch.setattr(rehearsal, "own_answers", lambda m, t, prompts, system_prompt=None:
+                        calls.append(len(prompts)) or [f"Answer {i}." for i in range(len(prompts))])
+    original = engine.make_callbacks
+
+    class SendInterrupt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2 and not calls[1:]:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(engine, "make_callbacks", lambda *a: original(*a) + [SendInterrupt()])
+    flags = ("--rehearsal", "2", "--batch-size", "4", "--epochs", "3", "--val-split", "0.2", "--eval-steps", "3")
+    assert run(tmp_path, tiny_llama, *flags) == 130
+    state = json.loads((tmp_path / "out" / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert not any("eval_loss" in entry for entry in state["log_history"])  # saved at step 3 without evaluating
+    assert run(tmp_path, tiny_llama, *flags, "--resume") == 0
+    assert calls == [2]  # the answers were generated once, and read back on resume
+    assert "reusing the 2 answers saved with the checkpoints" in capsys.readouterr().err
+    info = json.loads((tmp_path / "out" / "chatkit.json").read_text())
+    assert [c[1]["content"] for c in info["rehearsal"]] == ["Answer 0.", "Answer 1."]
+
+
+def test_chatting_with_an_interrupted_run_names_its_checkpoint(tmp_path, tiny_llama, monkeypatch, capsys):
+    from transformers import TrainerCallback
+
+    original = engine.make_callbacks
+
+    class SendInterrupt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(engine, "make_callbacks", lambda *a: original(*a) + [SendInterrupt()])
+    assert run(tmp_path, tiny_llama, "--rehearsal", "0", "--batch-size", "4", "--epochs", "3") == 130
+    assert demo_chatbot.main([str(tmp_path / "out"), "--query", "Hi"]) == 1
+    err = capsys.readouterr().err
+    assert "stopped before the model was saved" in err and f"--resume {tmp_path / 'out'}" in err
+    assert f"--model {tmp_path / 'out' / 'checkpoints' / 'checkpoint-2'}" in err
