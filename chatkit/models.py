@@ -349,10 +349,12 @@ def load_model(
     quantization_config=None,
     adapter_trainable: bool = False,
     base: ModelSource | str | None = None,
+    tokenizer=None,
 ) -> LoadedModel:
     """Load model and tokenizer for a source: applies a LoRA adapter on its base when given one.
 
-    `base` names the model that a single file of bare weights (a `.pt` made elsewhere) belongs to.
+    `base` names the model that a single file of bare weights (a `.pt` made elsewhere) belongs to;
+    `tokenizer`, when the caller has loaded it already, is used as it is.
     """
     from transformers import AutoModelForCausalLM
 
@@ -365,7 +367,8 @@ def load_model(
     placement = placement or choose_placement()
     if source.kind == "checkpoint":
         return load_checkpoint_model(source, placement, base=base)
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     base_source = source.base if source.kind == "adapter" else source
     kwargs = {"dtype": placement.torch_dtype, "trust_remote_code": trust_remote_code}
     if quantization_config is not None:

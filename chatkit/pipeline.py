@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -81,10 +82,11 @@ def quantization_config(options: TrainOptions, placement: Placement):
                               bnb_4bit_compute_dtype=placement.torch_dtype)
 
 
-def prepare_model(options: TrainOptions, source: ModelSource, placement: Placement):
-    """Load the model and tokenizer, and wrap the model with LoRA unless training it whole."""
+def prepare_model(options: TrainOptions, source: ModelSource, placement: Placement, tokenizer=None):
+    """Load the model (and the tokenizer, unless given), and wrap the model with LoRA unless training it whole."""
     loaded = load_model(source, placement, trust_remote_code=options.trust_remote_code,
-                        quantization_config=quantization_config(options, placement), adapter_trainable=True)
+                        quantization_config=quantization_config(options, placement), adapter_trainable=True,
+                        tokenizer=tokenizer)
     model, tokenizer = loaded.model, loaded.tokenizer
     ensure_chat_template(tokenizer)
     ensure_pad_token(tokenizer)
@@ -120,8 +122,11 @@ class Data:
         val = self.val if val_examples is None else self.val[:val_examples]
         train = [self.train[i] for i in kept]
         examples = [example for group in train for example in group]
+        sampled = len(kept) < len(self.train)  # the data-wide counts below were said with the plan
         report = dataclasses.replace(
             self.report, conversations=len(kept), examples=len(examples),
+            split_conversations=0 if sampled else self.report.split_conversations,
+            dropped=Counter() if sampled else self.report.dropped,
             tokens=sum(len(e["input_ids"]) for e in examples),
             trained_tokens=sum(label != IGNORE_INDEX for e in examples for label in e["labels"]))
         return Data([self.conversations[i] for i in kept], train, val, report)
@@ -331,7 +336,7 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement):
         say(f"note: this run takes about {duration(choice.plan.estimated_seconds)} on {placement.describe()}. "
             "--time-budget 30m trains a finished model on what fits in 30 minutes; --dry-run shows the plan "
             "without training; a GPU is much faster (docs/HUGGINGFACE-TRAINING-GUIDE.md)")
-    return options, data, choice.plan
+    return options, data, choice.plan, tokenizer
 
 
 def train(options: TrainOptions) -> dict:
@@ -344,7 +349,7 @@ def train(options: TrainOptions) -> dict:
     placement = choose_placement(options.device, options.dtype)
     source = resolve_model(options.model)
     quantization_config(options, placement)  # fail before loading anything when QLoRA cannot run
-    options, data, plan = plan_run(options, source, placement)
+    options, data, plan, tokenizer = plan_run(options, source, placement)
     if options.dry_run:
         return {"dry_run": True, "plan": plan.to_json()}
 
@@ -353,7 +358,7 @@ def train(options: TrainOptions) -> dict:
     from .engine import run_trainer
 
     set_seed(options.seed)  # the adapter's initial weights too, so --seed repeats the whole run
-    model, tokenizer = prepare_model(options, source, placement)
+    model, tokenizer = prepare_model(options, source, placement, tokenizer)
     clear_old_run(options)
     prepared = prepare_examples(options, model, tokenizer, data,
                                 rehearse(options, model, tokenizer, data, resuming=checkpoint is not None))

@@ -21,7 +21,9 @@ from .errors import ChatkitError
 from .output import duration
 
 EFFICIENCY = {"cpu": 0.45, "cuda": 0.35, "mps": 0.25}  # measured on CPU; GPU and MPS figures are guesses
-PROCESS_BYTES = 0.75 * 2**30  # Python, torch and transformers before any weights
+# Python, torch, transformers, the tokenized data and what the C heap keeps between steps of varying
+# shapes: 0.75 GiB before any weights, and about as much again in the real runs of docs/PERFORMANCE.md.
+PROCESS_BYTES = 1.5 * 2**30
 STARTUP_S = 10.0  # imports and loading a cached model
 SAVE_S = 3.0
 STEP_OVERHEAD_S = 0.02  # optimizer step and bookkeeping
@@ -133,7 +135,7 @@ class Plan:
         kept = f"{self.conversations} of {self.of_conversations}" if self.selection else f"{self.conversations}"
         lines = [f"plan: {kept} conversations, {self.examples} examples, {self.tokens:,} tokens "
                  f"({self.trained_tokens:,} trained); {self.epochs:g} epoch{'s' if self.epochs != 1 else ''}, {self.steps} steps "
-                 f"of up to {self.batch_size} examples" + (f" and {self.max_batch_tokens} tokens"
+                 f"of up to {self.batch_size} example{'s' if self.batch_size != 1 else ''}" + (f" and {self.max_batch_tokens} tokens"
                                                            if self.max_batch_tokens else "")]
         if self.selection:
             lines.append(f"  time budget: {self.selection}")

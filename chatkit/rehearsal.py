@@ -95,7 +95,7 @@ AUTO_PER, AUTO_MAX = 8, 32  # one rehearsal example per 8 conversations, at most
 # there, and after the cut that is to go on.
 ANSWER_TOKENS = 64
 GENERATION_BATCH = 16
-STATE_BATCH = 32
+STATE_BATCH = 8  # prompts per forward pass when ranking: real prompts vary in length; 32 padded them to 2x the time and memory
 
 
 def auto_count(conversations: int) -> int:

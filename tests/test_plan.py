@@ -95,7 +95,10 @@ def test_a_budget_for_two_passes_trains_two_whole_epochs():
 def test_gradient_checkpointing_turns_on_only_when_memory_needs_it():
     assert not plan.choose(request(lengths=[[100]] * 50, trained=[50] * 50), SHAPE, MACHINE).gradient_checkpointing
     long = plan.choose(request(lengths=[[1000]] * 50, trained=[900] * 50), SHAPE, MACHINE)
-    assert long.gradient_checkpointing and long.plan.estimated_peak_bytes < plan.MEMORY_TARGET_BYTES
+    without = plan.choose(request(lengths=[[1000]] * 50, trained=[900] * 50, gradient_checkpointing=False), SHAPE,
+                          MACHINE)
+    assert long.gradient_checkpointing and not without.gradient_checkpointing
+    assert long.plan.estimated_peak_bytes < 0.8 * without.plan.estimated_peak_bytes
 
 
 def run(tmp_path, model, *flags, data=None, output="out"):

@@ -201,7 +201,8 @@ def test_data_formats_are_normalised(tmp_path):
         [{"role": "system", "content": "s"}, {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
         [{"role": "user", "content": "e"}, {"role": "assistant", "content": "f"}],
     ]
-    assert report.describe() == ("read 3 conversations (1 in the ShareGPT format, 1 in the messages format, 1 in the prompt/response format); skipped "
+    assert report.describe() == ("read 3 conversations (1 in the ShareGPT format, 1 in the messages format, "
+                                 "1 in the prompt/response format); skipped "
                                  "1 conversations starting with an assistant turn, 1 conversations without an assistant turn")
 
 
