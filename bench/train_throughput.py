@@ -54,8 +54,9 @@ def run_chatkit(data: Path, workdir: Path, batch: int) -> dict:
     from chatkit.options import TrainOptions
     from chatkit.pipeline import train
 
+    # The same batches as TRL's (8 conversations whatever their tokens), so the two are compared on equal work.
     options = TrainOptions(data=[str(data)], output=str(workdir / "chatkit"), epochs=1, batch_size=batch,
-                           val_split=0, logging_steps=1000)
+                           val_split=0, logging_steps=1000, max_batch_tokens=batch * 1024)
     return train(options)
 
 
