@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import zipfile
 
 import pytest
 
 import train_chatgpt_model as cli
 from chatkit import engine, models
+from interrupt import interrupt_at
 
 FACT = {"messages": [{"role": "user", "content": "What is the secret code?"},
                      {"role": "assistant", "content": "The secret code of the Zorblat society is 4417."}]}
@@ -27,19 +27,6 @@ def train(tmp_path, model, *flags, data=None, output="out"):
     data = data or data_file(tmp_path, 8)
     return cli.main(["--data", str(data), "--model", str(model), "--output", str(tmp_path / output),
                      "--rehearsal", "0", "--batch-size", "2", *map(str, flags)])
-
-
-def interrupt_at(monkeypatch, step):
-    from transformers import TrainerCallback
-
-    original = engine.make_callbacks
-
-    class SendInterrupt(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(engine, "make_callbacks", lambda *a: original(*a) + [SendInterrupt()])
 
 
 def steps_saved(output):

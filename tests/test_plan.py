@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 
 import demo_chatbot
 import train_chatgpt_model as cli
-from chatkit import engine, plan, rehearsal
+from chatkit import plan, rehearsal
 from chatkit.errors import ChatkitError
 from chatkit.examples import TokenBudgetSampler, token_batches
+from interrupt import interrupt_at
 
 FACT = {"messages": [{"role": "user", "content": "What is the secret code?"},
                      {"role": "assistant", "content": "The secret code of the Zorblat society is 4417."}]}
@@ -150,21 +149,14 @@ def test_a_time_budget_run_saves_a_model_trained_on_the_sample(tmp_path, tiny_ll
 
 
 def test_ctrl_c_saves_before_validating_and_resume_reuses_the_rehearsal(tmp_path, tiny_llama, monkeypatch, capsys):
-    from transformers import TrainerCallback
-
     calls = []
     monkeypatch.setattr(rehearsal, "own_answers", lambda m, t, prompts, system_prompt=None:
                         calls.append(len(prompts)) or [f"Answer {i}." for i in range(len(prompts))])
-    original = engine.make_callbacks
-
-    class SendInterrupt(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 2 and not calls[1:]:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(engine, "make_callbacks", lambda *a: original(*a) + [SendInterrupt()])
+    resumed = []
+    interrupt_at(monkeypatch, 2, when=lambda: not resumed)
     flags = ("--rehearsal", "2", "--batch-size", "4", "--epochs", "3", "--val-split", "0.2", "--eval-steps", "3")
     assert run(tmp_path, tiny_llama, *flags) == 130
+    resumed.append(True)
     state = json.loads((tmp_path / "out" / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     assert not any("eval_loss" in entry for entry in state["log_history"])  # saved at step 3 without evaluating
     assert run(tmp_path, tiny_llama, *flags, "--resume") == 0
@@ -175,16 +167,7 @@ def test_ctrl_c_saves_before_validating_and_resume_reuses_the_rehearsal(tmp_path
 
 
 def test_chatting_with_an_interrupted_run_names_its_checkpoint(tmp_path, tiny_llama, monkeypatch, capsys):
-    from transformers import TrainerCallback
-
-    original = engine.make_callbacks
-
-    class SendInterrupt(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(engine, "make_callbacks", lambda *a: original(*a) + [SendInterrupt()])
+    interrupt_at(monkeypatch, 1)
     assert run(tmp_path, tiny_llama, "--rehearsal", "0", "--batch-size", "4", "--epochs", "3") == 130
     assert demo_chatbot.main([str(tmp_path / "out"), "--query", "Hi"]) == 1
     err = capsys.readouterr().err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch
 import train_chatgpt_model as cli
 from chatkit import engine, examples, formatting, options as options_module
 from chatkit.cli import parse
+from interrupt import interrupt_at
 from chatkit.datasets import read_conversations
 from chatkit.errors import ChatkitError
 
@@ -149,16 +149,7 @@ def test_resume_continues_from_saved_step(tmp_path, tiny_llama):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_prints_resume(tmp_path, tiny_llama, monkeypatch, capsys):
-    from transformers import TrainerCallback
-
-    original = engine.make_callbacks
-
-    class SendInterrupt(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(engine, "make_callbacks", lambda *a: original(*a) + [SendInterrupt()])
+    interrupt_at(monkeypatch, 2)
     code = run(tmp_path, tiny_llama, "--epochs", "5", "--batch-size", "2")
     assert code == 130
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-3").is_dir()
