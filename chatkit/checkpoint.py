@@ -79,8 +79,11 @@ def own_metadata(path: str | os.PathLike) -> Optional[dict]:
     return None
 
 
-def own_config(metadata: dict) -> dict:
-    return json.loads(metadata["config"])
+def own_config(metadata: dict):
+    """The model's transformers config, from a checkpoint's metadata."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**json.loads(metadata["config"]))
 
 
 def own_tokenizer(metadata: dict):

@@ -142,10 +142,9 @@ def read_config(path: str, cls: type) -> dict:
     return config
 
 
-def parse(cls: Type[T], doc: str, argv: Optional[Sequence[str]] = None,
-          parser: Optional[argparse.ArgumentParser] = None) -> T:
+def parse(cls: Type[T], doc: str, argv: Optional[Sequence[str]] = None) -> T:
     """Parse a command line (and its --config file) into the options dataclass; usage errors exit 2."""
-    parser = parser or make_parser(cls, doc)
+    parser = make_parser(cls, doc)
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         parser.set_defaults(**read_config(args.config, cls))
@@ -162,7 +161,8 @@ def parse(cls: Type[T], doc: str, argv: Optional[Sequence[str]] = None,
     missing = [flag_name(item.name) for item in dataclasses.fields(cls)
                if item.metadata.get("required") and not values.get(item.name)]
     if missing:
-        parser.error(f"{', '.join(missing)} is required" + (" (here or in --config)" if getattr(cls, "__config__", False) else ""))
+        where = " (here or in --config)" if getattr(cls, "__config__", False) else ""
+        parser.error(f"{', '.join(missing)} is required{where}")
     options = cls(**values)
     found = problems(options)
     if found:

@@ -207,11 +207,10 @@ def _model_slugs(conversation: dict) -> set:
     return {s.lower() for s in slugs if isinstance(s, str)}
 
 
-def filter_reason(conversation: dict, options: ConvertOptions, title_re) -> Optional[str]:
-    """Why a conversation is excluded by the user's filters, or None."""
+def filter_reason(conversation: dict, options: ConvertOptions, title_re, since: Optional[float],
+                  until: Optional[float]) -> Optional[str]:
+    """Why a conversation is excluded by the user's filters (`since`/`until` as epoch seconds), or None."""
     created = conversation.get("create_time")
-    since = parse_date(options.since) if options.since else None
-    until = parse_date(options.until, end_of_day=True) if options.until else None
     if since is not None and (not isinstance(created, (int, float)) or created < since):
         return "before --since"
     if until is not None and (not isinstance(created, (int, float)) or created >= until):
@@ -232,6 +231,8 @@ class Converter:
         self.options = options
         self.stats = Stats()
         self.title_re = None
+        self.since = parse_date(options.since) if options.since else None
+        self.until = parse_date(options.until, end_of_day=True) if options.until else None
         if options.title:
             try:
                 self.title_re = re.compile(options.title, re.IGNORECASE)
@@ -263,7 +264,7 @@ class Converter:
         if "messages" in conversation and "mapping" not in conversation:
             stats.dropped[TRAINING_RECORD] += 1
             return []
-        reason = filter_reason(conversation, options, self.title_re)
+        reason = filter_reason(conversation, options, self.title_re, self.since, self.until)
         if reason:
             stats.dropped[reason] += 1
             return []

@@ -65,12 +65,11 @@ class ChatTrainer(Trainer):
 
     Rehearsal positions (a batch's `teacher_index`, with the table in `self.teacher`) are trained
     towards the model's own earlier distribution (KL divergence) instead of the token in the text.
-    Evaluation keeps transformers' loss, which is the same cross-entropy.
+    Validation takes the same labelled-positions path (prediction_step), for the loss alone.
     """
 
     teacher = None
     batch_sampler = None  # a TokenBudgetSampler: batches by a token budget instead of a fixed size
-
     eval_batch_sampler = None
 
     def _budget_loader(self, dataset, sampler):

@@ -28,6 +28,11 @@ class ExampleReport:
         return text + "".join(f"; dropped {count} {why}" for why, count in self.dropped.items())
 
 
+def trained_tokens(examples: Sequence[dict]) -> int:
+    """How many tokens of these examples carry a label (are trained)."""
+    return sum(label != IGNORE_INDEX for example in examples for label in example["labels"])
+
+
 def tokenize_examples(conversations: Sequence[List[dict]], tokenizer, max_length: int,
                       system_prompt: Optional[str] = None, train_on_prompt: bool = False,
                       report: Optional[ExampleReport] = None) -> List[Dict[str, list]]:
@@ -49,7 +54,7 @@ def tokenize_examples(conversations: Sequence[List[dict]], tokenizer, max_length
                 continue
             examples.append({"input_ids": ids, "labels": labels, "length": len(ids)})
             report.tokens += len(ids)
-            report.trained_tokens += sum(1 for label in labels if label != IGNORE_INDEX)
+            report.trained_tokens += trained_tokens(examples[-1:])
     report.examples += len(examples)
     return examples
 
@@ -181,9 +186,8 @@ def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int, seed: 
     for start in range(0, len(order), window):
         chunk = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
         batch: List[int] = []
-        for index in chunk:
-            widest = max([lengths[i] for i in batch] + [lengths[index]])
-            if batch and (len(batch) == max_rows or widest * (len(batch) + 1) > max_tokens):
+        for index in chunk:  # longest first: a batch's first example is its widest
+            if batch and (len(batch) == max_rows or lengths[batch[0]] * (len(batch) + 1) > max_tokens):
                 batches.append(batch)
                 batch = []
             batch.append(index)

@@ -312,7 +312,7 @@ def load_config(source: ModelSource):
     if source.kind == "checkpoint":
         metadata = checkpoint.own_metadata(source.path)
         if metadata is not None:
-            return AutoConfig.for_model(**checkpoint.own_config(metadata))
+            return checkpoint.own_config(metadata)
         raise ChatkitError(f"{source.path} holds only weights; train from the model they belong to")
     base = source.base if source.kind == "adapter" else source
     try:
@@ -395,7 +395,7 @@ def load_model(
 
 def load_checkpoint_model(source: ModelSource, placement, base: ModelSource | str | None = None) -> LoadedModel:
     """A model from a single-file checkpoint: rebuilt from its own metadata, or bare weights onto `base`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     quiet_transformers()
 
@@ -403,7 +403,7 @@ def load_checkpoint_model(source: ModelSource, placement, base: ModelSource | st
 
     metadata = checkpoint.own_metadata(source.path)
     if metadata is not None:
-        config = AutoConfig.for_model(**checkpoint.own_config(metadata))
+        config = checkpoint.own_config(metadata)
         model = AutoModelForCausalLM.from_config(config)
         try:
             checkpoint.load_own_weights(model, source.path)

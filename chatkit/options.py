@@ -23,8 +23,8 @@ def option(default=None, help: str = "", *, flags=(), deprecated=(), metavar=Non
     """A dataclass field carrying its command-line declaration.
 
     flags: other accepted spellings; deprecated: old spellings that still work with a note;
-    check: "positive", "non-negative", "fraction" (0 <= x < 1), "probability" (0 < x <= 1), or a
-    function returning a problem text (or None).
+    check: "positive", "non-negative", "off-or-more" (0 means off), "fraction" (0 <= x < 1), "probability"
+    (0 < x <= 1), or a function returning a problem text (or None).
     """
     metadata = dict(help=help, flags=tuple(flags), deprecated=tuple(deprecated), metavar=metavar, choices=choices,
                     nargs=nargs, const=const, positional=positional, required=required, check=check)
@@ -38,6 +38,7 @@ CHECKS: dict = {
     "non-negative": (lambda v: v >= 0, "must not be negative"),
     "fraction": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
     "probability": (lambda v: 0 < v <= 1, "must be above 0 and at most 1"),
+    "off-or-more": (lambda v: v >= 0, "must be 0 (off) or more"),
 }
 
 
@@ -185,12 +186,12 @@ class TrainOptions(Common, Hardware, Lora):
     rehearsal: Optional[int] = option(None, "mix in the model's own answers to N general prompts, so it keeps "
                                             "answering general questions as before (default: one per 8 "
                                             "conversations, at most 32; 0 turns it off)", metavar="N",
-                                      check=lambda v: None if v >= 0 else "must be 0 (off) or more")
+                                      check="off-or-more")
     # Off by default: it recalled facts asked in new words more often but kept fewer general answers.
     neftune_alpha: float = option(0.0, "noise on the input embeddings while training (NEFTune; 5 is usual): facts "
                                        "asked in new words are recalled more often, general answers kept less "
                                        "often (default: %(default)s, off)", metavar="A",
-                                  check=lambda v: None if v >= 0 else "must be 0 (off) or more")
+                                  check="off-or-more")
     train_on_prompt: bool = option(False, "train on every token, not only the assistant's")
     packing: bool = option(False, "pack several conversations per sequence (no cross-attention)")
     time_budget: Optional[str] = option(None, "finish the whole run, saved model included, within DURATION (90s, "

@@ -107,8 +107,6 @@ class Progress:
         return ", ".join(parts)
 
     def update(self, step: int, loss: Optional[float] = None, learning_rate: Optional[float] = None) -> None:
-        if step - self.first_step > 1 and self.step == self.first_step:  # a resumed run: time from here
-            self.first_step = step - 1
         self.loss = loss if loss is not None else self.loss
         self.learning_rate = learning_rate if learning_rate is not None else self.learning_rate
         if self.bar is not None:

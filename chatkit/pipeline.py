@@ -12,9 +12,10 @@ from typing import List, Optional, Sequence
 from .datasets import default_val_split, read_conversations, split_train_val
 from .device import Placement, choose_placement
 from .errors import ChatkitError
-from .examples import ExampleReport, pack_examples, tokenize_examples
-from .files import TRAINING_INFO_FILE, is_complete, latest_checkpoint, read_json_object, training_info, write_json, write_training_info
-from .formatting import IGNORE_INDEX, ensure_chat_template, ensure_pad_token
+from .examples import ExampleReport, pack_examples, tokenize_examples, trained_tokens
+from .files import (TRAINING_INFO_FILE, is_complete, latest_checkpoint, read_json_object, training_info, write_json,
+                    write_training_info)
+from .formatting import ensure_chat_template, ensure_pad_token
 from .models import ModelSource, load_config, load_model, load_tokenizer, resolve_model
 from .options import TrainOptions, problems
 from .output import duration, say
@@ -23,6 +24,7 @@ from .rehearsal import Rehearsal, attach_teacher, auto_count, rehearsal_conversa
 
 CHECKPOINTS = "checkpoints"
 RUNS = "runs"
+
 
 def check_output_dir(options: TrainOptions) -> None:
     output = Path(options.output)
@@ -128,8 +130,11 @@ class Data:
             split_conversations=0 if sampled else self.report.split_conversations,
             dropped=Counter() if sampled else self.report.dropped,
             tokens=sum(len(e["input_ids"]) for e in examples),
-            trained_tokens=sum(label != IGNORE_INDEX for e in examples for label in e["labels"]))
+            trained_tokens=trained_tokens(examples))
         return Data([self.conversations[i] for i in kept], train, val, report)
+
+    def user_prompts(self) -> List[str]:
+        return [m["content"] for c in self.conversations for m in c if m["role"] == "user"]
 
 
 def tokenize_data(options: TrainOptions, tokenizer, train_convs, val_convs) -> Data:
@@ -154,12 +159,12 @@ REHEARSAL_TOKENS = 90  # a rehearsal example's length, for the plan (a prompt an
 def rehearse(options: TrainOptions, model, tokenizer, data: Data, resuming: bool) -> Rehearsal:
     """The model's own answers to general prompts: generated, or read back when resuming a run."""
     saved = Path(options.output) / CHECKPOINTS / REHEARSAL_FILE
-    if resuming and saved.is_file():
+    if resuming and options.rehearsal and saved.is_file():
         conversations = read_json_object(saved, "delete it to generate the answers again")["conversations"]
         say(f"rehearsal: reusing the {len(conversations)} answers saved with the checkpoints")
         return Rehearsal(conversations=conversations, asked=len(conversations))
-    like = [m["content"] for c in data.conversations for m in c if m["role"] == "user"]
-    rehearsal = rehearsal_conversations(model, tokenizer, options.rehearsal, options.system_prompt, like=like)
+    rehearsal = rehearsal_conversations(model, tokenizer, options.rehearsal, options.system_prompt,
+                                        like=data.user_prompts())
     if options.rehearsal:
         say(rehearsal.describe())
         write_json(saved, {"conversations": rehearsal.conversations})
@@ -206,7 +211,7 @@ def ranking_tokens(data: Data) -> int:
     """About how many tokens choosing the rehearsal prompts reads (rehearsal.closest_prompts)."""
     from .rehearsal import GENERAL_PROMPTS, PROMPT_CHARS, SAMPLED_PROMPTS
 
-    prompts = [m["content"] for c in data.conversations for m in c if m["role"] == "user"]
+    prompts = data.user_prompts()
     sampled = min(len(prompts), SAMPLED_PROMPTS)
     mean_chars = sum(min(len(p), PROMPT_CHARS) for p in prompts) / max(1, len(prompts))
     return int(sampled * (mean_chars / 4 + 20) + len(GENERAL_PROMPTS) * 30)  # ~4 characters a token
@@ -216,7 +221,7 @@ def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, 
     """How big, how long and how much memory; under --time-budget, what fits."""
     request = Request(
         lengths=[[len(e["input_ids"]) for e in examples] for examples in data.train],
-        trained=[sum(label != IGNORE_INDEX for e in examples for label in e["labels"]) for examples in data.train],
+        trained=[trained_tokens(examples) for examples in data.train],
         val_tokens=sum(len(e["input_ids"]) for e in data.val), val_examples=len(data.val),
         batch_size=options.batch_size, epochs=options.epochs, max_batch_tokens=options.max_batch_tokens,
         gradient_checkpointing=options.gradient_checkpointing, lora=options.lora, rehearsal=options.rehearsal,

@@ -51,6 +51,11 @@ class Machine:
     gflops: float  # calibrated matrix-product rate
 
     @property
+    def rate(self) -> float:
+        """FLOP/s a training step reaches here: the calibrated rate times the measured efficiency."""
+        return self.gflops * 1e9 * EFFICIENCY.get(self.device.split(":")[0], 0.3)
+
+    @property
     def how(self) -> str:
         kind = "fp32" if self.device == "cpu" else "bf16"
         return f"calibrated on this machine: {kind} matrix product at {self.gflops:.0f} GFLOP/s"
@@ -157,16 +162,12 @@ def batch_widths(lengths: Sequence[int], batches: List[List[int]]) -> List[int]:
 def training_seconds(widths: Sequence[int], rows: Sequence[int], shape: Shape, machine: Machine,
                      trained_share: float, lora: bool) -> float:
     """Seconds for one pass over batches of the given padded widths (tokens) and row counts."""
-    rate = machine.gflops * 1e9 * EFFICIENCY.get(machine.device.split(":")[0], 0.3)
-    total = 0.0
-    for width, count in zip(widths, rows):
-        total += width * shape.flops_per_token(width / count, trained_share, lora) / rate + STEP_OVERHEAD_S
-    return total
+    return sum(width * shape.flops_per_token(width / count, trained_share, lora) / machine.rate + STEP_OVERHEAD_S
+               for width, count in zip(widths, rows))
 
 
 def evaluation_seconds(val_tokens: int, shape: Shape, machine: Machine, evaluations: int) -> float:
-    rate = machine.gflops * 1e9 * EFFICIENCY.get(machine.device.split(":")[0], 0.3)
-    return evaluations * val_tokens * shape.flops_per_token(512, 1.0, True) / 2 / rate  # forward only
+    return evaluations * val_tokens * shape.flops_per_token(512, 1.0, True) / 2 / machine.rate  # forward only
 
 
 def rehearsal_seconds(count: int, ranking_tokens: int = 0, shape: Optional[Shape] = None,
@@ -176,8 +177,7 @@ def rehearsal_seconds(count: int, ranking_tokens: int = 0, shape: Optional[Shape
         return 0.0
     ranking = 0.0
     if shape is not None and machine is not None:
-        rate = machine.gflops * 1e9 * EFFICIENCY.get(machine.device.split(":")[0], 0.3)
-        ranking = ranking_tokens * shape.flops_per_token(128, 0.0, True) / 2 / rate
+        ranking = ranking_tokens * shape.flops_per_token(128, 0.0, True) / 2 / machine.rate
     return REHEARSAL_S[0] + REHEARSAL_S[1] * count + ranking
 
 
@@ -188,9 +188,9 @@ def sample_conversations(count: int, seed: int) -> List[int]:
     return order
 
 
-def affordable(budget_s: float, fixed_s: float, epoch_s: float) -> float:
-    """How many passes over the data fit in the budget (fractional)."""
-    return max(0.0, (budget_s - fixed_s) / epoch_s) if epoch_s > 0 else math.inf
+def affordable(seconds: float, pass_s: float) -> float:
+    """How many passes of `pass_s` seconds fit in `seconds` (fractional)."""
+    return max(0.0, seconds / pass_s) if pass_s > 0 else math.inf
 
 
 # The automatic schedule: small personal data sets need many small updates to be learned, large ones
@@ -248,7 +248,7 @@ class Choice:
 
 
 def _epoch(request: Request, kept: Sequence[int], rows: int, shape: Shape, machine: Machine, checkpointing):
-    """(batches, epoch seconds, peak bytes, trained share) for one pass over the kept conversations."""
+    """(batches, epoch seconds, peak bytes) for one pass over the kept conversations."""
     from .examples import token_batches
 
     lengths = [length for i in kept for length in request.lengths[i]] + list(request.extra)
@@ -258,38 +258,39 @@ def _epoch(request: Request, kept: Sequence[int], rows: int, shape: Shape, machi
     widths = batch_widths(lengths, batches)
     seconds = training_seconds(widths, [len(b) for b in batches], shape, machine, share, request.lora)
     peak = shape.fixed_bytes(request.lora) + max(widths, default=0) * shape.bytes_per_token(checkpointing, share)
-    return batches, seconds, peak, share
+    return batches, seconds, peak
 
 
 def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
     """The plan: batch, epochs, gradient checkpointing and, under a time budget, the conversations kept."""
-    kept = list(range(len(request.lengths)))
-    rows = auto_batch(sum(len(request.lengths[i]) for i in kept) + len(request.extra), request.batch_size)
+    everything = list(range(len(request.lengths)))
+    kept = everything
+    rows = auto_batch(sum(len(examples) for examples in request.lengths) + len(request.extra), request.batch_size)
     checkpointing = request.gradient_checkpointing
     if checkpointing is None:  # on only where memory needs it: it costs compute on short batches
         checkpointing = _epoch(request, kept, rows, shape, machine, False)[2] > MEMORY_TARGET_BYTES
-    batches, epoch_s, peak, share = _epoch(request, kept, rows, shape, machine, checkpointing)
-    epochs = auto_epochs(math.ceil(len(batches) / request.gradient_accumulation_steps), request.epochs)
-    val_tokens, evaluations, selection = request.val_tokens, math.ceil(epochs), None
+    batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
+    planned = epochs = auto_epochs(math.ceil(len(batches) / request.gradient_accumulation_steps), request.epochs)
+    val_tokens, selection = request.val_tokens, None
     if request.budget_s is not None:
         val_tokens = min(val_tokens, val_tokens * BUDGET_VAL_EXAMPLES // max(1, request.val_examples))
         fixed = STARTUP_S + rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine) + SAVE_S
         usable = request.budget_s * BUDGET_MARGIN - fixed
-        passes = affordable(usable + fixed, fixed, epoch_s + evaluation_seconds(val_tokens, shape, machine, 1))
+        passes = affordable(usable, epoch_s + evaluation_seconds(val_tokens, shape, machine, 1))
         if passes < epochs:
             epochs = float(max(1, math.floor(passes)))
-            evaluations = int(epochs)
         if passes < 1:
-            kept, selection = _fit(request, shape, machine, rows, checkpointing,
-                                   usable - evaluation_seconds(val_tokens, shape, machine, 2))
-            batches, epoch_s, peak, share = _epoch(request, kept, rows, shape, machine, checkpointing)
-        selection = _selection_text(request, kept, epochs, budget=request.budget_s) if (
-            selection or epochs != auto_epochs(len(batches), request.epochs)) else None
+            kept = _fit(request, shape, machine, rows, checkpointing,
+                        usable - evaluation_seconds(val_tokens, shape, machine, 2))
+            batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
+        if kept != everything or epochs != planned:
+            selection = _selection_text(request, kept, epochs, budget=request.budget_s)
     return Choice(_plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, val_tokens,
-                        evaluations, shape, machine, selection), kept, rows, epochs, checkpointing)
+                        math.ceil(epochs), shape, machine, selection), kept, rows, epochs, checkpointing)
 
 
-def _fit(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool, seconds: float):
+def _fit(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool,
+         seconds: float) -> List[int]:
     """The conversations, in a seeded random order, whose single pass fits in `seconds`."""
     order = sample_conversations(len(request.lengths), request.seed)
     low, high = 1, len(order)
@@ -299,7 +300,7 @@ def _fit(request: Request, shape: Shape, machine: Machine, rows: int, checkpoint
             low = middle
         else:
             high = middle - 1
-    return sorted(order[:low]), True
+    return sorted(order[:low])
 
 
 def _selection_text(request: Request, kept: Sequence[int], epochs: float, budget: float) -> str:
@@ -314,7 +315,8 @@ def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, va
           machine, selection) -> Plan:
     tokens = sum(length for i in kept for length in request.lengths[i])
     steps = math.ceil(len(batches) / request.gradient_accumulation_steps * epochs)
-    parts = {"start": STARTUP_S, "rehearsal": rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine),
+    parts = {"start": STARTUP_S,
+             "rehearsal": rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine),
              "training": epoch_s * epochs,
              "evaluation": evaluation_seconds(val_tokens, shape, machine, evaluations) if val_tokens else 0.0,
              "saving": SAVE_S}
