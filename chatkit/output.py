@@ -7,6 +7,8 @@ Quiet by default: library warnings, notices and the libraries' own progress bars
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -57,6 +59,18 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     enable_progress_bars()  # a download says how far it is
+
+
+@contextlib.contextmanager
+def no_library_bars():
+    """Within the block, what libraries write on stderr (bars drawn with tqdm directly, not through their
+    logging) is held back, unless --verbose: the caller has said what is happening and how long it takes.
+    Errors still arrive as exceptions."""
+    if os.environ.get("CHATKIT_VERBOSE") == "1":
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def duration(seconds: float) -> str:

@@ -63,3 +63,15 @@ def test_verbose_shows_what_quiet_hides(tmp_path, tiny_gpt2):
                       tmp_path / "b.pt", "--verbose", cwd=tmp_path)
     assert quiet.returncode == loud.returncode == 0
     assert len(loud.stderr) > len(quiet.stderr)
+
+
+def test_the_first_conversion_of_the_starter_model_says_one_line(tmp_path):
+    env = dict(os.environ, CHATKIT_CACHE=str(tmp_path / "empty-cache"))
+    env.pop("CHATKIT_VERBOSE", None)
+    answered = subprocess.run([sys.executable, str(ROOT / "demo_chatbot.py"), "--query", "Hi", "--max-new-tokens", "2",
+                               "--temperature", "0"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stderr.splitlines() == [
+        "Converting SmolLM2-135M-Instruct.Q4_1.gguf to a cached model directory (once; about 20 s)..."]
+    assert_quiet(answered.stderr)
+    assert len(answered.stdout.splitlines()) == 1
