@@ -161,7 +161,7 @@ def rehearse(options: TrainOptions, model, tokenizer, data: Data, resuming: bool
     saved = Path(options.output) / CHECKPOINTS / REHEARSAL_FILE
     if resuming and options.rehearsal and saved.is_file():
         conversations = read_json_object(saved, "delete it to generate the answers again")["conversations"]
-        say(f"rehearsal: reusing the {len(conversations)} answers saved with the checkpoints")
+        say(f"rehearsal: reusing the {len(conversations)} answer{'s' if len(conversations) != 1 else ''} saved with the checkpoints")
         return Rehearsal(conversations=conversations, asked=len(conversations))
     rehearsal = rehearsal_conversations(model, tokenizer, options.rehearsal, options.system_prompt,
                                         like=data.user_prompts())

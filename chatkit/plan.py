@@ -37,7 +37,7 @@ def parse_duration(text: str) -> float:
     text = text.strip().lower()
     parts = _DURATION.findall(text)
     if not parts or _DURATION.sub("", text).strip():
-        raise ChatkitError(f"--time-budget {text!r}: give a duration such as 90s, 30m, 2h or 1h30m")
+        raise ChatkitError(f"--time-budget {text!r}: not a duration; give one such as 90s, 30m, 2h or 1h30m")
     units = {"h": 3600, "m": 60, "min": 60, "s": 1, "sec": 1, "": 60}
     seconds = sum(float(number) * units[unit] for number, unit in parts)
     if seconds <= 0:
