@@ -123,7 +123,8 @@ def bare_weights(path: str | os.PathLike) -> dict:
             f"{path}: refusing to load it: it holds a pickled Python object, not only weights, and unpickling "
             f"could run code. Re-save it with torch.save(model.state_dict(), ...) or use a model directory"
         ) from None
-    except (RuntimeError, AttributeError, TypeError, EOFError, ValueError) as exc:
+    except (RuntimeError, AttributeError, TypeError, EOFError, ValueError, KeyError, IndexError, OverflowError,
+            UnicodeDecodeError, MemoryError) as exc:  # what the unpickler raises on random bytes
         raise ChatkitError(f"{path} is damaged or not a model file ({type(exc).__name__}); the file may have "
                            "been cut short while copying or saving") from None
     if isinstance(state, dict):
