@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Export a model as one GGUF file for llama.cpp, Ollama and LM Studio.
+
+Examples:
+    python export_model.py chat-model --gguf chat-model.gguf
+    python export_model.py chat-model --gguf chat-model-q8.gguf --type q8_0 --ollama
+    python export_model.py smollm2-135m --gguf smollm2.gguf --type f32
+
+MODEL is anything the other scripts take as --model: the output folder of train_chatgpt_model.py (a
+LoRA adapter is merged into its base in memory), a merged or other model folder, a .gguf file, a Hugging
+Face Hub id or a friendly name. The file carries the tokenizer and the chat template the model was
+trained with, so llama.cpp, Ollama and LM Studio format the conversation as training did. Llama-family
+models (SmolLM2, Llama) and GPT-2 are supported.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from chatkit.cli import make_parser as build_parser, parse, run_main
+from chatkit.errors import ChatkitError
+from chatkit.options import ExportOptions
+from chatkit.output import say
+
+
+def make_parser():
+    return build_parser(ExportOptions, __doc__)
+
+
+def export(argv: Optional[Sequence[str]] = None) -> int:
+    options = parse(ExportOptions, __doc__, argv)
+    out = Path(options.gguf)
+    modelfile = out.parent / "Modelfile"
+    for path in [out] + ([modelfile] if options.ollama else []):
+        if path.exists() and not options.overwrite:
+            raise ChatkitError(f"{path} exists already; pass --overwrite to replace it, or name another --gguf")
+    if out.is_dir():
+        raise ChatkitError(f"--gguf {out} is a folder; name a file, such as {out / 'model.gguf'}")
+
+    from chatkit.files import atomic_output
+    from chatkit.gguf_writer import modelfile_text, write_gguf
+
+    say(f"Exporting {options.model or 'the starter model'} to {out} ({options.type}) ...")
+    exported = write_gguf(options.model, str(out), options.type)
+    say(f"Wrote {out}: {exported.architecture}, {exported.tensors} tensors, {exported.bytes / 2**20:.0f} MiB, "
+        f"with its tokenizer and chat template")
+    say(f"llama.cpp:  llama-cli -m {out} -cnv")
+    if options.ollama:
+        with atomic_output(modelfile) as handle:
+            handle.write(modelfile_text(exported))
+        name = out.stem.lower().replace("_", "-")
+        say(f"Wrote {modelfile}. Ollama:  cd {out.parent.resolve()} && ollama create {name} -f Modelfile && "
+            f"ollama run {name}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_main(export, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
