@@ -1,0 +1,379 @@
+"""An OpenAI-compatible HTTP API over a ChatSession (`demo_chatbot.py MODEL --serve`).
+
+`GET /v1/models` and `POST /v1/chat/completions` (plain or streamed as server-sent events), so
+tools written for the OpenAI API (the `openai` client, Open WebUI, editors) can use a model trained
+here. The model answers one request at a time; up to `queue` more wait their turn and the rest get
+HTTP 429. Every error is OpenAI's JSON error object with a 4xx code (5xx only for a failure of the
+server itself), never a traceback. Starlette and uvicorn serve it (both come with Gradio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+import time
+import uuid
+from typing import List, Optional
+
+from .chat import ChatSession
+from .errors import ChatkitError
+
+MAX_STOPS = 4  # as OpenAI's API allows
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class RequestError(Exception):
+    """A request the API refuses: an HTTP status, a message and the parameter at fault."""
+
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
+                 kind: str = "invalid_request_error", code: Optional[str] = None):
+        super().__init__(message)
+        self.param, self.status, self.kind, self.code = param, status, kind, code
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _number(body: dict, name: str, low: float, high: float, default):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise RequestError(f"'{name}' must be a number from {low:g} to {high:g}, not {value!r}", name)
+    return value
+
+
+def _text(content, where: str) -> str:
+    """A message's content: a string, or a list of text parts (other parts are refused)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise RequestError(f"{where}: only text content is supported", where)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(f"{where} must be a string or a list of text parts", where)
+
+
+@dataclasses.dataclass
+class ChatRequest:
+    """A checked /v1/chat/completions body."""
+
+    system: Optional[str]
+    history: List[dict]
+    prompt: str
+    temperature: Optional[float]
+    top_p: Optional[float]
+    max_tokens: Optional[int]
+    stop: List[str]
+    stream: bool
+    include_usage: bool
+    seed: Optional[int]
+
+    @classmethod
+    def parse(cls, body) -> "ChatRequest":
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("'messages' must be a non-empty list of {role, content} objects", "messages")
+        system, history = None, []
+        for index, message in enumerate(messages):
+            where = f"messages[{index}]"
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise RequestError(f"{where} needs a 'role' of {', '.join(ROLES)}", where)
+            text = _text(message.get("content"), f"{where}.content")
+            if message["role"] in ("system", "developer"):
+                system = text if system is None else system + "\n\n" + text
+            else:
+                history.append({"role": message["role"], "content": text})
+        if not history or history[-1]["role"] != "user":
+            raise RequestError("the last message must be the user's (the model answers it)", "messages")
+        if body.get("n", 1) != 1:
+            raise RequestError("'n' must be 1: one answer per request", "n")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise RequestError(f"'max_tokens' must be a positive whole number, not {max_tokens!r}", "max_tokens")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop or []
+        if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
+            raise RequestError(f"'stop' must be a string or a list of up to {MAX_STOPS} strings", "stop")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError("'stream' must be true or false", "stream")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise RequestError("'seed' must be a whole number", "seed")
+        options = body.get("stream_options") or {}
+        return cls(system=system, history=history[:-1], prompt=history[-1]["content"],
+                   temperature=_number(body, "temperature", 0, 2, None), top_p=_number(body, "top_p", 0, 1, None),
+                   max_tokens=max_tokens, stop=stop, stream=stream,
+                   include_usage=bool(isinstance(options, dict) and options.get("include_usage")), seed=seed)
+
+
+class StopScanner:
+    """Cuts streamed text at the first stop string, holding back what could be the start of one."""
+
+    def __init__(self, stops: List[str]):
+        self.stops, self.pending, self.stopped = stops, "", False
+
+    def feed(self, piece: str) -> str:
+        """The text that is safe to send now."""
+        self.pending += piece
+        found = [self.pending.find(s) for s in self.stops if s in self.pending]
+        if found:
+            self.stopped = True
+            text, self.pending = self.pending[:min(found)].rstrip(), ""
+            return text
+        keep = max((n for s in self.stops for n in range(len(s) - 1, 0, -1) if self.pending.endswith(s[:n])),
+                   default=0)
+        text = self.pending[:len(self.pending) - keep]
+        text = text.rstrip()  # trailing spaces wait: the answer's own end has none
+        self.pending = self.pending[len(text):]
+        return text
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+class Generator:
+    """One model, one answer at a time: the lock, the waiting count and the request settings."""
+
+    def __init__(self, session: ChatSession, queue: int):
+        self.session, self.queue = session, queue
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+        self.defaults = dataclasses.replace(session.settings)
+        self.default_system = session.system_prompt
+        session.on_notice = lambda text: None
+
+    def configure(self, request: ChatRequest) -> None:
+        settings = dataclasses.replace(self.defaults)
+        for name, value in (("temperature", request.temperature), ("top_p", request.top_p),
+                            ("max_new_tokens", request.max_tokens), ("seed", request.seed)):
+            if value is not None:
+                setattr(settings, name, value)
+        if settings.top_p == 0:
+            settings.temperature = 0  # only the likeliest token is left
+        self.session.settings = settings
+        self.session.system_prompt = request.system if request.system is not None else self.default_system
+        self.session.history = list(request.history)
+
+    def reserve(self) -> "Ticket":
+        """A place in the queue, or HTTP 429 when one answer is running and `queue` more are waiting."""
+        if self.waiting > self.queue:
+            raise RequestError(f"the server is busy: {self.waiting} requests are being answered or waiting; try "
+                               "again shortly", status=429, kind="rate_limit_exceeded")
+        self.waiting += 1
+        return Ticket(self)
+
+    async def pieces(self, request: ChatRequest, ticket: "Ticket"):
+        """The answer's text pieces, generated in a worker thread, in turn with other requests."""
+        try:
+            async with self.lock:
+                generate = self._generate(request)
+                try:
+                    async for piece in generate:
+                        yield piece
+                finally:
+                    await generate.aclose()  # the worker has ended: the counts are this answer's
+                    ticket.usage, ticket.max_tokens = _usage(self.session), self.session.new_tokens
+        finally:
+            ticket.release()
+
+    async def _generate(self, request: ChatRequest):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        self.configure(request)
+
+        def work():
+            try:
+                stream = self.session.stream(request.prompt)
+                for piece in stream:
+                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+                    if stop.is_set():
+                        stream.close()  # generation ends at the next token
+                        break
+            except Exception as exc:  # handed to the request, which answers with an error
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+
+        worker = loop.run_in_executor(None, work)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "end":
+                    break
+                if kind == "error":
+                    if isinstance(value, ChatkitError):
+                        raise RequestError(str(value), "messages", code="context_length_exceeded")
+                    raise value
+                yield value
+        finally:
+            stop.set()
+            await asyncio.shield(worker)
+
+
+class Ticket:
+    """A request's place in the queue (released once, whatever ends it) and, at its end, its token counts."""
+
+    def __init__(self, generator: Generator):
+        self.generator, self.held = generator, True
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        self.max_tokens = 0
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.generator.waiting -= 1
+
+    def finish_reason(self, scanner: StopScanner) -> str:
+        return "length" if not scanner.stopped and self.usage["completion_tokens"] >= self.max_tokens else "stop"
+
+
+class Completion:
+    """Builds the response objects of one request."""
+
+    def __init__(self, model_id: str):
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model_id = model_id
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
+
+    def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> dict:
+        return self._head("chat.completion.chunk") | {
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return self._head("chat.completion.chunk") | {"choices": [], "usage": usage}
+
+    def whole(self, text: str, finish_reason: str, usage: dict) -> dict:
+        message = {"role": "assistant", "content": text}
+        return self._head("chat.completion") | {
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage}
+
+
+def _usage(session: ChatSession) -> dict:
+    prompt, answer = session.usage
+    return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
+
+
+def build_app(session: ChatSession, model_id: str, queue: int = 8):
+    """The Starlette application serving one loaded model."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    generator = Generator(session, queue)
+
+    def error(exc: RequestError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), exc.kind, exc.param, exc.code), status_code=exc.status)
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "chatkit"}]})
+
+    async def completions(request):
+        try:
+            body = json.loads(await request.body() or b"null")
+        except (ValueError, UnicodeDecodeError):
+            return error(RequestError("the request body is not valid JSON"))
+        try:
+            parsed = ChatRequest.parse(body)
+            ticket = generator.reserve()
+        except RequestError as exc:
+            return error(exc)
+        completion, scanner = Completion(model_id), StopScanner(parsed.stop)
+        pieces = generator.pieces(parsed, ticket)
+        if parsed.stream:
+            return StreamingResponse(_events(pieces, ticket, parsed, completion, scanner),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text = ""
+        try:
+            async for piece in pieces:
+                text += scanner.feed(piece)
+                if scanner.stopped:
+                    break
+        except RequestError as exc:
+            return error(exc)
+        finally:
+            await pieces.aclose()
+            ticket.release()
+        text = (text + scanner.flush()).strip()
+        return JSONResponse(completion.whole(text, ticket.finish_reason(scanner), ticket.usage))
+
+    async def not_found(request, exc):
+        status = getattr(exc, "status_code", 404)
+        message = {404: f"no such endpoint: {request.method} {request.url.path} (this server has GET /v1/models "
+                        "and POST /v1/chat/completions)",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(status, str(exc.detail))
+        return JSONResponse(error_body(message), status_code=status)
+
+    async def server_error(request, exc):
+        return JSONResponse(error_body(f"the server failed to answer ({type(exc).__name__})", "server_error"),
+                            status_code=500)
+
+    routes = [Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/chat/completions", completions, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error})
+
+
+def _sse(data) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _events(pieces, ticket: Ticket, request: ChatRequest, completion: Completion, scanner: StopScanner):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    started = False
+    try:
+        async for piece in pieces:
+            if not started:
+                started = True
+                yield _sse(completion.chunk({"role": "assistant", "content": ""}))
+                piece = piece.lstrip()
+            text = scanner.feed(piece)
+            if text:
+                yield _sse(completion.chunk({"content": text}))
+            if scanner.stopped:
+                break
+        tail = scanner.flush().rstrip()
+        if tail:
+            yield _sse(completion.chunk({"content": tail}))
+    except RequestError as exc:
+        yield _sse(error_body(str(exc), exc.kind, exc.param, exc.code))
+        yield "data: [DONE]\n\n"
+        return
+    finally:
+        await pieces.aclose()
+        ticket.release()
+    if not started:
+        yield _sse(completion.chunk({"role": "assistant", "content": ""}))
+    yield _sse(completion.chunk({}, ticket.finish_reason(scanner)))
+    if request.include_usage:
+        yield _sse(completion.usage_chunk(ticket.usage))
+    yield "data: [DONE]\n\n"
+
+
+def serve(session: ChatSession, model_id: str, host: str = "127.0.0.1", port: int = 8000, queue: int = 8,
+          verbose: bool = False) -> None:
+    """Serve until Ctrl-C."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ChatkitError("--serve needs uvicorn and starlette: pip install uvicorn starlette "
+                           "(both come with gradio)") from None
+    uvicorn.run(build_app(session, model_id, queue), host=host, port=port, log_level="info" if verbose else "warning",
+                access_log=verbose)

@@ -1,0 +1,194 @@
+"""The OpenAI-compatible API (`demo_chatbot.py --serve`), driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+import demo_chatbot
+import train_chatgpt_model
+from chatkit.chat import ChatSession, GenerationSettings
+from chatkit.server import StopScanner, build_app
+
+REPLIES = {"Hello": "Hi there, friend!", "What is the secret code?": "The secret code is 4417."}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory, tiny_llama):
+    """A tiny model taught two fixed replies."""
+    work = tmp_path_factory.mktemp("served")
+    data = work / "d.json"
+    data.write_text(json.dumps([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                                for q, a in REPLIES.items()] * 4))
+    assert train_chatgpt_model.main(["--data", str(data), "--model", str(tiny_llama), "--output", str(work / "m"),
+                                     "--epochs", "30", "--learning-rate", "1e-2", "--batch-size", "4",
+                                     "--val-split", "0", "--report", "none"]) == 0
+    return work / "m"
+
+
+def start(session, queue: int = 8):
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(session, "m", queue), host="127.0.0.1", port=port,
+                                          log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def api(taught):
+    session = ChatSession(str(taught), settings=GenerationSettings(temperature=0, max_new_tokens=24,
+                                                                   repetition_penalty=1.0))
+    server, thread, address = start(session)
+    yield address
+    server.should_exit = True
+    thread.join()
+
+
+def client(address: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{address}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_and_plain_and_streamed_answers_match_the_toolkit(api, taught):
+    assert [m.id for m in client(api).models.list().data] == ["m"]
+    expected = ChatSession(str(taught), settings=GenerationSettings(temperature=0, max_new_tokens=24)).reply("Hello")
+    assert expected == REPLIES["Hello"]
+    plain = client(api).chat.completions.create(model="m", messages=[{"role": "user", "content": "Hello"}],
+                                                temperature=0)
+    assert plain.choices[0].message.content == expected and plain.choices[0].finish_reason == "stop"
+    assert plain.object == "chat.completion" and plain.model == "m"
+    assert plain.usage.completion_tokens > 0 and plain.usage.prompt_tokens > 3
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+
+    chunks = list(client(api).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Hello"}], temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == expected and len([p for p in pieces if p]) >= 2  # streamed in pieces
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_raw_stream_is_server_sent_events_ending_with_done(api):
+    with httpx.stream("POST", f"{api}/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": "Hello"}], "stream": True, "temperature": 0}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_history_system_prompt_max_tokens_and_stop(api):
+    answer = client(api).chat.completions.create(model="anything", temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi there, friend!"},
+        {"role": "user", "content": [{"type": "text", "text": "What is the secret code?"}]}])
+    assert answer.choices[0].message.content  # a history and text parts are accepted
+    short = client(api).chat.completions.create(model="m", temperature=0, max_tokens=2,
+                                                messages=[{"role": "user", "content": "Hello"}])
+    assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
+    cut = client(api).chat.completions.create(model="m", temperature=0, stop=["friend"],
+                                              messages=[{"role": "user", "content": "Hello"}])
+    assert cut.choices[0].message.content == "Hi there," and cut.choices[0].finish_reason == "stop"
+    streamed = client(api).chat.completions.create(model="m", temperature=0, stop="friend", stream=True,
+                                                   messages=[{"role": "user", "content": "Hello"}])
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "Hi there,"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}, "stop"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages"),
+])
+def test_bad_requests_get_openai_errors(api, body, param):
+    response = httpx.post(f"{api}/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_not_json_unknown_paths_and_methods_and_too_long(api):
+    response = httpx.post(f"{api}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    response = httpx.get(f"{api}/v1/engines")
+    assert response.status_code == 404 and "/v1/chat/completions" in response.json()["error"]["message"]
+    response = httpx.get(f"{api}/v1/chat/completions")
+    assert response.status_code == 405 and response.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(api).chat.completions.create(model="m", messages=[{"role": "user", "content": "tea " * 400}])
+    assert caught.value.body["code"] == "context_length_exceeded"
+
+
+def test_queue_is_bounded_and_requests_take_turns(taught):
+    session = ChatSession(str(taught), settings=GenerationSettings(temperature=0, max_new_tokens=24))
+    original = session.stream
+    release = threading.Event()
+
+    def held_stream(text):  # the first answer waits until released, holding the model
+        for piece in original(text):
+            release.wait(30)
+            yield piece
+
+    session.stream = held_stream
+    server, thread, address = start(session, queue=1)
+    try:
+        results = []
+        first = threading.Thread(target=lambda: results.append(client(address).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "Hello"}])))
+        second = threading.Thread(target=lambda: results.append(client(address).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "What is the secret code?"}])))
+        first.start()
+        time.sleep(0.5)
+        second.start()  # waits its turn: the queue holds one
+        time.sleep(0.5)
+        third = httpx.post(f"{address}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hello"}]})
+        assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_exceeded"
+        release.set()
+        first.join(60)
+        second.join(60)
+        assert sorted(r.choices[0].message.content for r in results) == sorted(REPLIES.values())
+        again = client(address).chat.completions.create(model="m", messages=[{"role": "user", "content": "Hello"}])
+        assert again.choices[0].message.content == REPLIES["Hello"]  # the places were given back
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join()
+
+
+def test_stop_scanner_holds_back_a_possible_stop():
+    scanner = StopScanner(["END"])
+    assert scanner.feed("abc E") == "abc" and scanner.feed("N") == "" and scanner.feed("x") == " ENx"
+    assert scanner.feed(" then EN") == " then" and scanner.feed("D more") == "" and scanner.stopped
+
+
+def test_serve_flags():
+    args = demo_chatbot.make_parser().parse_args(["chat-model", "--serve"])
+    assert args.serve and args.port is None and args.host == "127.0.0.1"
+    for bad in (["--serve", "--web"], ["--serve", "--query", "hi"], ["--queue", "3"], ["--port", "9000"]):
+        with pytest.raises(SystemExit):
+            demo_chatbot.main(bad)
