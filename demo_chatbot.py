@@ -8,10 +8,13 @@ Examples:
     python demo_chatbot.py smollm2-135m --temperature 0 --max-new-tokens 100
     python demo_chatbot.py ./model.gguf --system-prompt "You are a pirate."
     python demo_chatbot.py chat-model --web            # a chat page at http://127.0.0.1:7860
+    python demo_chatbot.py chat-model --compare        # the base model's answer beside the trained one
+    python demo_chatbot.py chat-model --serve          # an OpenAI-compatible API at http://127.0.0.1:8000/v1
 
 MODEL is the output directory of train_chatgpt_model.py (adapter or merged), a local model directory,
 a .gguf file, a Hugging Face Hub id or a friendly name (default: smollm2-135m). In the chat, /help lists
-the commands (quit, clear, history, /save FILE, /system TEXT).
+the commands (quit, clear, history, /save FILE, /system TEXT); arrow keys edit the line and recall
+earlier ones. With --serve, any OpenAI client works: base_url="http://127.0.0.1:8000/v1", any api_key.
 """
 
 from __future__ import annotations
@@ -39,30 +42,51 @@ def chat(argv: Optional[Sequence[str]] = None) -> int:
         if not query:
             raise ChatkitError("--query -: nothing was read from standard input")
 
-    from chatkit.chat import ChatSession
+    from chatkit.chat import ChatSession, base_session
     from chatkit.console import Console
 
-    if options.web:
+    if options.web or options.serve:
         from chatkit.web import check_port
 
-        check_port(options.host, options.port)
+        check_port(options.host, options.served_port)
 
     if query is None:
         print("Loading the model...", file=sys.stderr)
     session = ChatSession(options.model, device=options.device, dtype=options.dtype,
                           system_prompt=options.system_prompt, settings=generation_settings(options),
                           reuse_cache=not options.no_cache_reuse, trust_remote_code=options.trust_remote_code)
+    base = base_session(session) if options.compare else None
     if query is not None:
-        print(session.reply(query))
+        if base is None:
+            print(session.reply(query))
+            return 0
+        print(f"[Base model]\n{base.reply(query)}\n\n[Trained]\n{session.reply(query)}")
+        return 0
+    address = f"http://{options.host}:{options.served_port}"
+    if options.serve:
+        from chatkit.server import serve
+
+        print(f"Serving {session.describe()} as an OpenAI-compatible API at {address}/v1 (model "
+              f"{served_name(options.model)!r}; Ctrl-C stops)", file=sys.stderr)
+        serve(session, served_name(options.model), host=options.host, port=options.served_port,
+              queue=options.queue, verbose=options.verbose)
         return 0
     if options.web:
         from chatkit.web import serve
 
-        print(f"Serving {session.describe()} at http://{options.host}:{options.port} (Ctrl-C stops)",
-              file=sys.stderr)
-        serve(session, host=options.host, port=options.port, share=options.share)
+        print(f"Serving {session.describe()} at {address} (Ctrl-C stops)", file=sys.stderr)
+        serve(session, host=options.host, port=options.served_port, share=options.share, base=base)
         return 0
-    return Console(session).run()
+    return Console(session, base=base).run()
+
+
+def served_name(model: Optional[str]) -> str:
+    """The model's name in the API: its folder or file name, or the name typed."""
+    from pathlib import Path
+
+    from chatkit.options import STARTER_MODEL
+
+    return Path(model.rstrip("/\\")).name if model else STARTER_MODEL
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -29,7 +29,7 @@ class ChatSession:
     def __init__(self, model: str | LoadedModel | None = None, *, device: Optional[str] = None,
                  dtype: Optional[str] = None, system_prompt: Optional[str] = None,
                  settings: Optional[GenerationSettings] = None, reuse_cache: bool = True,
-                 max_context: Optional[int] = None, trust_remote_code: bool = False):
+                 max_context: Optional[int] = None, trust_remote_code: bool = False, adapter: bool = True):
         from .device import choose_placement
 
         if isinstance(model, LoadedModel):
@@ -59,6 +59,9 @@ class ChatSession:
         self.on_notice: Callable[[str], None] = lambda text: print(text, file=sys.stderr)
         self._cache = None
         self._cache_ids: List[int] = []
+        self.usage = (0, 0)  # the last answer's (prompt tokens, answer tokens)
+        self.adapter = adapter  # False: a LoRA model answers as its base model, with the adapter switched off
+        self.loaded = loaded
 
     @property
     def new_tokens(self) -> int:
@@ -76,6 +79,25 @@ class ChatSession:
 
     def describe(self) -> str:
         return f"{self.source.describe()} on {self.device_description()}"
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.model, "disable_adapter")
+
+    def base_twin(self) -> "ChatSession":
+        """A session answering as the base model: the same weights with the LoRA adapter switched off."""
+        if not self.has_adapter:
+            raise ChatkitError(f"{self.source.spec} is not a LoRA adapter, so it has no base model to switch to")
+        twin = ChatSession(self.loaded, system_prompt=self.system_prompt, settings=copy.copy(self.settings),
+                           reuse_cache=self.reuse_cache, max_context=self.max_context, adapter=False)
+        twin.tokenizer.chat_template = self.tokenizer.chat_template
+        return twin
+
+    def _weights(self):
+        """The context generation runs in: the adapter switched off for a base twin."""
+        import contextlib
+
+        return contextlib.nullcontext() if self.adapter or not self.has_adapter else self.model.disable_adapter()
 
     # ------------------------------------------------------------------ history
 
@@ -167,7 +189,7 @@ class ChatSession:
 
         def run():
             try:
-                with torch.no_grad():
+                with torch.no_grad(), self._weights():
                     result["output"] = self.model.generate(**kwargs)
             except BaseException as exc:  # re-raised in the caller's thread
                 result["error"] = exc
@@ -192,6 +214,7 @@ class ChatSession:
             self._cache = cache
             self._cache_ids = output[: self._cache.get_seq_length()]
         answer = self.tokenizer.decode(output[len(ids):], skip_special_tokens=True).strip()
+        self.usage = (len(ids), len(output) - len(ids))
         self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
 
     def reply(self, user_text: str) -> str:
@@ -226,6 +249,22 @@ class ChatSession:
             raise ChatkitError(f"{path} is a folder; name a file, such as {os.path.join(path, 'chat.json')}")
         write_json(path, [{"messages": copy.deepcopy(messages)}])
         return len(messages)
+
+
+def base_session(session: ChatSession) -> ChatSession:
+    """The model `session` was trained from, to compare answers with: for a LoRA adapter the same weights
+    with the adapter off; for a merged or fully trained model its base, loaded beside it."""
+    if session.has_adapter:
+        return session.base_twin()
+    info = read_training_info(session.source.path) if session.source.kind == "directory" else {}
+    if not info:
+        raise ChatkitError(f"--compare: {session.source.spec} was not trained by this toolkit, so there is no base "
+                           "model to compare with; pass a train_chatgpt_model.py output folder")
+    trained_from = (info.get("options") or {}).get("model")
+    placement = session.placement
+    return ChatSession(trained_from, device=placement.device if placement else None,
+                       dtype=placement.dtype if placement else None, system_prompt=session.system_prompt,
+                       settings=copy.copy(session.settings), reuse_cache=session.reuse_cache)
 
 
 def _stopping_criteria(stop):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
-from typing import Callable, Optional, TextIO
+import textwrap
+from typing import Callable, List, Optional, TextIO
 
 from .chat import ChatSession
 from .errors import ChatkitError
+from .models import cache_dir
+
+HISTORY_FILE = "chat-history"  # in the cache folder: lines typed in earlier chats, for the arrow keys
+HISTORY_LINES = 1000
 
 HELP = """Commands:
   quit, exit      end the chat (Ctrl-D or Ctrl-C work too)
@@ -24,12 +31,44 @@ class Console:
     """A read-eval-print loop over a ChatSession. Input and output streams are injectable for tests."""
 
     def __init__(self, session: ChatSession, read: Optional[Callable[[str], str]] = None,
-                 out: Optional[TextIO] = None):
+                 out: Optional[TextIO] = None, base: Optional[ChatSession] = None):
         self.session = session
+        self.base = base  # --compare: the base model's session, answering the same messages
         self.read = read or (lambda prompt: input(prompt))  # looked up late, so input() can be scripted
         self.read_from_stdin = read is None
         self.out = out or sys.stdout
         session.on_notice = lambda text: self.print(text)
+        self.history_path: Optional[str] = None
+
+    def start_line_editing(self) -> None:
+        """Arrow keys, editing and history (kept between chats) on a terminal, through readline."""
+        try:
+            terminal = self.read_from_stdin and sys.stdin is not None and sys.stdin.isatty()
+        except (OSError, ValueError):  # a closed stdin
+            terminal = False
+        if not terminal:
+            return
+        try:
+            import readline
+        except ImportError:  # Windows without pyreadline: plain input
+            return
+        self.history_path = str(cache_dir() / HISTORY_FILE)
+        try:
+            readline.read_history_file(self.history_path)
+        except OSError:
+            pass
+        readline.set_history_length(HISTORY_LINES)
+
+    def save_line_history(self) -> None:
+        if self.history_path is None:
+            return
+        import readline
+
+        try:
+            os.makedirs(os.path.dirname(self.history_path), exist_ok=True)
+            readline.write_history_file(self.history_path)
+        except OSError:
+            pass
 
     def print(self, text: str = "", end: str = "\n") -> None:
         self.out.write(text + end)
@@ -70,6 +109,7 @@ class Console:
     def run(self) -> int:
         if self.read_from_stdin and hasattr(sys.stdin, "reconfigure"):
             sys.stdin.reconfigure(errors="replace")  # a byte that is not UTF-8 becomes U+FFFD, not an error
+        self.start_line_editing()
         self.banner()
         try:
             while True:
@@ -83,6 +123,7 @@ class Console:
                     break
         except KeyboardInterrupt:
             self.print()
+        self.save_line_history()
         self.print("Bye.")
         return 0
 
@@ -109,14 +150,37 @@ class Console:
                 except (ChatkitError, OSError) as exc:
                     self.print(f"error: {exc}")
         elif lowered == "/system" or lowered.startswith("/system "):
-            self.session.set_system_prompt(text[7:].strip())
-            self.session.reset()
+            for session in self.sessions:
+                session.set_system_prompt(text[7:].strip())
+                session.reset()
             self.print(f"(System prompt {'set' if self.session.system_prompt else 'removed'}; conversation cleared.)")
         elif text.startswith("/"):
             self.print(f"Unknown command {text.split()[0]}; /help lists them.")
+        elif self.base is not None:
+            self.compare(text)
         else:
             self.answer(text)
         return True
+
+    @property
+    def sessions(self) -> List[ChatSession]:
+        return [self.session] + ([self.base] if self.base is not None else [])
+
+    def compare(self, text: str) -> None:
+        """--compare: both answers, the base model's and the trained one's, side by side."""
+        answers = []
+        for session, label in ((self.base, "base model"), (self.session, "trained")):
+            self.out.write(f"({label} answering...)\r")
+            self.out.flush()
+            try:
+                answers.append(session.reply(text))
+            except KeyboardInterrupt:
+                self.print("\n(Stopped.)")
+                return
+            except ChatkitError as exc:
+                self.print(f"\nerror: {exc}")
+                return
+        self.print(side_by_side(("Base model", "Trained"), answers, shutil.get_terminal_size((100, 24)).columns))
 
     def answer(self, text: str) -> None:
         """Stream the answer; Ctrl-C stops it (what was said so far is kept) and returns to the prompt."""
@@ -141,3 +205,20 @@ class Console:
             self.print(f"[{message['role']}] {message['content']}")
         if not any(m["role"] != "system" for m in messages):
             self.print("(No conversation yet.)")
+
+
+def side_by_side(titles, texts, width: int) -> str:
+    """Two texts in two columns under their titles; one after the other on a narrow terminal."""
+    if width < 60:
+        return "\n".join(f"[{title}]\n{text}" for title, text in zip(titles, texts))
+    column = (width - 3) // 2
+    lines = [[title] + [line for part in text.splitlines() or [""] for line in textwrap.wrap(part, column) or [""]]
+             for title, text in zip(titles, texts)]
+    rows = max(len(side) for side in lines)
+    out = []
+    for index in range(rows):
+        left, right = (side[index] if index < len(side) else "" for side in lines)
+        out.append(f"{left:<{column}} | {right}".rstrip())
+        if index == 0:
+            out.append("-" * column + "-+-" + "-" * column)
+    return "\n".join(out)

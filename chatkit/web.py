@@ -14,7 +14,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from typing import List
+from typing import List, Optional
 
 from .chat import ChatSession
 from .errors import ChatkitError
@@ -35,30 +35,55 @@ def _messages(history: list) -> List[dict]:
     return out
 
 
-def _responder(session: ChatSession, gr):
-    """The handler that streams an answer into the tab's conversation, with the page's settings."""
-    def respond(message: str, history: list, temperature: float, max_new_tokens: float, system_prompt: str):
-        history = list(history or [])
+def _responder(sessions: List[ChatSession], gr):
+    """The handler that streams answers into the tab's conversations (one per session), with the page's settings.
+
+    With --compare there are two sessions, the base model and the trained one: each column keeps its own
+    conversation, and the base answers first."""
+    def respond(message: str, *values):
+        histories = [list(h or []) for h in values[:len(sessions)]]
+        temperature, max_new_tokens, system_prompt = values[len(sessions):]
         if not message or not message.strip():
-            yield history, ""
+            yield (*histories, "")
             return
-        session.settings.temperature = float(temperature)
-        session.settings.max_new_tokens = int(max_new_tokens)
-        session.system_prompt = system_prompt.strip() or None
-        session.history = _messages(history)
-        history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        answer = ""
-        try:
-            for piece in session.stream(message):
-                answer += piece
-                history[-1] = {"role": "assistant", "content": answer}
-                yield history, ""
-        except ChatkitError as exc:
-            raise gr.Error(str(exc))
-        history[-1] = {"role": "assistant", "content": session.history[-1]["content"]}
-        yield history, ""
+        for index, session in enumerate(sessions):
+            session.settings.temperature = float(temperature)
+            session.settings.max_new_tokens = int(max_new_tokens)
+            session.system_prompt = system_prompt.strip() or None
+            session.history = _messages(histories[index])
+            histories[index] = histories[index] + [{"role": "user", "content": message},
+                                                   {"role": "assistant", "content": ""}]
+            answer = ""
+            pieces = session.stream(message)
+            try:
+                for piece in pieces:
+                    answer += piece
+                    histories[index][-1] = {"role": "assistant", "content": answer}
+                    yield (*histories, "")
+            except ChatkitError as exc:
+                raise gr.Error(str(exc))
+            finally:
+                pieces.close()  # Stop closes this handler: generation ends at the next token
+            histories[index][-1] = {"role": "assistant", "content": session.history[-1]["content"]}
+            yield (*histories, "")
 
     return respond
+
+
+def _regenerator(respond, count: int):
+    """The handler that answers the last message again: its answers are dropped, then asked anew."""
+    def regenerate(*values):
+        histories = [list(h or []) for h in values[:count]]
+        users = [i for i, item in enumerate(histories[-1]) if isinstance(item, dict) and item.get("role") == "user"]
+        if not users:
+            yield (*histories, "")
+            return
+        message = _messages([histories[-1][users[-1]]])[0]["content"]
+        trimmed = [h[:max(i for i, item in enumerate(h) if isinstance(item, dict) and item.get("role") == "user")]
+                   for h in histories]
+        yield from respond(message, *trimmed, *values[count:])
+
+    return regenerate
 
 
 def _downloader(download_dir: str):
@@ -75,14 +100,16 @@ def _downloader(download_dir: str):
     return conversation_file
 
 
-def build_app(session: ChatSession):
-    """The Gradio Blocks app for one loaded model."""
+def build_app(session: ChatSession, base: Optional[ChatSession] = None):
+    """The Gradio Blocks app for one loaded model (and, with --compare, its base model beside it)."""
     try:
         import gradio as gr
     except ImportError:
         raise ChatkitError("the web page needs gradio: pip install gradio (the console chat does not)") from None
 
-    respond = _responder(session, gr)
+    sessions = [base, session] if base is not None else [session]
+    respond = _responder(sessions, gr)
+    regenerate = _regenerator(respond, len(sessions))
     download_dir = tempfile.mkdtemp(prefix="chatkit-web-")
     atexit.register(shutil.rmtree, download_dir, ignore_errors=True)
     downloader = _downloader(download_dir)
@@ -91,13 +118,21 @@ def build_app(session: ChatSession):
         return downloader(history, system_prompt, request)
 
     with gr.Blocks(title=f"chatkit: {session.source.spec}") as app:
-        gr.Markdown(f"### Chatting with `{session.source.describe()}`\nRunning on **{session.device_description()}**.",
+        heading = "Comparing the base model (left) with" if base is not None else "Chatting with"
+        gr.Markdown(f"### {heading} `{session.source.describe()}`\nRunning on **{session.device_description()}**.",
                     elem_id="model-info")
-        chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=420)
+        if base is None:
+            chatbots = [gr.Chatbot(label="Conversation", elem_id="chatbot", height=420)]
+        else:
+            with gr.Row():
+                chatbots = [gr.Chatbot(label="Base model (adapter off)", elem_id="chatbot-base", height=420),
+                            gr.Chatbot(label="Trained model", elem_id="chatbot", height=420)]
         message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, elem_id="message",
                              autofocus=True)
         with gr.Row():
             send = gr.Button("Send", variant="primary", elem_id="send")
+            stop = gr.Button("Stop", elem_id="stop")
+            retry = gr.Button("Regenerate", elem_id="regenerate")
             clear = gr.Button("Clear", elem_id="clear")
             download = gr.DownloadButton("Download conversation (JSON)", value=None, elem_id="download")
         with gr.Accordion("Settings", open=False):
@@ -107,10 +142,16 @@ def build_app(session: ChatSession):
                                        label="Max new tokens", elem_id="max-new-tokens")
             system_prompt = gr.Textbox(value=session.system_prompt or "", label="System prompt",
                                        elem_id="system-prompt")
-        inputs = [message, chatbot, temperature, max_new_tokens, system_prompt]
-        for trigger in (message.submit, send.click):
-            trigger(respond, inputs, [chatbot, message]).then(conversation_file, [chatbot, system_prompt], download)
-        clear.click(lambda: ([], None), None, [chatbot, download], queue=False)
+        settings = [temperature, max_new_tokens, system_prompt]
+        answers = []
+        for trigger, handler, inputs in ((message.submit, respond, [message]), (send.click, respond, [message]),
+                                         (retry.click, regenerate, [])):
+            event = trigger(handler, inputs + chatbots + settings, chatbots + [message])
+            answers.append(event)
+            event.then(conversation_file, [chatbots[-1], system_prompt], download)
+        # Stop ends the answer at the next token; what was said so far stays in the conversation.
+        stop.click(None, None, None, cancels=answers, queue=False)
+        clear.click(lambda: (*([] for _ in chatbots), None), None, chatbots + [download], queue=False)
     # One generation at a time: the model is shared; later requests wait in the queue.
     app.queue(default_concurrency_limit=1)
     return app
@@ -127,9 +168,9 @@ def check_port(host: str, port: int) -> None:
 
 
 def serve(session: ChatSession, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          block: bool = True, quiet: bool = False):
+          block: bool = True, quiet: bool = False, base: Optional[ChatSession] = None):
     """Start the page; returns the Gradio app (and, with block=False, leaves it running in the background)."""
-    app = build_app(session)
+    app = build_app(session, base)
     if host not in ("127.0.0.1", "localhost", "::1") and not quiet:
         print(f"warning: serving on {host}: anyone who can reach this machine can use the model",
               file=sys.stderr, flush=True)

@@ -136,7 +136,7 @@ def test_a_damaged_adapter_is_one_line(adapter, tmp_path, capsys, config, fragme
     (["--top-p", "0"], "--top-p must be above 0 and at most 1"),
     (["--port", "99999", "--web"], "--port must be 1-65535"),
     (["--query", "x", "--web"], "--web and --query: choose one"),
-    (["--host", "0.0.0.0"], "--host, --port and --share go with --web"),
+    (["--host", "0.0.0.0"], "--host and --port go with --web or --serve"),
     (["m1", "--model", "m2"], "give model once"),
 ])
 def test_bad_flags_are_usage_errors(capsys, flags, fragment):

@@ -155,4 +155,117 @@ def test_web_flags():
     with pytest.raises(SystemExit):
         demo_chatbot.main(["--web", "--query", "hi"])
     args = demo_chatbot.make_parser().parse_args(["chat-model", "--web"])
-    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)  # loopback unless asked
+    assert (args.host, args.port, args.share) == ("127.0.0.1", None, False)  # loopback unless asked
+    from chatkit.cli import parse
+    from chatkit.options import ChatOptions
+
+    assert parse(ChatOptions, "", ["chat-model", "--web"]).served_port == 7860
+    assert parse(ChatOptions, "", ["chat-model", "--serve"]).served_port == 8000
+
+
+class SlowSession:
+    """A session whose answers arrive a piece every 0.4 s, to press Stop in the middle of one."""
+
+    def __init__(self, session):
+        self.session, self.started, self.closed = session, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def __setattr__(self, name, value):
+        if name in ("session", "started", "closed"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.session, name, value)
+
+    def stream(self, text):
+        import time
+
+        self.started += 1
+        try:
+            for piece in self.session.stream(text):
+                time.sleep(0.4)
+                yield piece
+        finally:
+            self.closed += 1
+
+
+@pytest.fixture(scope="module")
+def slow_server(web_model):
+    from chatkit.web import serve
+
+    session = SlowSession(ChatSession(str(web_model), settings=GenerationSettings(
+        temperature=0, max_new_tokens=24, repetition_penalty=1.0)))
+    port = free_port()
+    app = serve(session, port=port, block=False, quiet=True)
+    yield f"http://127.0.0.1:{port}/", session
+    app.close()
+
+
+def user_texts(page, chatbot="#chatbot") -> list:
+    return [t.strip() for t in page.locator(f'{chatbot} [data-testid="user"]').all_inner_texts()]
+
+
+def test_stop_ends_the_answer_and_regenerate_asks_again(slow_server, browser):
+    address, session = slow_server
+    page = browser.new_page()
+    page.goto(address)
+    page.wait_for_selector("#message textarea")
+    send(page, "Hello")
+    page.wait_for_function("() => { const b = document.querySelector('#chatbot [data-testid=\"bot\"]');"
+                           " return b && b.innerText.trim().length > 0; }", timeout=60000)
+    page.click("#stop")
+    page.wait_for_timeout(2000)
+    stopped = bot_texts(page)
+    assert len(stopped) == 1 and stopped[0] and "Hi there, friend!".startswith(stopped[0])
+    assert stopped[0] != "Hi there, friend!"  # cut short, and what was said stays
+    assert session.closed == session.started == 1  # the generation itself ended
+    page.wait_for_timeout(1000)
+    assert bot_texts(page) == stopped  # nothing more arrives
+
+    page.click("#regenerate")
+    page.wait_for_function("() => [...document.querySelectorAll('#chatbot [data-testid=\"bot\"]')]"
+                           ".some(e => e.innerText.trim() === 'Hi there, friend!')", timeout=60000)
+    assert bot_texts(page) == ["Hi there, friend!"] and user_texts(page) == ["Hello"]  # replaced, not added
+    assert session.started == 2
+    page.close()
+
+
+def test_compare_page_shows_base_and_trained_in_two_columns(web_model, browser):
+    from chatkit.chat import base_session
+    from chatkit.web import serve
+
+    session = ChatSession(str(web_model), settings=GenerationSettings(temperature=0, max_new_tokens=16,
+                                                                      repetition_penalty=1.0))
+    base = base_session(session)
+    expected_base = base.reply("Hello")
+    base.reset()
+    assert expected_base != "Hi there, friend!"  # the adapter switched off answers as the untrained model
+    port = free_port()
+    app = serve(session, port=port, block=False, quiet=True, base=base)
+    try:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#chatbot-base")
+        page.wait_for_selector("#message textarea")
+        send(page, "Hello")
+        page.wait_for_function("() => [...document.querySelectorAll('#chatbot [data-testid=\"bot\"]')]"
+                               ".some(e => e.innerText.trim() === 'Hi there, friend!')", timeout=60000)
+        page.wait_for_timeout(500)
+        assert bot_texts(page) == ["Hi there, friend!"]
+        assert [t.strip() for t in page.locator('#chatbot-base [data-testid="bot"]').all_inner_texts()] == [
+            expected_base.strip()]
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTIFACTS / "web-compare.png"
+        page.screenshot(path=str(shot))
+        import struct
+
+        data = shot.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (1200, 900)
+        left, right = page.locator("#chatbot-base").bounding_box(), page.locator("#chatbot").bounding_box()
+        assert left["x"] + left["width"] <= right["x"] and abs(left["y"] - right["y"]) < 5  # side by side
+        assert left["width"] > 300 and right["width"] > 300
+        assert "Base model" in page.inner_text("body") and "Trained model" in page.inner_text("body")
+        page.close()
+    finally:
+        app.close()
