@@ -170,6 +170,19 @@ def _resolve_directory(spec: str, path: Path) -> ModelSource:
     )
 
 
+def public_name(source: ModelSource) -> str:
+    """How a model is named where others read it (a model card): a Hub id or a name, never a local path."""
+    if source.kind == "adapter" and source.base is not None:
+        return public_name(source.base)
+    if source.kind == "hub":
+        return source.path
+    starter = starter_gguf_path()
+    if _FRIENDLY.get(_normalise_name(source.spec)) == STARTER_MODEL or (
+            source.gguf_file and starter and Path(source.gguf_file).resolve() == starter.resolve()):
+        return STARTER_HUB_ID
+    return Path(source.spec.rstrip("/\\")).name or source.spec
+
+
 def convert_gguf(gguf_file: str | os.PathLike) -> Path:
     """Convert a GGUF file once into a cached model directory (fp32 safetensors + tokenizer).
 

@@ -198,6 +198,9 @@ class TrainOptions(Common, Hardware, Lora):
                                               "30m, 2h): trains on what fits, with a schedule for that many steps",
                                         metavar="DURATION", check=_duration)
     dry_run: bool = option(False, "print the plan (size, steps, time, memory) and exit without training")
+    report: str = option("full", "full (default): OUTPUT/report.md compares the base and trained models' answers "
+                                 "to your prompts and general questions; none: only the loss figures and plot",
+                         choices=("full", "none"))
     max_batch_tokens: Optional[int] = option(None, "padded tokens per step at most, so memory stays bounded "
                                                    "(default: 1024 on a CPU, 16384 on a GPU)", metavar="N",
                                              check="positive")
@@ -246,16 +249,33 @@ class ChatOptions(Common, Hardware, GenerationSettings):
     system_prompt: Optional[str] = option(None, "system message (default: the one the model was trained with)")
     no_cache_reuse: bool = option(False, "recompute the whole history every turn")
     web: bool = option(False, "serve a chat page instead of the console chat")
+    serve: bool = option(False, "serve an OpenAI-compatible API (/v1/chat/completions, /v1/models) instead")
+    compare: bool = option(False, "show the base model's answer beside the trained one (a trained LoRA adapter)")
     host: str = option("127.0.0.1", "address to serve on (default: %(default)s, this machine only)")
-    port: int = option(7860, "(default: %(default)s)", check=lambda v: None if 0 < v < 65536 else "must be 1-65535")
+    port: Optional[int] = option(None, "(default: 7860 for --web, 8000 for --serve)",
+                                 check=lambda v: None if 0 < v < 65536 else "must be 1-65535")
     share: bool = option(False, "also open a public gradio.live link (only when asked)")
+    queue: int = option(8, "--serve: requests that may wait while one is answered; more get HTTP 429 "
+                           "(default: %(default)s)", metavar="N", check="non-negative")
+
+    @property
+    def served_port(self) -> int:
+        return self.port if self.port is not None else 8000 if self.serve else 7860
 
     def cross_problems(self) -> List[str]:
         found = []
-        if self.web and self.query is not None:
-            found.append("--web and --query: choose one")
-        if (self.share or self.host != "127.0.0.1" or self.port != 7860) and not self.web:
-            found.append("--host, --port and --share go with --web")
+        modes = [flag for flag, on in (("--web", self.web), ("--serve", self.serve),
+                                       ("--query", self.query is not None)) if on]
+        if len(modes) > 1:
+            found.append(f"{' and '.join(modes)}: choose one")
+        if (self.host != "127.0.0.1" or self.port is not None) and not (self.web or self.serve):
+            found.append("--host and --port go with --web or --serve")
+        if self.share and not self.web:
+            found.append("--share goes with --web")
+        if self.queue != 8 and not self.serve:
+            found.append("--queue goes with --serve")
+        if self.compare and self.serve:
+            found.append("--compare and --serve: choose one")
         return found
 
 
@@ -382,3 +402,25 @@ class GenerateOptions(Common, Hardware, GenerationSettings):
     def cross_problems(self) -> List[str]:
         return [] if self.prompt or self.chat else ["give --prompt TEXT, or --chat"]
 
+
+
+# ---------------------------------------------------------------------------------------------
+# export_model.py
+
+GGUF_TYPES = ("f16", "q8_0", "f32")
+
+
+@dataclass
+class ExportOptions(Common):
+    """Writing a model as one GGUF file for llama.cpp, Ollama and LM Studio."""
+
+    model: Optional[str] = option(None, f"model to export: a trained output folder (adapter or merged), a model "
+                                        f"folder, a .gguf, a Hub id or a name (default: {STARTER_MODEL})",
+                                  positional=True, nargs="?", metavar="MODEL", flags=("--model",))
+    gguf: str = option(None, "the GGUF file to write", metavar="OUT.gguf", required=True,
+                       check=lambda v: None if v.lower().endswith(".gguf") else "should name a .gguf file")
+    type: str = option("f16", "weight type: f16 (default; as trained), q8_0 (half the size, nearly the same "
+                              "answers) or f32", choices=GGUF_TYPES)
+    ollama: bool = option(False, "also write an Ollama Modelfile beside OUT.gguf and print the `ollama create` "
+                                 "command")
+    overwrite: bool = option(False, "replace OUT.gguf (and the Modelfile) when they exist already")

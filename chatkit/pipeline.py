@@ -13,14 +13,15 @@ from .datasets import default_val_split, read_conversations, split_train_val
 from .device import Placement, choose_placement
 from .errors import ChatkitError
 from .examples import ExampleReport, pack_examples, tokenize_examples, trained_tokens
-from .files import (TRAINING_INFO_FILE, is_complete, latest_checkpoint, read_json_object, training_info, write_json,
-                    write_training_info)
+from .files import (TRAINING_INFO_FILE, is_complete, latest_checkpoint, read_json_object, read_training_info,
+                    training_info, write_json, write_training_info)
 from .formatting import ensure_chat_template, ensure_pad_token
-from .models import ModelSource, load_config, load_model, load_tokenizer, resolve_model
+from .models import ModelSource, load_config, load_model, load_tokenizer, public_name, resolve_model
 from .options import TrainOptions, problems
 from .output import duration, say
 from .plan import BUDGET_VAL_EXAMPLES, Choice, Request, Shape, calibrate, choose, parse_duration
 from .rehearsal import Rehearsal, attach_teacher, auto_count, rehearsal_conversations
+from .report import LOSS_EXAMPLES, PLOT_FILE, REPORT_FILE, RunFacts, Side, chosen_prompts, measure, report_prompts
 
 CHECKPOINTS = "checkpoints"
 RUNS = "runs"
@@ -118,6 +119,7 @@ class Data:
     train: List[List[dict]]  # their examples, per conversation
     val: List[dict]
     report: ExampleReport
+    val_conversations: List[List[dict]] = dataclasses.field(default_factory=list)
 
     def keep(self, kept: Sequence[int], val_examples: Optional[int]) -> "Data":
         """The conversations a plan kept (and fewer validation examples under a time budget)."""
@@ -131,7 +133,7 @@ class Data:
             dropped=Counter() if sampled else self.report.dropped,
             tokens=sum(len(e["input_ids"]) for e in examples),
             trained_tokens=trained_tokens(examples))
-        return Data([self.conversations[i] for i in kept], train, val, report)
+        return Data([self.conversations[i] for i in kept], train, val, report, self.val_conversations)
 
     def user_prompts(self) -> List[str]:
         return [m["content"] for c in self.conversations for m in c if m["role"] == "user"]
@@ -143,7 +145,8 @@ def tokenize_data(options: TrainOptions, tokenizer, train_convs, val_convs) -> D
                                  options.train_on_prompt, report)
 
     report = ExampleReport()
-    data = Data(list(train_convs), [tokenize([c], report) for c in train_convs], tokenize(val_convs), report)
+    data = Data(list(train_convs), [tokenize([c], report) for c in train_convs], tokenize(val_convs), report,
+                list(val_convs))
     if report.trained_tokens == 0:
         raise ChatkitError(
             f"{', '.join(options.data)}: no token would be trained (the assistant turns are empty or cut); "
@@ -227,7 +230,9 @@ def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, 
         gradient_checkpointing=options.gradient_checkpointing, lora=options.lora, rehearsal=options.rehearsal,
         budget_s=parse_duration(options.time_budget) if options.time_budget else None, seed=options.seed,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
-        extra=[REHEARSAL_TOKENS] * options.rehearsal, ranking_tokens=ranking_tokens(data))
+        extra=[REHEARSAL_TOKENS] * options.rehearsal, ranking_tokens=ranking_tokens(data),
+        report_answers=2 * len(report_prompts(report_chosen(options, data))) if options.report == "full" else 0,
+        report_tokens=sum(len(e["input_ids"]) for e in report_examples(data)[0]))
     return choose(request, Shape.from_config(load_config(source)), calibrate(placement.device))
 
 
@@ -369,17 +374,87 @@ def train(options: TrainOptions) -> dict:
                                 rehearse(options, model, tokenizer, data, resuming=checkpoint is not None))
     say(describe_run(options, source, placement))
     say(prepared.describe(data.report, options.packing))
+    report = ReportRun(options, data, placement, plan)
+    if not options.lora:  # the base model's side, before its weights change
+        report.measure_base(model, tokenizer)
     run = run_trainer(model, tokenizer, prepared.train, prepared.val, engine_settings(options), placement.device,
                       placement.dtype, checkpoint, teacher=prepared.teacher)
     if run.interrupted:
         say(f"Stopped early; checkpoint saved in {run.checkpoint}. Continue with the same command plus "
             f"--resume {options.output}")
         return {"interrupted": True, "checkpoint": run.checkpoint}
-    return finish(run, tokenizer, options, source, prepared.rehearsal, plan)
+    return finish(run, tokenizer, options, source, prepared.rehearsal, plan, report)
 
 
-def finish(run, tokenizer, options: TrainOptions, source: ModelSource, rehearsal: Rehearsal, plan=None) -> dict:
-    """Save the trained model and say where it is and how well it did."""
+def report_chosen(options: TrainOptions, data: Data):
+    """The user's prompts the report asks both models (none with --report none)."""
+    return chosen_prompts(data.val_conversations, data.conversations) if options.report == "full" else []
+
+
+def report_examples(data: Data):
+    """The examples the loss before and after is measured on, and which split they are from."""
+    if data.val:
+        return data.val[:2 * LOSS_EXAMPLES], "validation"
+    return [e for group in data.train for e in group][:LOSS_EXAMPLES], "training"
+
+
+class ReportRun:
+    """The report's measurements: the same examples and prompts for the base model and the trained one."""
+
+    def __init__(self, options: TrainOptions, data: Data, placement: Placement, plan=None):
+        self.options, self.data, self.placement, self.plan = options, data, placement, plan
+        self.chosen = report_chosen(options, data)
+        self.examples, self.loss_on = report_examples(data)
+        self.base: Optional[Side] = None
+        self.seconds = 0.0
+
+    def _measure(self, model, tokenizer) -> Side:
+        import time
+
+        started = time.perf_counter()
+        side = measure(model, tokenizer, report_prompts(self.chosen), self.examples, self.options.system_prompt,
+                       answers=bool(self.chosen))
+        self.seconds += time.perf_counter() - started
+        return side
+
+    def measure_base(self, model, tokenizer) -> None:
+        from .report import adapter_off
+
+        with adapter_off(model):
+            self.base = self._measure(model, tokenizer)
+
+    def write(self, model, tokenizer, source: ModelSource, metrics: dict, state) -> str:
+        """report.md, loss.png and README.md in the output folder; returns the line to print."""
+        import time
+
+        from .report import measure_both, plot_loss, summary_line, write_texts
+
+        if self.base is None:  # LoRA: the same weights with the adapter switched off
+            started = time.perf_counter()
+            self.base, trained = measure_both(model, tokenizer, report_prompts(self.chosen), self.examples,
+                                              self.options.system_prompt, answers=bool(self.chosen))
+            self.seconds += time.perf_counter() - started
+        else:
+            trained = self._measure(model, tokenizer)
+        output = Path(self.options.output)
+        plot_loss(state.log_history, output / PLOT_FILE)
+        facts = RunFacts(output=str(output), data_files=[Path(f).name for f in self.options.data],
+                         conversations=self.data.report.conversations, examples=self.data.report.examples,
+                         tokens=self.data.report.tokens, trained_tokens=self.data.report.trained_tokens,
+                         base_model=public_name(source), method=self.options.method,
+                         seconds=metrics.get("train_runtime_s", 0.0), device=self.placement.describe(),
+                         epochs=self.options.epochs or 0, steps=state.global_step,
+                         loss_on=self.loss_on, measured_examples=len(self.examples))
+        write_texts(output, facts, self.base, trained, self.chosen, adapter=self.options.lora)
+        metrics.update(report_s=round(self.seconds, 1), loss_before=self.base.loss, loss_after=trained.loss)
+        write_training_info(output, read_training_info(output) | {"metrics": metrics})  # the figures, kept
+        summary = summary_line(self.base, trained, len(self.chosen))
+        return f"Report: {output / REPORT_FILE} ({summary}; {self.seconds:.0f} s)"
+
+
+def finish(run, tokenizer, options: TrainOptions, source: ModelSource, rehearsal: Rehearsal, plan=None,
+           report: Optional[ReportRun] = None) -> dict:
+    """Save the trained model, write its report and say where it is and how well it did."""
     from .engine import perplexity
 
     metrics = run.metrics
@@ -388,12 +463,14 @@ def finish(run, tokenizer, options: TrainOptions, source: ModelSource, rehearsal
     if not run.trainer.is_world_process_zero():
         return metrics
     save_model(run.trainer.model, tokenizer, options, source, metrics, rehearsal.conversations, plan)
+    reported = report.write(run.trainer.model, tokenizer, source, metrics, run.trainer.state) if report else ""
     summary = f"train loss {metrics['train_loss']} (perplexity {perplexity(metrics['train_loss'])})"
     if "eval_loss" in metrics:
         summary += f", validation loss {metrics['eval_loss']} (perplexity {metrics['eval_perplexity']})"
     merged = f" (standalone merged copy in {Path(options.output) / 'merged'})" if options.merge and options.lora else ""
     say(f"\nDone in {metrics['train_runtime_s']:.0f} s: {summary}.\nModel saved in {options.output}{merged}"
-        f"\nTalk to it:  python demo_chatbot.py {options.output}"
+        + (f"\n{reported}" if reported else "")
+        + f"\nTalk to it:  python demo_chatbot.py {options.output}"
         f"\nTensorBoard: tensorboard --logdir {Path(options.output) / RUNS}")
     if options.push_to_hub:
         push_to_hub(options)

@@ -28,6 +28,7 @@ STARTUP_S = 10.0  # imports and loading a cached model
 SAVE_S = 3.0
 STEP_OVERHEAD_S = 0.02  # optimizer step and bookkeeping
 REHEARSAL_S = (2.0, 0.6)  # fixed, then per answer generated (64 tokens, batches of 16)
+REPORT_S = 0.21  # per report answer (32 tokens; base and trained answers share batches)
 MEMORY_TARGET_BYTES = 3.5 * 2**30  # default CPU training stays under 4 GB; above it, gradient checkpointing
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(min|sec|h|m|s)?", re.I)
 
@@ -181,6 +182,11 @@ def rehearsal_seconds(count: int, ranking_tokens: int = 0, shape: Optional[Shape
     return REHEARSAL_S[0] + REHEARSAL_S[1] * count + ranking
 
 
+def report_seconds(answers: int, loss_tokens: int, shape: Shape, machine: Machine) -> float:
+    """The report: `answers` short greedy answers, and the loss on `loss_tokens` tokens for both models."""
+    return REPORT_S * answers + 2 * loss_tokens * shape.flops_per_token(512, 1.0, True) / 2 / machine.rate
+
+
 def sample_conversations(count: int, seed: int) -> List[int]:
     """The order in which a time budget takes conversations: a seeded random order."""
     order = list(range(count))
@@ -222,6 +228,8 @@ class Request:
     gradient_accumulation_steps: int = 1
     extra: List[int] = field(default_factory=list)  # lengths of examples every pass adds (rehearsal)
     ranking_tokens: int = 0  # tokens of the prompts compared when choosing rehearsal prompts
+    report_answers: int = 0  # answers the report generates (base and trained)
+    report_tokens: int = 0  # tokens the report's loss is measured on
 
 
 def auto_batch(examples: int, requested: Optional[int]) -> int:
@@ -274,7 +282,8 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
     val_tokens, selection = request.val_tokens, None
     if request.budget_s is not None:
         val_tokens = min(val_tokens, val_tokens * BUDGET_VAL_EXAMPLES // max(1, request.val_examples))
-        fixed = STARTUP_S + rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine) + SAVE_S
+        fixed = (STARTUP_S + rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine) + SAVE_S
+                 + report_seconds(request.report_answers, request.report_tokens, shape, machine))
         usable = request.budget_s * BUDGET_MARGIN - fixed
         passes = affordable(usable, epoch_s + evaluation_seconds(val_tokens, shape, machine, 1))
         if passes < epochs:
@@ -319,7 +328,8 @@ def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, va
              "rehearsal": rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine),
              "training": epoch_s * epochs,
              "evaluation": evaluation_seconds(val_tokens, shape, machine, evaluations) if val_tokens else 0.0,
-             "saving": SAVE_S}
+             "saving": SAVE_S,
+             "report": report_seconds(request.report_answers, request.report_tokens, shape, machine)}
     return Plan(conversations=len(kept), examples=sum(len(request.lengths[i]) for i in kept), tokens=tokens,
                 trained_tokens=sum(request.trained[i] for i in kept), epochs=epochs, steps=steps, batch_size=rows,
                 max_batch_tokens=request.max_batch_tokens, gradient_checkpointing=checkpointing,

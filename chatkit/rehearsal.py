@@ -133,8 +133,12 @@ def _prompt_ids(tokenizer, prompts: List[str], system_prompt: Optional[str]) -> 
 
 
 def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[str] = None,
-                max_new_tokens: int = ANSWER_TOKENS) -> List[str]:
-    """The model's greedy answer to each prompt, batched, cut after max_new_tokens."""
+                max_new_tokens: int = ANSWER_TOKENS, adapters: Optional[List[str]] = None,
+                batch: int = GENERATION_BATCH) -> List[str]:
+    """The model's greedy answer to each prompt, batched, cut after max_new_tokens.
+
+    `adapters` names, per prompt, the LoRA adapter that answers it ("__base__": none), so a base and a
+    trained answer to the same prompt can share one batch."""
     import torch
 
     stops = stop_token_ids(tokenizer)
@@ -142,8 +146,9 @@ def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[st
     device = next(model.parameters()).device
     answers: List[str] = []
     with _evaluating(model):
-        for start in range(0, len(prompts), GENERATION_BATCH):
-            chunk = prompts[start : start + GENERATION_BATCH]
+        for start in range(0, len(prompts), batch):
+            chunk = prompts[start : start + batch]
+            extra = {"adapter_names": adapters[start : start + batch]} if adapters else {}
             encoded = _prompt_ids(tokenizer, chunk, system_prompt)
             width = max(len(ids) for ids in encoded)
             # Left padding: every prompt ends where generation starts.
@@ -152,7 +157,7 @@ def own_answers(model, tokenizer, prompts: List[str], system_prompt: Optional[st
             with torch.no_grad():
                 output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                         do_sample=False, temperature=None, top_p=None, top_k=None,
-                                        eos_token_id=stops, pad_token_id=pad, use_cache=True)
+                                        eos_token_id=stops, pad_token_id=pad, use_cache=True, **extra)
             for row in output[:, width:].tolist():
                 end = next((i for i, token in enumerate(row) if token in stops), None)
                 answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
