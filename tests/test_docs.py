@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SCRIPTS = ["convert_chatgpt_export", "train_chatgpt_model", "demo_chatbot", "train_chatbot", "gpt_generate"]
+SCRIPTS = ["convert_chatgpt_export", "train_chatgpt_model", "demo_chatbot", "train_chatbot", "gpt_generate", "export_model"]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 INLINE = re.compile(r"`(python [^`]+)`")
 
@@ -78,7 +78,7 @@ def test_readme_commands_are_the_contract():
 
 def test_every_option_of_the_chatgpt_scripts_is_documented():
     guide = (ROOT / "docs" / "README-CHATGPT-TRAINING.md").read_text(encoding="utf-8")
-    for script in ("convert_chatgpt_export", "train_chatgpt_model", "demo_chatbot"):
+    for script in ("convert_chatgpt_export", "train_chatgpt_model", "demo_chatbot", "export_model"):
         for action in importlib.import_module(script).make_parser()._actions:
             for option in action.option_strings:
                 if option.startswith("--") and option != "--help":
