@@ -17,7 +17,7 @@ import warnings
 from typing import Optional
 
 NOISY_LOGGERS = ("transformers", "peft", "bitsandbytes", "accelerate", "datasets", "huggingface_hub", "torch",
-                 "httpx", "gradio", "urllib3")
+                 "httpx", "gradio", "urllib3", "matplotlib", "uvicorn", "gguf")
 
 
 def say(*parts) -> None:

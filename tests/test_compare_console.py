@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import pty
 import select
@@ -13,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import train_replies
 
 import demo_chatbot
-import train_chatgpt_model
 from chatkit.chat import ChatSession, GenerationSettings, base_session
 from chatkit.console import Console, side_by_side
 from scripted_input import scripted
@@ -26,14 +25,7 @@ TAUGHT = "Hi there, friend!"
 
 @pytest.fixture(scope="module")
 def taught(tmp_path_factory, tiny_llama):
-    work = tmp_path_factory.mktemp("compare")
-    data = work / "d.json"
-    data.write_text(json.dumps([{"messages": [{"role": "user", "content": "Hello"},
-                                              {"role": "assistant", "content": TAUGHT}]}] * 8))
-    assert train_chatgpt_model.main(["--data", str(data), "--model", str(tiny_llama), "--output", str(work / "m"),
-                                     "--epochs", "20", "--learning-rate", "1e-2", "--val-split", "0",
-                                     "--report", "none"]) == 0
-    return work / "m"
+    return train_replies(tmp_path_factory.mktemp("compare"), tiny_llama, {"Hello": TAUGHT}, "--report", "none")
 
 
 def settings():

@@ -132,7 +132,6 @@ def test_refusals_leave_files_alone(tmp_path, tiny_llama, capsys):
     assert out.read_bytes() == b"keep me"
     assert "--overwrite" in capsys.readouterr().err
 
-    import torch
     from transformers import OPTConfig, OPTForCausalLM
 
     other = tmp_path / "opt"

@@ -42,6 +42,45 @@ def test_training_and_a_query_print_only_what_the_user_needs(tmp_path, tiny_llam
                           "--max-new-tokens", "4", "--temperature", "0", cwd=tmp_path)
     assert answered.returncode == 0 and answered.stderr == ""
     assert len(answered.stdout.splitlines()) == 1
+    assert "Report: " in trained.stderr and (tmp_path / "model" / "report.md").is_file()
+
+    exported = run_script("export_model.py", tmp_path / "model", "--gguf", tmp_path / "m.gguf", "--ollama",
+                          cwd=tmp_path)
+    assert exported.returncode == 0 and exported.stdout == ""
+    assert_quiet(exported.stderr)
+    assert [line.split(" ")[0] for line in exported.stderr.splitlines()] == [
+        "Exporting", "Wrote", "llama.cpp:", "Wrote"]
+
+
+def test_the_api_server_says_one_line_and_stops_cleanly(tmp_path, tiny_llama):
+    import signal
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    env = dict(os.environ, PYTHONWARNINGS="default")
+    env.pop("CHATKIT_VERBOSE", None)
+    server = subprocess.Popen([sys.executable, str(ROOT / "demo_chatbot.py"), str(tiny_llama), "--serve", "--port",
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as response:
+                    assert json.load(response)["data"][0]["id"] == tiny_llama.name
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, server.stderr.read() if server.poll() else ""
+                time.sleep(0.5)
+    finally:
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=60)
+    assert_quiet(err)
+    lines = err.splitlines()
+    assert lines[0] == "Loading the model..." and lines[1].startswith("Serving ") and "/v1" in lines[1]
+    assert len(lines) <= 3 and out == ""
 
 
 def test_gpt2_training_is_quiet_too(tmp_path, tiny_gpt2):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from conftest import free_port
 
 import export_model
 import train_chatgpt_model
@@ -78,16 +79,12 @@ def test_the_gguf_export_answers_as_the_toolkit_does(readme_model, toolkit_answe
 
 
 def test_the_api_gives_the_same_answer_plain_and_streamed(readme_model, toolkit_answer):
-    import socket
-
     import uvicorn
 
     from chatkit.server import build_app
 
     session = ChatSession(str(readme_model), settings=GenerationSettings(max_new_tokens=60))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(session, "chat-model"), host="127.0.0.1", port=port,
                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -6,7 +6,6 @@ import json
 import struct
 from pathlib import Path
 
-import pytest
 
 import train_chatgpt_model
 from chatkit.report import STILL_KNOWS, chosen_prompts, verdict

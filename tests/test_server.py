@@ -3,39 +3,25 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import openai
 import pytest
+from conftest import free_port, train_replies
 
 import demo_chatbot
-import train_chatgpt_model
 from chatkit.chat import ChatSession, GenerationSettings
 from chatkit.server import StopScanner, build_app
 
 REPLIES = {"Hello": "Hi there, friend!", "What is the secret code?": "The secret code is 4417."}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def taught(tmp_path_factory, tiny_llama):
     """A tiny model taught two fixed replies."""
-    work = tmp_path_factory.mktemp("served")
-    data = work / "d.json"
-    data.write_text(json.dumps([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                                for q, a in REPLIES.items()] * 4))
-    assert train_chatgpt_model.main(["--data", str(data), "--model", str(tiny_llama), "--output", str(work / "m"),
-                                     "--epochs", "30", "--learning-rate", "1e-2", "--batch-size", "4",
-                                     "--val-split", "0", "--report", "none"]) == 0
-    return work / "m"
+    return train_replies(tmp_path_factory.mktemp("served"), tiny_llama, REPLIES, "--report", "none")
 
 
 def start(session, queue: int = 8):

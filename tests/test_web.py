@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+from conftest import free_port, train_replies
 
 import demo_chatbot
-import train_chatgpt_model
 from chatkit.chat import ChatSession, GenerationSettings
 from chatkit.datasets import read_conversations
 
@@ -22,23 +21,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 REPLIES = {"Hello": "Hi there, friend!", "one": "First tab answer.", "two": "Second tab answer."}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def web_model(tmp_path_factory, tiny_llama):
     """A tiny model taught three fixed replies, so the page shows readable, checkable answers."""
-    work = tmp_path_factory.mktemp("web-model")
-    data = work / "d.json"
-    data.write_text(json.dumps([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                                for q, a in REPLIES.items()] * 4))
-    assert train_chatgpt_model.main(["--data", str(data), "--model", str(tiny_llama), "--output", str(work / "m"),
-                                     "--epochs", "30", "--learning-rate", "1e-2", "--batch-size", "4",
-                                     "--val-split", "0"]) == 0
-    return work / "m"
+    return train_replies(tmp_path_factory.mktemp("web-model"), tiny_llama, REPLIES)
 
 
 @pytest.fixture(scope="module")
