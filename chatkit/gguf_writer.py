@@ -22,7 +22,7 @@ from .errors import ChatkitError
 from .files import atomic_path, read_training_info
 from .formatting import ensure_chat_template, stop_token_ids
 from .models import ModelSource, load_model, resolve_model
-from .options import GenerationSettings
+from .options import STARTER_MODEL, GenerationSettings
 
 TYPES = ("f16", "q8_0", "f32")
 SUPPORTED = {"llama": "LLAMA", "gpt2": "GPT2"}  # Hugging Face model_type -> gguf.MODEL_ARCH member
@@ -48,9 +48,11 @@ def origin_gguf(source: ModelSource) -> Optional[str]:
     if source.kind == "adapter" and source.base is not None:
         return origin_gguf(source.base)
     if source.kind == "directory":
-        trained_from = (read_training_info(source.path).get("options") or {}).get("model")
+        options = read_training_info(source.path).get("options")
+        if not isinstance(options, dict):
+            return None
         try:
-            parent = resolve_model(trained_from) if trained_from else None
+            parent = resolve_model(options.get("model") or STARTER_MODEL)  # a merged model: what it was trained from
         except ChatkitError:
             return None
         if parent is not None and Path(parent.path).resolve() != Path(source.path).resolve():
@@ -58,7 +60,7 @@ def origin_gguf(source: ModelSource) -> Optional[str]:
     return None
 
 
-def pre_tokenizer_name(tokenizer, origin: Optional[str], architecture: str) -> str:
+def pre_tokenizer_name(tokenizer, origin: Optional[str]) -> str:
     """llama.cpp's name for how text is split before BPE ("tokenizer.ggml.pre").
 
     A model from a GGUF file keeps its file's name (the tokenizer is the same one); otherwise it is
@@ -221,7 +223,7 @@ def write_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
     tokenizer = loaded.tokenizer
     chat_template, system_prompt = training_details(source, tokenizer)
     tensors = gguf_tensors(model, architecture)
-    pre = pre_tokenizer_name(tokenizer, origin_gguf(source), architecture)
+    pre = pre_tokenizer_name(tokenizer, origin_gguf(source))
     with atomic_path(out) as temporary:
         writer = gguf.GGUFWriter(temporary, architecture)
         writer.add_type(gguf.GGUFType.MODEL)

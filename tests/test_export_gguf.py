@@ -146,3 +146,17 @@ def test_refusals_leave_files_alone(tmp_path, tiny_llama, capsys):
     assert not (tmp_path / "opt.gguf").exists() and not list(tmp_path.glob(".opt.gguf*"))
     with pytest.raises(SystemExit):
         export_model.main([str(tiny_llama), "--gguf", str(tmp_path / "x.bin")])  # not a .gguf name
+
+
+def test_a_merged_model_keeps_the_pre_tokenizer_of_the_gguf_it_came_from(tmp_path, tiny_llama):
+    from chatkit.gguf_writer import origin_gguf, pre_tokenizer_name
+    from chatkit.models import load_tokenizer, resolve_model, starter_gguf_path
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    (merged / "chatkit.json").write_text(json.dumps({"method": "lora-merged", "options": {"model": None}}))
+    assert origin_gguf(resolve_model(str(merged))) == str(starter_gguf_path())  # trained from the starter
+    assert pre_tokenizer_name(None, str(starter_gguf_path())) == "smollm"
+    plain = load_tokenizer(resolve_model(str(tiny_llama)))
+    assert origin_gguf(resolve_model(str(tiny_llama))) is None and pre_tokenizer_name(plain, None) == "gpt-2"
