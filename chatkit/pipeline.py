@@ -21,7 +21,8 @@ from .options import TrainOptions, problems
 from .output import duration, say
 from .plan import BUDGET_VAL_EXAMPLES, Choice, Request, Shape, calibrate, choose, parse_duration
 from .rehearsal import Rehearsal, attach_teacher, auto_count, rehearsal_conversations
-from .report import LOSS_EXAMPLES, PLOT_FILE, REPORT_FILE, RunFacts, Side, chosen_prompts, measure, report_prompts
+from .report import (PLOT_FILE, REPORT_FILE, RunFacts, Side, chosen_prompts, loss_examples, measure, prompt_tokens,
+                     report_prompts)
 
 CHECKPOINTS = "checkpoints"
 RUNS = "runs"
@@ -231,8 +232,9 @@ def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, 
         budget_s=parse_duration(options.time_budget) if options.time_budget else None, seed=options.seed,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         extra=[REHEARSAL_TOKENS] * options.rehearsal, ranking_tokens=ranking_tokens(data),
-        report_answers=2 * len(report_prompts(report_chosen(options, data))) if options.report == "full" else 0,
-        report_tokens=sum(len(e["input_ids"]) for e in report_examples(data)[0]))
+        report_answers=2 * len(report_questions(options, data)),
+        report_tokens=sum(len(e["input_ids"]) for e in report_examples(data, options.time_budget)[0]),
+        report_prompt_tokens=2 * prompt_tokens(report_questions(options, data)))
     return choose(request, Shape.from_config(load_config(source)), calibrate(placement.device))
 
 
@@ -391,11 +393,16 @@ def report_chosen(options: TrainOptions, data: Data):
     return chosen_prompts(data.val_conversations, data.conversations) if options.report == "full" else []
 
 
-def report_examples(data: Data):
-    """The examples the loss before and after is measured on, and which split they are from."""
-    if data.val:
-        return data.val[:2 * LOSS_EXAMPLES], "validation"
-    return [e for group in data.train for e in group][:LOSS_EXAMPLES], "training"
+def report_questions(options: TrainOptions, data: Data) -> List[str]:
+    """Everything the report asks both models: the user's prompts, then the general questions."""
+    return report_prompts(report_chosen(options, data)) if options.report == "full" else []
+
+
+def report_examples(data: Data, time_budget: Optional[str] = None):
+    """The examples the loss before and after is measured on, and which split they are from (a time budget
+    keeps fewer validation examples)."""
+    val = data.val[:BUDGET_VAL_EXAMPLES] if time_budget else data.val
+    return loss_examples(val, [e for group in data.train for e in group])
 
 
 class ReportRun:
@@ -404,7 +411,7 @@ class ReportRun:
     def __init__(self, options: TrainOptions, data: Data, placement: Placement, plan=None):
         self.options, self.data, self.placement, self.plan = options, data, placement, plan
         self.chosen = report_chosen(options, data)
-        self.examples, self.loss_on = report_examples(data)
+        self.examples, self.loss_on = report_examples(data)  # data was cut to the budget's validation already
         self.base: Optional[Side] = None
         self.seconds = 0.0
 
@@ -412,8 +419,8 @@ class ReportRun:
         import time
 
         started = time.perf_counter()
-        side = measure(model, tokenizer, report_prompts(self.chosen), self.examples, self.options.system_prompt,
-                       answers=bool(self.chosen))
+        side = measure(model, tokenizer, report_questions(self.options, self.data), self.examples,
+                       self.options.system_prompt, answers=self.options.report == "full")
         self.seconds += time.perf_counter() - started
         return side
 
@@ -431,8 +438,9 @@ class ReportRun:
 
         if self.base is None:  # LoRA: the same weights with the adapter switched off
             started = time.perf_counter()
-            self.base, trained = measure_both(model, tokenizer, report_prompts(self.chosen), self.examples,
-                                              self.options.system_prompt, answers=bool(self.chosen))
+            self.base, trained = measure_both(model, tokenizer, report_questions(self.options, self.data),
+                                              self.examples, self.options.system_prompt,
+                                              answers=self.options.report == "full")
             self.seconds += time.perf_counter() - started
         else:
             trained = self._measure(model, tokenizer)

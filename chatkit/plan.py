@@ -182,9 +182,11 @@ def rehearsal_seconds(count: int, ranking_tokens: int = 0, shape: Optional[Shape
     return REHEARSAL_S[0] + REHEARSAL_S[1] * count + ranking
 
 
-def report_seconds(answers: int, loss_tokens: int, shape: Shape, machine: Machine) -> float:
-    """The report: `answers` short greedy answers, and the loss on `loss_tokens` tokens for both models."""
-    return REPORT_S * answers + 2 * loss_tokens * shape.flops_per_token(512, 1.0, True) / 2 / machine.rate
+def report_seconds(answers: int, loss_tokens: int, shape: Shape, machine: Machine, prompt_tokens: int = 0) -> float:
+    """The report: `answers` short greedy answers to prompts of `prompt_tokens` tokens in all, and the loss
+    on `loss_tokens` tokens for both models."""
+    forward = shape.flops_per_token(512, 1.0, True) / 2 / machine.rate
+    return REPORT_S * answers + (2 * loss_tokens + prompt_tokens) * forward
 
 
 def sample_conversations(count: int, seed: int) -> List[int]:
@@ -230,6 +232,7 @@ class Request:
     ranking_tokens: int = 0  # tokens of the prompts compared when choosing rehearsal prompts
     report_answers: int = 0  # answers the report generates (base and trained)
     report_tokens: int = 0  # tokens the report's loss is measured on
+    report_prompt_tokens: int = 0  # tokens of the prompts it answers
 
 
 def auto_batch(examples: int, requested: Optional[int]) -> int:
@@ -283,7 +286,8 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
     if request.budget_s is not None:
         val_tokens = min(val_tokens, val_tokens * BUDGET_VAL_EXAMPLES // max(1, request.val_examples))
         fixed = (STARTUP_S + rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine) + SAVE_S
-                 + report_seconds(request.report_answers, request.report_tokens, shape, machine))
+                 + report_seconds(request.report_answers, request.report_tokens, shape, machine,
+                                  request.report_prompt_tokens))
         usable = request.budget_s * BUDGET_MARGIN - fixed
         passes = affordable(usable, epoch_s + evaluation_seconds(val_tokens, shape, machine, 1))
         if passes < epochs:
@@ -329,7 +333,8 @@ def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, va
              "training": epoch_s * epochs,
              "evaluation": evaluation_seconds(val_tokens, shape, machine, evaluations) if val_tokens else 0.0,
              "saving": SAVE_S,
-             "report": report_seconds(request.report_answers, request.report_tokens, shape, machine)}
+             "report": report_seconds(request.report_answers, request.report_tokens, shape, machine,
+                                  request.report_prompt_tokens)}
     return Plan(conversations=len(kept), examples=sum(len(request.lengths[i]) for i in kept), tokens=tokens,
                 trained_tokens=sum(request.trained[i] for i in kept), epochs=epochs, steps=steps, batch_size=rows,
                 max_batch_tokens=request.max_batch_tokens, gradient_checkpointing=checkpointing,

@@ -23,8 +23,10 @@ from .rehearsal import own_answers
 
 REPORT_FILE, PLOT_FILE, CARD_FILE = "report.md", "loss.png", "README.md"
 PROMPTS = 6  # of the user's own, validation ones first
+PROMPT_CHARS = 600  # longer prompts are passed over: a table cell cannot show them, and they cost the most
 ANSWER_TOKENS = 32  # "greedy, short": a sentence or two, so the report stays under 10% of a short run
-LOSS_EXAMPLES = 32  # training examples the loss is measured on when there is no validation split
+LOSS_EXAMPLES = 32  # examples the loss is measured on, at most,
+LOSS_TOKENS = 4096  # and tokens: enough for a steady mean, about 10 s a pass for the starter model on 2 CPU cores
 PLOT_SIZE = (8, 4.5)  # inches at PLOT_DPI: 800 x 450 pixels
 PLOT_DPI = 100
 
@@ -48,14 +50,15 @@ class Side:
 
 def chosen_prompts(val_conversations: Sequence[List[dict]], train_conversations: Sequence[List[dict]],
                    limit: int = PROMPTS) -> List[Tuple[str, str]]:
-    """(first user message, the answer in the data) of up to `limit` conversations, validation ones first."""
+    """(first user message, the answer in the data) of up to `limit` conversations, validation ones first,
+    passing over prompts of more than PROMPT_CHARS characters."""
     chosen, seen = [], set()
     for conversation in list(val_conversations) + list(train_conversations):
         turns = [m for m in conversation if m["role"] != "system"]
         if len(turns) < 2 or turns[0]["role"] != "user" or turns[1]["role"] != "assistant":
             continue
         prompt = turns[0]["content"].strip()
-        if prompt and prompt not in seen:
+        if prompt and prompt not in seen and len(prompt) <= PROMPT_CHARS:
             seen.add(prompt)
             chosen.append((prompt, turns[1]["content"].strip()))
         if len(chosen) == limit:
@@ -64,6 +67,24 @@ def chosen_prompts(val_conversations: Sequence[List[dict]], train_conversations:
 
 
 LOSS_BATCH = 8
+
+
+def loss_examples(val: Sequence[dict], train: Sequence[dict]) -> Tuple[List[dict], str]:
+    """The examples the loss before and after is measured on (validation ones where there are some, else
+    training ones), up to LOSS_EXAMPLES and LOSS_TOKENS; and which split they are from."""
+    pool, split = (val, "validation") if val else (train, "training")
+    chosen, tokens = [], 0
+    for example in pool[:LOSS_EXAMPLES]:
+        if chosen and tokens + len(example["input_ids"]) > LOSS_TOKENS:
+            break
+        chosen.append(example)
+        tokens += len(example["input_ids"])
+    return chosen, split
+
+
+def prompt_tokens(prompts: Sequence[str]) -> int:
+    """About how many tokens the report's prompts take, rendered (for the plan: about 4 characters a token)."""
+    return sum(len(p) // 4 + 30 for p in prompts)
 
 
 def mean_loss(model, examples: Sequence[dict]) -> Optional[float]:
@@ -279,8 +300,11 @@ def report_text(facts: RunFacts, before: Side, after: Side, chosen: Sequence[Tup
     count = len(chosen)
     lines += ["## Your prompts", "",
               "Greedy, short answers (at most %d tokens) of the base model and of the trained one, with the answer "
-              "in your data." % ANSWER_TOKENS, "",
-              "| Prompt | In the data | Base model | Trained model |", "|---|---|---|---|"]
+              "in your data." % ANSWER_TOKENS, ""]
+    if chosen:
+        lines += ["| Prompt | In the data | Base model | Trained model |", "|---|---|---|---|"]
+    else:
+        lines.append(f"(No conversation of the data opens with a prompt of at most {PROMPT_CHARS} characters.)")
     for (prompt, reference), base, trained in zip(chosen, before.answers, after.answers):
         lines.append(f"| {_cell(prompt, 200)} | {_cell(reference)} | {_cell(base)} | {_cell(trained)} |")
     lines += ["", "## Still knows", "",

@@ -104,5 +104,6 @@ def test_prompts_come_from_validation_first():
     val = [[{"role": "user", "content": "v1"}, {"role": "assistant", "content": "a1"}]]
     train = [[{"role": "system", "content": "s"}, {"role": "user", "content": f"t{i}"},
               {"role": "assistant", "content": f"b{i}"}] for i in range(9)]
-    chosen = chosen_prompts(val, train)
-    assert chosen[0] == ("v1", "a1") and chosen[1] == ("t0", "b0") and len(chosen) == 6
+    long = [[{"role": "user", "content": "x" * 601}, {"role": "assistant", "content": "y"}]]
+    chosen = chosen_prompts(val + long, train)
+    assert chosen[0] == ("v1", "a1") and chosen[1] == ("t0", "b0") and len(chosen) == 6  # the long one passed over
