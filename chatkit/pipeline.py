@@ -19,10 +19,9 @@ from .formatting import ensure_chat_template, ensure_pad_token
 from .models import ModelSource, load_config, load_model, load_tokenizer, public_name, resolve_model
 from .options import TrainOptions, problems
 from .output import duration, say
-from .plan import BUDGET_VAL_EXAMPLES, Choice, Request, Shape, calibrate, choose, parse_duration
+from .plan import BUDGET_VAL_EXAMPLES, CHARS_PER_TOKEN, Choice, Request, Shape, calibrate, choose, parse_duration
 from .rehearsal import Rehearsal, attach_teacher, auto_count, rehearsal_conversations
-from .report import (PLOT_FILE, REPORT_FILE, RunFacts, Side, chosen_prompts, loss_examples, measure, prompt_tokens,
-                     report_prompts)
+from .report import PLOT_FILE, REPORT_FILE, RunFacts, Side, chosen_prompts, loss_examples, measure, report_prompts
 
 CHECKPOINTS = "checkpoints"
 RUNS = "runs"
@@ -218,11 +217,17 @@ def ranking_tokens(data: Data) -> int:
     prompts = data.user_prompts()
     sampled = min(len(prompts), SAMPLED_PROMPTS)
     mean_chars = sum(min(len(p), PROMPT_CHARS) for p in prompts) / max(1, len(prompts))
-    return int(sampled * (mean_chars / 4 + 20) + len(GENERAL_PROMPTS) * 30)  # ~4 characters a token
+    return int(sampled * (mean_chars / CHARS_PER_TOKEN + 20) + len(GENERAL_PROMPTS) * 30)
+
+
+def prompt_tokens(prompts: List[str]) -> int:
+    """About how many tokens `prompts` take, each rendered with the chat template."""
+    return sum(len(p) // CHARS_PER_TOKEN + 30 for p in prompts)
 
 
 def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, data: Data) -> Choice:
     """How big, how long and how much memory; under --time-budget, what fits."""
+    questions = report_questions(options, report_chosen(options, data))
     request = Request(
         lengths=[[len(e["input_ids"]) for e in examples] for examples in data.train],
         trained=[trained_tokens(examples) for examples in data.train],
@@ -232,9 +237,9 @@ def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, 
         budget_s=parse_duration(options.time_budget) if options.time_budget else None, seed=options.seed,
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         extra=[REHEARSAL_TOKENS] * options.rehearsal, ranking_tokens=ranking_tokens(data),
-        report_answers=2 * len(report_questions(options, data)),
+        report_answers=2 * len(questions),
         report_tokens=sum(len(e["input_ids"]) for e in report_examples(data, options.time_budget)[0]),
-        report_prompt_tokens=2 * prompt_tokens(report_questions(options, data)))
+        report_prompt_tokens=2 * prompt_tokens(questions))
     return choose(request, Shape.from_config(load_config(source)), calibrate(placement.device))
 
 
@@ -393,9 +398,9 @@ def report_chosen(options: TrainOptions, data: Data):
     return chosen_prompts(data.val_conversations, data.conversations) if options.report == "full" else []
 
 
-def report_questions(options: TrainOptions, data: Data) -> List[str]:
-    """Everything the report asks both models: the user's prompts, then the general questions."""
-    return report_prompts(report_chosen(options, data)) if options.report == "full" else []
+def report_questions(options: TrainOptions, chosen) -> List[str]:
+    """Everything the report asks both models: the `chosen` prompts of the user's, then the general questions."""
+    return report_prompts(chosen) if options.report == "full" else []
 
 
 def report_examples(data: Data, time_budget: Optional[str] = None):
@@ -411,6 +416,7 @@ class ReportRun:
     def __init__(self, options: TrainOptions, data: Data, placement: Placement, plan=None):
         self.options, self.data, self.placement, self.plan = options, data, placement, plan
         self.chosen = report_chosen(options, data)
+        self.questions = report_questions(options, self.chosen)
         self.examples, self.loss_on = report_examples(data)  # data was cut to the budget's validation already
         self.base: Optional[Side] = None
         self.seconds = 0.0
@@ -419,8 +425,7 @@ class ReportRun:
         import time
 
         started = time.perf_counter()
-        side = measure(model, tokenizer, report_questions(self.options, self.data), self.examples,
-                       self.options.system_prompt, answers=self.options.report == "full")
+        side = measure(model, tokenizer, self.questions, self.examples, self.options.system_prompt)
         self.seconds += time.perf_counter() - started
         return side
 
@@ -438,9 +443,8 @@ class ReportRun:
 
         if self.base is None:  # LoRA: the same weights with the adapter switched off
             started = time.perf_counter()
-            self.base, trained = measure_both(model, tokenizer, report_questions(self.options, self.data),
-                                              self.examples, self.options.system_prompt,
-                                              answers=self.options.report == "full")
+            self.base, trained = measure_both(model, tokenizer, self.questions, self.examples,
+                                              self.options.system_prompt)
             self.seconds += time.perf_counter() - started
         else:
             trained = self._measure(model, tokenizer)

@@ -209,6 +209,7 @@ AUTO_TARGET_STEPS = 140  # optimizer updates the schedule aims for
 AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 20
 BUDGET_MARGIN = 0.9  # plan for 90% of a time budget: estimates are within about 15%
 BUDGET_VAL_EXAMPLES = 16  # validation examples kept under a time budget (each evaluation costs time)
+CHARS_PER_TOKEN = 4  # about, for text the plan counts without tokenizing it
 
 
 @dataclass

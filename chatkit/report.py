@@ -82,11 +82,6 @@ def loss_examples(val: Sequence[dict], train: Sequence[dict]) -> Tuple[List[dict
     return chosen, split
 
 
-def prompt_tokens(prompts: Sequence[str]) -> int:
-    """About how many tokens the report's prompts take, rendered (for the plan: about 4 characters a token)."""
-    return sum(len(p) // 4 + 30 for p in prompts)
-
-
 def mean_loss(model, examples: Sequence[dict]) -> Optional[float]:
     """The mean loss per trained token over `examples`, in batches padded on the right.
 
@@ -141,11 +136,10 @@ def generation_ready(model):
     return ready()
 
 
-def measure(model, tokenizer, prompts: Sequence[str], examples: Sequence[dict], system_prompt: Optional[str],
-            answers: bool) -> Side:
-    """The model's loss on `examples` and (unless `answers` is False) its greedy answers to `prompts`."""
+def measure(model, tokenizer, prompts: Sequence[str], examples: Sequence[dict], system_prompt: Optional[str]) -> Side:
+    """The model's loss on `examples` and its greedy answers to `prompts` (none under --report none)."""
     side = Side(loss=mean_loss(model, examples))
-    if answers and prompts:
+    if prompts:
         with generation_ready(model):
             side.answers = mark_cut(tokenizer, own_answers(model, tokenizer, list(prompts), system_prompt,
                                                             ANSWER_TOKENS))
@@ -155,13 +149,13 @@ def measure(model, tokenizer, prompts: Sequence[str], examples: Sequence[dict], 
 MIXED_BATCH = 32  # base and trained answers in one batch: decoding on a CPU costs about the same for 20 rows as 10
 
 
-def measure_both(model, tokenizer, prompts: Sequence[str], examples: Sequence[dict], system_prompt: Optional[str],
-                 answers: bool) -> Tuple[Side, Side]:
+def measure_both(model, tokenizer, prompts: Sequence[str], examples: Sequence[dict],
+                 system_prompt: Optional[str]) -> Tuple[Side, Side]:
     """A LoRA model's base side (adapter off) and trained side; the answers of both in shared batches."""
     with adapter_off(model):
         base = Side(loss=mean_loss(model, examples))
     trained = Side(loss=mean_loss(model, examples))
-    if answers and prompts:
+    if prompts:
         active = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
         names = ["__base__"] * len(prompts) + [active] * len(prompts)
         with generation_ready(model):
