@@ -5,12 +5,14 @@ Examples:
     python export_model.py chat-model --gguf chat-model.gguf
     python export_model.py chat-model --gguf chat-model-q8.gguf --type q8_0 --ollama
     python export_model.py smollm2-135m --gguf smollm2.gguf --type f32
+    python export_model.py chat-model --lora-gguf chat-lora.gguf    # the adapter alone, for llama.cpp --lora
 
 MODEL is anything the other scripts take as --model: the output folder of train_chatgpt_model.py (a
 LoRA adapter is merged into its base in memory), a merged or other model folder, a .gguf file, a Hugging
 Face Hub id or a friendly name. The file carries the tokenizer and the chat template the model was
-trained with, so llama.cpp, Ollama and LM Studio format the conversation as training did. Llama-family
-models (SmolLM2, Llama) and GPT-2 are supported.
+trained with, so llama.cpp, Ollama and LM Studio format the conversation as training did. Supported:
+SmolLM/Llama, Qwen2.5, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, Mistral and GPT-2 (the "Models" table of
+docs/README-CHATGPT-TRAINING.md).
 """
 
 from __future__ import annotations
@@ -31,17 +33,37 @@ def make_parser():
 
 def export(argv: Optional[Sequence[str]] = None) -> int:
     options = parse(ExportOptions, __doc__, argv)
-    out = Path(options.gguf)
-    modelfile = out.parent / "Modelfile"
-    for path in [out] + ([modelfile] if options.ollama else []):
+    targets = [Path(p) for p in (options.gguf, options.lora_gguf) if p]
+    modelfile = targets[0].parent / "Modelfile"
+    for path in targets + ([modelfile] if options.ollama else []):
         if path.exists() and not options.overwrite:
-            raise ChatkitError(f"{path} exists already; pass --overwrite to replace it, or name another --gguf")
-    if out.is_dir():
-        raise ChatkitError(f"--gguf {out} is a folder; name a file, such as {out / 'model.gguf'}")
+            raise ChatkitError(f"{path} exists already; pass --overwrite to replace it, or name another file")
+        if path.is_dir():
+            raise ChatkitError(f"{path} is a folder; name a file, such as {path / 'model.gguf'}")
+    if options.lora_gguf:
+        export_adapter(options.model, options.lora_gguf, options.type)
+    if options.gguf:
+        export_whole(options)
+    return 0
 
+
+def export_adapter(model: Optional[str], out: str, kind: str) -> None:
+    from chatkit.gguf_writer import write_lora_gguf
+
+    say(f"Exporting the LoRA adapter {model} to {out} ...")
+    exported = write_lora_gguf(model, out, kind)
+    say(f"Wrote {out}: a {exported.architecture} LoRA adapter, {exported.tensors} tensors, "
+        f"{exported.bytes / 2**20:.1f} MiB")
+    say(f"llama.cpp:  llama-cli -m BASE.gguf --lora {out} -cnv   (BASE.gguf: export_model.py BASE-MODEL --gguf "
+        "BASE.gguf, from the model it was trained on)")
+
+
+def export_whole(options: ExportOptions) -> None:
     from chatkit.files import atomic_output
     from chatkit.gguf_writer import modelfile_text, write_gguf
 
+    out = Path(options.gguf)
+    modelfile = out.parent / "Modelfile"
     say(f"Exporting {options.model or 'the starter model'} to {out} ({options.type}) ...")
     exported = write_gguf(options.model, str(out), options.type)
     say(f"Wrote {out}: {exported.architecture}, {exported.tensors} tensors, {exported.bytes / 2**20:.0f} MiB, "
@@ -53,7 +75,6 @@ def export(argv: Optional[Sequence[str]] = None) -> int:
         name = out.stem.lower().replace("_", "-")
         say(f"Wrote {modelfile}. Ollama:  cd {out.parent.resolve()} && ollama create {name} -f Modelfile && "
             f"ollama run {name}")
-    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

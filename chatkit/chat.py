@@ -10,8 +10,8 @@ from typing import Callable, Iterator, List, Optional
 
 from .errors import ChatkitError
 from .files import read_training_info, write_json
-from .formatting import (clean_text, ensure_chat_template, pad_token_id, render, split_exchanges, stop_token_ids,
-                         with_system_prompt)
+from .formatting import (clean_text, ensure_chat_template, fit_to_template, pad_token_id, render, split_exchanges,
+                         stop_token_ids, with_system_prompt)
 from .models import LoadedModel, context_length, load_model, resolve_model
 from .options import GenerationSettings
 
@@ -56,6 +56,7 @@ class ChatSession:
         self.examples: List[tuple] = []
         self.examples_in_prompt = 0  # how many of the newest examples fitted in the last prompt
         self.trimmed_notice_given = False
+        self.fit_notices_given: set = set()
         self.on_notice: Callable[[str], None] = lambda text: print(text, file=sys.stderr)
         self._cache = None
         self._cache_ids: List[int] = []
@@ -129,6 +130,10 @@ class ChatSession:
         oldest guiding examples are left out first, then the oldest exchanges of the conversation."""
         budget = self.max_context - self.new_tokens
         shown = len(self.examples)
+        for note in fit_to_template(self.prompt_messages(user_text), self.tokenizer)[1]:
+            if note not in self.fit_notices_given:
+                self.fit_notices_given.add(note)
+                self.on_notice(f"(Note: {note}.)")
         while True:
             text = render(self.prompt_messages(user_text, shown), self.tokenizer, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

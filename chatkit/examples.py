@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from .errors import ChatkitError
-from .formatting import IGNORE_INDEX, split_exchanges, tokenize_conversation, with_system_prompt
+from .formatting import IGNORE_INDEX, fit_to_template, split_exchanges, tokenize_conversation, with_system_prompt
 
 
 @dataclass
@@ -18,6 +18,7 @@ class ExampleReport:
     examples: int = 0
     split_conversations: int = 0
     dropped: Counter = field(default_factory=Counter)
+    fitted: Counter = field(default_factory=Counter)  # conversations changed to fit the chat template, per change
     tokens: int = 0
     trained_tokens: int = 0
 
@@ -25,7 +26,8 @@ class ExampleReport:
         text = f"{self.examples} examples ({self.trained_tokens} trained of {self.tokens} tokens)"
         if self.split_conversations:
             text += f"; {self.split_conversations} long conversations split between exchanges"
-        return text + "".join(f"; dropped {count} {why}" for why, count in self.dropped.items())
+        text += "".join(f"; dropped {count} {why}" for why, count in self.dropped.items())
+        return text + "".join(f"; {count} with {what}" for what, count in self.fitted.items())
 
 
 def trained_tokens(examples: Sequence[dict]) -> int:
@@ -42,6 +44,7 @@ def tokenize_examples(conversations: Sequence[List[dict]], tokenizer, max_length
     for messages in conversations:
         report.conversations += 1
         messages = with_system_prompt(messages, system_prompt)
+        report.fitted.update(fit_to_template(messages, tokenizer)[1])
         ids, labels = tokenize_conversation(messages, tokenizer, train_on_prompt)
         if len(ids) <= max_length:
             pieces = [(ids, labels)]

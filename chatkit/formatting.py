@@ -16,8 +16,10 @@ closed by the tokenizer's EOS token, which the model learns to produce so that g
 
 from __future__ import annotations
 
+import os
 import re
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import ChatkitError
 
@@ -45,11 +47,89 @@ def has_own_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def ensure_chat_template(tokenizer) -> str:
-    """Give a tokenizer without a chat template the fallback one; returns the template in use."""
+def ensure_chat_template(tokenizer, family=None) -> str:
+    """Give a tokenizer without a chat template the fallback one; returns the template in use.
+
+    For training (`family` given): a template that renders older answers differently once the
+    conversation grows (Qwen3's drops their thinking block) is replaced by the family's training
+    template, so that every answer is trained exactly as chat will later show it."""
     if not has_own_template(tokenizer):
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    elif family is not None and family.training_template and not _extends_cleanly(tokenizer):
+        tokenizer.chat_template = family.training_template
     return tokenizer.chat_template
+
+
+def _extends_cleanly(tokenizer) -> bool:
+    """Whether a two-exchange conversation renders as the one-exchange one followed by more text."""
+    one = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    two = one + [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    return render(two, tokenizer).startswith(render(one, tokenizer))
+
+
+@dataclass(frozen=True)
+class TemplateRules:
+    """What a chat template accepts, learned by rendering small probes."""
+
+    system_role: bool  # False: a system message is refused (Gemma 2, Mistral v0.1)
+    alternating: bool  # True: roles must alternate user/assistant (Gemma, Mistral)
+
+
+_RULES: Dict[str, TemplateRules] = {}
+FOLDED_SYSTEM = "system prompts folded into the first user turn (this model's template has no system role)"
+MERGED_TURNS = "consecutive turns of one role merged (this model's template needs them to alternate)"
+DROPPED_OPENING = "opening answers before any user turn left out (this model's template starts with the user)"
+
+
+def template_rules(tokenizer) -> TemplateRules:
+    template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+    if template not in _RULES:
+        user, answer = {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}
+        _RULES[template] = TemplateRules(
+            system_role=_renders(tokenizer, [{"role": "system", "content": "s"}, user, answer]),
+            alternating=not _renders(tokenizer, [user, user, answer]) or not _renders(tokenizer, [answer, user, answer]))
+    return _RULES[template]
+
+
+def _renders(tokenizer, messages) -> bool:
+    try:
+        _apply_template(messages, tokenizer, False)
+        return True
+    except ChatkitError:
+        return False
+
+
+def fit_to_template(messages: Sequence[dict], tokenizer) -> Tuple[List[dict], List[str]]:
+    """The conversation in a form the template accepts, and what was changed (FOLDED_SYSTEM and the like).
+
+    A system message the template refuses goes before the first user message's text; where roles must
+    alternate, consecutive turns of one role become one turn (their texts joined by a blank line) and
+    answers before the first user turn are left out."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    rules = template_rules(tokenizer)
+    notes = []
+    if not rules.system_role and messages and messages[0]["role"] == "system":
+        system = messages.pop(0)["content"]
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            messages.insert(0, {"role": "user", "content": system})
+        else:
+            first_user["content"] = f"{system}\n\n{first_user['content']}"
+        notes.append(FOLDED_SYSTEM)
+    if rules.alternating:
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        while len(messages) > head and messages[head]["role"] == "assistant":
+            del messages[head]
+            notes.append(DROPPED_OPENING) if DROPPED_OPENING not in notes else None
+        merged = messages[:head + 1]
+        for message in messages[head + 1:]:
+            if message["role"] == merged[-1]["role"]:
+                merged[-1]["content"] += "\n\n" + message["content"]
+                notes.append(MERGED_TURNS) if MERGED_TURNS not in notes else None
+            else:
+                merged.append(message)
+        messages = merged
+    return messages, notes
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -69,14 +149,32 @@ def ensure_pad_token(tokenizer) -> None:
 
 
 def render(messages: Sequence[dict], tokenizer, add_generation_prompt: bool = False) -> str:
-    """The model text for a conversation: the tokenizer's chat template, or the fallback."""
+    """The model text for a conversation: the tokenizer's chat template (or the fallback), given the
+    conversation in a form it accepts (fit_to_template)."""
+    return _apply_template(fit_to_template(messages, tokenizer)[0], tokenizer, add_generation_prompt)
+
+
+def template_file(tokenizer) -> str:
+    """Where a tokenizer's chat template was read from, for messages."""
+    folder = getattr(tokenizer, "name_or_path", "") or "the model"
+    for name in ("chatkit.json", "chat_template.jinja", "tokenizer_config.json"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return f"the chat template of {folder}"
+
+
+def _apply_template(messages: Sequence[dict], tokenizer, add_generation_prompt: bool) -> str:
+    from jinja2 import TemplateError
+
     template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template(
-        [{"role": m["role"], "content": m["content"]} for m in messages],
-        chat_template=template,
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in messages],
+            chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:  # a syntax error, a sandbox refusal, or the template's own raise_exception
+        line = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+        raise ChatkitError(f"{template_file(tokenizer)}: its chat template fails{line}: {exc.message or exc}; "
+                           "fix the template there, or train from a model whose template works") from None
 
 
 def _special_strings(tokenizer) -> List[str]:
@@ -110,6 +208,7 @@ def assistant_char_spans(messages: Sequence[dict], tokenizer) -> Tuple[str, List
     conversation up to the turn with the generation prompt, then with the turn: the difference is
     what the model produces. Works for any template, the fallback included.
     """
+    messages = fit_to_template(messages, tokenizer)[0]
     text = render(messages, tokenizer)
     specials = _special_strings(tokenizer)
     spans = []
@@ -190,7 +289,7 @@ def stop_token_ids(tokenizer) -> List[int]:
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     try:
         text, spans = assistant_char_spans(probe, tokenizer)
-    except Exception:  # a template that cannot render the probe: EOS alone
+    except ChatkitError:  # a template that cannot render the probe: EOS alone
         return ids
     tail = text[spans[-1][0] + 1 : spans[-1][1]]
     for special in _special_strings(tokenizer):

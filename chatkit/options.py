@@ -410,6 +410,10 @@ class GenerateOptions(Common, Hardware, GenerationSettings):
 GGUF_TYPES = ("f16", "q8_0", "f32")
 
 
+def _gguf_name(value: Optional[str]) -> Optional[str]:
+    return None if value is None or value.lower().endswith(".gguf") else "should name a .gguf file"
+
+
 @dataclass
 class ExportOptions(Common):
     """Writing a model as one GGUF file for llama.cpp, Ollama and LM Studio."""
@@ -417,10 +421,20 @@ class ExportOptions(Common):
     model: Optional[str] = option(None, f"model to export: a trained output folder (adapter or merged), a model "
                                         f"folder, a .gguf, a Hub id or a name (default: {STARTER_MODEL})",
                                   positional=True, nargs="?", metavar="MODEL", flags=("--model",))
-    gguf: str = option(None, "the GGUF file to write", metavar="OUT.gguf", required=True,
-                       check=lambda v: None if v.lower().endswith(".gguf") else "should name a .gguf file")
+    gguf: Optional[str] = option(None, "the GGUF file to write (the whole model, a LoRA adapter merged in)",
+                                 metavar="OUT.gguf", check=_gguf_name)
+    lora_gguf: Optional[str] = option(None, "also, or instead, write a LoRA adapter alone as a llama.cpp LoRA file, "
+                                            "for `--lora` beside its base model's GGUF", metavar="ADAPTER.gguf",
+                                      check=_gguf_name)
     type: str = option("f16", "weight type: f16 (default; as trained), q8_0 (half the size, nearly the same "
                               "answers) or f32", choices=GGUF_TYPES)
     ollama: bool = option(False, "also write an Ollama Modelfile beside OUT.gguf and print the `ollama create` "
                                  "command")
     overwrite: bool = option(False, "replace OUT.gguf (and the Modelfile) when they exist already")
+
+    def cross_problems(self) -> List[str]:
+        if not self.gguf and not self.lora_gguf:
+            return ["name the file to write: --gguf OUT.gguf (the whole model) or --lora-gguf ADAPTER.gguf"]
+        if self.ollama and not self.gguf:
+            return ["--ollama needs --gguf: Ollama builds a model from a whole-model GGUF file"]
+        return []

@@ -13,6 +13,7 @@ from .datasets import default_val_split, read_conversations, split_train_val
 from .device import Placement, choose_placement
 from .errors import ChatkitError
 from .examples import ExampleReport, pack_examples, tokenize_examples, trained_tokens
+from .families import family_of
 from .files import (TRAINING_INFO_FILE, is_complete, latest_checkpoint, read_json_object, read_training_info,
                     training_info, write_json, write_training_info)
 from .formatting import ensure_chat_template, ensure_pad_token
@@ -91,7 +92,8 @@ def prepare_model(options: TrainOptions, source: ModelSource, placement: Placeme
                         quantization_config=quantization_config(options, placement), adapter_trainable=True,
                         tokenizer=tokenizer)
     model, tokenizer = loaded.model, loaded.tokenizer
-    ensure_chat_template(tokenizer)
+    family = family_of(model.config)
+    ensure_chat_template(tokenizer, family)
     ensure_pad_token(tokenizer)
     if options.gradient_checkpointing:
         model.config.use_cache = False
@@ -101,14 +103,21 @@ def prepare_model(options: TrainOptions, source: ModelSource, placement: Placeme
 
     if options.load_in_4bit or options.load_in_8bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
-    targets = options.lora_target_modules
-    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    targets = lora_targets(options.lora_target_modules, family)
     config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                         target_modules=targets, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config), tokenizer
     except ValueError as exc:
         raise ChatkitError(f"--lora-target-modules {options.lora_target_modules}: {exc}") from None
+
+
+def lora_targets(option: str, family):
+    """--lora-target-modules as peft takes it: all-linear is the family's attention and MLP matrices
+    (peft's own all-linear for a model the family table lacks)."""
+    if option == "all-linear":
+        return list(family.lora_targets) if family is not None else option
+    return [name.strip() for name in option.split(",") if name.strip()]
 
 
 @dataclass
@@ -339,7 +348,7 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement):
     if options.max_batch_tokens is None:
         options = dataclasses.replace(options, max_batch_tokens=default_batch_tokens(placement))
     tokenizer = load_tokenizer(source, trust_remote_code=options.trust_remote_code)
-    ensure_chat_template(tokenizer)
+    ensure_chat_template(tokenizer, family_of(load_config(source)))
     data = tokenize_data(options, tokenizer, train_convs, val_convs)
     choice = make_plan(options, source, placement, data)
     options = dataclasses.replace(options, batch_size=choice.batch_size, epochs=choice.epochs,
