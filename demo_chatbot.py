@@ -19,6 +19,7 @@ earlier ones. With --serve, any OpenAI client works: base_url="http://127.0.0.1:
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -66,10 +67,16 @@ def chat(argv: Optional[Sequence[str]] = None) -> int:
     if options.serve:
         from chatkit.server import serve
 
+        api_key = options.api_key or os.environ.get("CHATKIT_API_KEY") or None
         print(f"Serving {session.describe()} as an OpenAI-compatible API at {address}/v1 (model "
-              f"{served_name(options.model)!r}; Ctrl-C stops)", file=sys.stderr)
+              f"{served_name(options.model)!r}{'; API key required' if api_key else ''}; Ctrl-C stops)",
+              file=sys.stderr)
+        if options.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: serving on {options.host}: anyone who can reach this machine can use the model"
+                  + ("" if api_key else "; set --api-key KEY (or CHATKIT_API_KEY) so only you can"),
+                  file=sys.stderr)
         serve(session, served_name(options.model), host=options.host, port=options.served_port,
-              queue=options.queue, verbose=options.verbose)
+              queue=options.queue, verbose=options.verbose, api_key=api_key)
         return 0
     if options.web:
         from chatkit.web import serve

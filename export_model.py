@@ -60,7 +60,7 @@ def export_adapter(model: Optional[str], out: str, kind: str) -> None:
 
 def export_whole(options: ExportOptions) -> None:
     from chatkit.files import atomic_output
-    from chatkit.gguf_writer import modelfile_text, write_gguf
+    from chatkit.gguf_writer import modelfile_can_quote, modelfile_text, write_gguf
 
     out = Path(options.gguf)
     modelfile = out.parent / "Modelfile"
@@ -72,6 +72,9 @@ def export_whole(options: ExportOptions) -> None:
     if options.ollama:
         with atomic_output(modelfile) as handle:
             handle.write(modelfile_text(exported))
+        if exported.system_prompt and not modelfile_can_quote(exported.system_prompt):
+            say("warning: the trained system prompt has quotes a Modelfile cannot hold, so the Modelfile leaves it "
+                "out; set it in Ollama with /set system")
         name = out.stem.lower().replace("_", "-")
         say(f"Wrote {modelfile}. Ollama:  cd {out.parent.resolve()} && ollama create {name} -f Modelfile && "
             f"ollama run {name}")

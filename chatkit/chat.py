@@ -10,8 +10,8 @@ from typing import Callable, Iterator, List, Optional
 
 from .errors import ChatkitError
 from .files import read_training_info, write_json
-from .formatting import (clean_text, ensure_chat_template, fit_to_template, pad_token_id, render, split_exchanges,
-                         stop_token_ids, with_system_prompt)
+from .formatting import (clean_text, encode_prompt, ensure_chat_template, fit_to_template, pad_token_id,
+                         split_exchanges, stop_token_ids, with_system_prompt)
 from .models import LoadedModel, context_length, load_model, resolve_model
 from .options import GenerationSettings
 
@@ -116,35 +116,45 @@ class ChatSession:
             messages.append({"role": "user", "content": user_text})
         return with_system_prompt(messages, self.system_prompt)
 
-    def prompt_messages(self, user_text: str, examples: Optional[int] = None) -> List[dict]:
-        """System prompt, then the newest `examples` guiding examples, then the conversation, then the message."""
+    def prompt_messages(self, user_text: str, examples: Optional[int] = None,
+                        history: Optional[List[dict]] = None) -> List[dict]:
+        """System prompt, then the newest `examples` guiding examples, then the conversation (`history`,
+        by default the session's), then the message."""
         count = len(self.examples) if examples is None else examples
         shown = self.examples[len(self.examples) - count:] if count else []
         prior = [m for user, bot in shown for m in ({"role": "user", "content": user},
                                                    {"role": "assistant", "content": bot})]
-        conversation = list(self.history) + [{"role": "user", "content": user_text}]
+        conversation = list(self.history if history is None else history) + [{"role": "user", "content": user_text}]
         return with_system_prompt(prior + conversation, self.system_prompt)
 
     def prompt_ids(self, user_text: str) -> List[int]:
         """Tokens of the prompt for the next answer. When it would not fit the context window, the
-        oldest guiding examples are left out first, then the oldest exchanges of the conversation."""
+        oldest guiding examples are left out first, then the oldest exchanges of the conversation.
+
+        How many go is found by halving (a few renders, however long the history), since leaving out
+        more never makes the prompt longer."""
         budget = self.max_context - self.new_tokens
-        shown = len(self.examples)
         for note in fit_to_template(self.prompt_messages(user_text), self.tokenizer)[1]:
             if note not in self.fit_notices_given:
                 self.fit_notices_given.add(note)
                 self.on_notice(f"(Note: {note}.)")
-        while True:
-            text = render(self.prompt_messages(user_text, shown), self.tokenizer, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) <= budget:
-                break
-            if shown:
-                shown -= 1
-            elif self.history:
-                self._drop_oldest_exchange()
-            else:
-                break
+        _, exchanges = split_exchanges(self.history)
+
+        def ids_for(shown: int, dropped: int) -> List[int]:
+            history = [m for exchange in exchanges[dropped:] for m in exchange]
+            return encode_prompt(self.prompt_messages(user_text, shown, history), self.tokenizer)
+
+        shown, dropped = len(self.examples), 0
+        ids = ids_for(shown, dropped)
+        if len(ids) > budget:
+            shown = _most_that_fit(len(self.examples), lambda n: len(ids_for(n, 0)) <= budget)
+            if shown is None:
+                shown = 0
+                kept = _most_that_fit(len(exchanges), lambda n: len(ids_for(0, len(exchanges) - n)) <= budget)
+                dropped = len(exchanges) - (kept or 0)
+            ids = ids_for(shown, dropped)
+        if dropped:
+            self._drop_oldest_exchanges(exchanges, dropped)
         self.examples_in_prompt = shown
         if len(ids) > budget:
             raise ChatkitError(
@@ -153,9 +163,8 @@ class ChatSession:
             )
         return ids
 
-    def _drop_oldest_exchange(self) -> None:
-        _, exchanges = split_exchanges(self.history)
-        del self.history[:len(exchanges[0])]
+    def _drop_oldest_exchanges(self, exchanges: List[List[dict]], count: int) -> None:
+        del self.history[:sum(len(exchange) for exchange in exchanges[:count])]
         if not self.trimmed_notice_given:
             self.trimmed_notice_given = True
             self.on_notice("(The conversation is longer than the model's context window: the oldest exchanges "
@@ -245,13 +254,18 @@ class ChatSession:
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, path: str) -> int:
-        """Write the conversation as one training record ({"messages": [...]}) in a JSON array."""
+    def save(self, path: str, overwrite: bool = False) -> int:
+        """Write the conversation as one training record ({"messages": [...]}) in a JSON array.
+
+        A file that exists is kept unless `overwrite`: it may be a training file of many conversations."""
         messages = self.messages()
+        path = os.path.expanduser(path)
         if not any(m["role"] == "assistant" for m in messages):
             raise ChatkitError("nothing to save yet: the conversation has no answer")
         if os.path.isdir(path):
             raise ChatkitError(f"{path} is a folder; name a file, such as {os.path.join(path, 'chat.json')}")
+        if os.path.exists(path) and not overwrite:
+            raise ChatkitError(f"{path} exists already and was kept; /save! {path} replaces it, or name another file")
         write_json(path, [{"messages": copy.deepcopy(messages)}])
         return len(messages)
 
@@ -270,6 +284,17 @@ def base_session(session: ChatSession) -> ChatSession:
     return ChatSession(trained_from, device=placement.device if placement else None,
                        dtype=placement.dtype if placement else None, system_prompt=session.system_prompt,
                        settings=copy.copy(session.settings), reuse_cache=session.reuse_cache)
+
+
+def _most_that_fit(count: int, fits) -> Optional[int]:
+    """The largest n in 0..count with fits(n), for a fits() that holds up to some n and not beyond; None if none."""
+    if not fits(0):
+        return None
+    low, high = 0, count
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
 
 
 def _stopping_criteria(stop):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Type, TypeVar
 
-from .errors import ChatkitError
+from .errors import ChatkitError, Terminated
 from .options import flag_name, problems
 
 T = TypeVar("T")
@@ -113,7 +114,10 @@ def read_config(path: str, cls: type) -> dict:
     file = Path(path)
     if not file.is_file():
         raise ChatkitError(f"--config {path}: no such file")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ChatkitError(f"--config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     try:
         if file.suffix.lower() == ".json":
             data = json.loads(text)
@@ -135,8 +139,9 @@ def read_config(path: str, cls: type) -> dict:
         kind, many = _base_type(hints[name])
         if many and isinstance(value, str):
             value = [value]
-        elif value is not None and not many and not isinstance(value, kind) and not (kind is float and
-                                                                                  isinstance(value, int)):
+        elif value is not None and not many and (not isinstance(value, kind) or (isinstance(value, bool) and kind
+                                                                                 is not bool)) and not (
+                kind is float and isinstance(value, int) and not isinstance(value, bool)):
             raise ChatkitError(f"--config {path}: {key} should be {kind.__name__}, not {value!r}")
         config[name] = value
     return config
@@ -173,8 +178,49 @@ def parse(cls: Type[T], doc: str, argv: Optional[Sequence[str]] = None) -> T:
     return options
 
 
+OS_FIXES = {
+    errno.EACCES: "check its permissions, or choose another place",
+    errno.EPERM: "check its permissions, or choose another place",
+    errno.ENOSPC: "the disk is full: free some space (or choose another disk) and run the command again",
+    errno.EDQUOT: "the disk quota is used up: free some space and run the command again",
+    errno.EROFS: "the file system is read-only: choose a place you can write to",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
+    errno.EISDIR: "that is a folder: name a file",
+    errno.ENOENT: "no such file or folder (or a link pointing nowhere): check the path",
+    errno.ELOOP: "the path goes round in a circle of links: check the links",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter one",
+    errno.EEXIST: "it exists already: choose another name, or remove it",
+    errno.EXDEV: "it is on another disk: choose a place on the same disk",
+    errno.EPIPE: "the output was closed before everything was written (a pipe that ended early)",
+}
+
+
+def failure_line(exc: BaseException) -> Optional[str]:
+    """One line for a failure of the file system or a library's refusal of a damaged file; None for a bug.
+
+    The modules raise ChatkitError with the file and the fix where they know them; this is the net
+    under them, so that no such failure reaches the user as a traceback."""
+    import zipfile
+
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = exc.filename if exc.filename is not None else None
+        fix = OS_FIXES.get(exc.errno, "check the path and the disk")
+        return f"{where + ': ' if where else ''}{exc.strerror or exc}; {fix}"
+    if isinstance(exc, zipfile.BadZipFile):
+        return f"a zip file is damaged or not a zip ({exc}); download or copy it again"
+    if isinstance(exc, RecursionError):
+        return "the input is nested too deeply to read (a JSON file nested beyond what Python reads?); check the file"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+    if type(exc).__name__ in ("SafetensorError", "UnpicklingError", "HeaderTooLarge", "HeaderTooSmall"):
+        return (f"a weights file is damaged ({type(exc).__name__}: {str(exc)[:160]}); it was probably cut short "
+                "while copying or saving: copy, save or train it again")
+    return None
+
+
 def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
-    """Run a script's main: a ChatkitError becomes one `error:` line on stderr and exit code 1.
+    """Run a script's main: a ChatkitError, or a failure of the file system or a damaged file, becomes one
+    `error:` line on stderr and exit code 1.
 
     Set CHATKIT_DEBUG=1 to get the full traceback instead. Other exceptions are bugs and keep theirs.
     """
@@ -186,6 +232,15 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - the boundary: known failures become one line, bugs keep their traceback
+        line = failure_line(exc)
+        if line is None or os.environ.get("CHATKIT_DEBUG"):
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -197,7 +252,7 @@ def run_main(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequ
 def _exit_on_sigterm():
     """SIGTERM (kill, a closing terminal) unwinds like Ctrl-C, so half-written files are removed."""
     def terminate(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     try:
         return signal.signal(signal.SIGTERM, terminate)

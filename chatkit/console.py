@@ -9,7 +9,7 @@ import textwrap
 from typing import Callable, List, Optional, TextIO
 
 from .chat import ChatSession
-from .errors import ChatkitError
+from .errors import ChatkitError, Terminated
 from .models import cache_dir
 
 HISTORY_FILE = "chat-history"  # in the cache folder: lines typed in earlier chats, for the arrow keys
@@ -19,7 +19,7 @@ HELP = """Commands:
   quit, exit      end the chat (Ctrl-D or Ctrl-C work too)
   clear           forget the conversation so far
   history         show the conversation so far
-  /save FILE      save the conversation as training data (JSON, messages format)
+  /save FILE      save the conversation as training data (JSON, messages format); /save! FILE replaces a file
   /system TEXT    set the system prompt (empty TEXT removes it); clears the conversation
   /help           this list
 To paste several lines as one message, type \"\"\" on a line of its own, paste, then \"\"\" again."""
@@ -121,8 +121,11 @@ class Console:
                     continue
                 if not self.command(text.strip()):
                     break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             self.print()
+            if isinstance(exc, Terminated):
+                self.save_line_history()
+                raise
         self.save_line_history()
         self.print("Bye.")
         return 0
@@ -139,13 +142,14 @@ class Console:
             self.show_history()
         elif lowered in ("/help", "help"):
             self.print(HELP)
-        elif lowered == "/save" or lowered.startswith("/save "):
-            path = text[5:].strip()
+        elif lowered in ("/save", "/save!") or lowered.startswith(("/save ", "/save! ")):
+            replace = lowered.startswith("/save!")
+            path = os.path.expanduser(text[6 if replace else 5:].strip())
             if not path:
-                self.print("Usage: /save FILE")
+                self.print("Usage: /save FILE (/save! FILE replaces a file that exists)")
             else:
                 try:
-                    count = self.session.save(path)
+                    count = self.session.save(path, overwrite=replace)
                     self.print(f"(Saved {count} messages to {path}.)")
                 except (ChatkitError, OSError) as exc:
                     self.print(f"error: {exc}")
@@ -174,7 +178,9 @@ class Console:
             self.out.flush()
             try:
                 answers.append(session.reply(text))
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
+                if isinstance(exc, Terminated):
+                    raise
                 self.print("\n(Stopped.)")
                 return
             except ChatkitError as exc:
@@ -190,8 +196,10 @@ class Console:
             for piece in pieces:
                 self.out.write(piece)
                 self.out.flush()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             pieces.close()
+            if isinstance(exc, Terminated):
+                raise
             self.print("\n(Stopped. Ctrl-C at the prompt, or quit, ends the chat.)")
             return
         except ChatkitError as exc:

@@ -388,14 +388,15 @@ def check_output(output: str, inputs: Sequence[str], overwrite: bool) -> None:
         raise ChatkitError(f"{output} exists already; pass --overwrite to replace it, or name another OUTPUT")
 
 
-def stage(options: ConvertOptions, converter: Converter, staging) -> set:
+def stage(options: ConvertOptions, converter: Converter, staging, output: bool = True) -> set:
     """Convert every conversation into `staging` (one "copy-number TAB record" line per record).
 
     Returns the copy numbers to keep: of a conversation seen more than once, the newest copy."""
     stats = converter.stats
     read_stats = export.ReadStats()
     sources = export.find_sources(options.inputs, read_stats)
-    check_output(options.output, [source.file for source in sources], options.overwrite)
+    if output:
+        check_output(options.output, [source.file for source in sources], options.overwrite)
     stats.warnings += [f"skipped zip member with an unsafe path: {member}" for member in read_stats.unsafe_members]
     newest: Dict[str, Tuple[float, int]] = {}  # conversation id -> (update_time, copy number)
     copy = 0
@@ -467,6 +468,39 @@ def run(options: ConvertOptions) -> Stats:
     for record in preview:
         print_preview(record)
     return converter.stats
+
+
+def convert_in_memory(inputs: Sequence[str], redact: bool = False) -> Tuple[List[dict], Stats]:
+    """The converter's default policy over exports, its records kept in memory: training straight from the
+    zip ChatGPT mailed shares this one conversion with convert_chatgpt_export.py."""
+    options = ConvertOptions(paths=[*inputs, ""], redact=redact, quiet=True)
+    converter = Converter(options)
+    records = []
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as staging:
+        winners = stage(options, converter, staging, output=False)
+        if not winners:
+            raise ChatkitError(nothing_kept(options, converter.stats))
+        staging.seek(0)
+        for line in staging:
+            number, payload = line.rstrip("\n").split("\t", 1)
+            if int(number) in winners:
+                records.append(json.loads(payload))
+    stats = converter.stats
+    stats.records = len(records)
+    stats.messages = sum(len(record["messages"]) for record in records)
+    if converter.redactor:
+        stats.redactions = converter.redactor.counts
+    return records, stats
+
+
+def summary_line(stats: Stats) -> str:
+    """The conversion in one line: what was kept and why the rest was left out."""
+    dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(stats.dropped.items()) if count)
+    text = f"converted {stats.kept} of {stats.read} conversations ({stats.messages} messages)"
+    text += f"; left out {dropped}" if dropped else ""
+    if stats.redactions:
+        text += f"; redacted {sum(stats.redactions.values())} ({', '.join(sorted(stats.redactions))})"
+    return text
 
 
 def nothing_kept(options: ConvertOptions, stats: Stats) -> str:

@@ -148,29 +148,37 @@ def order_problem(messages: Sequence[dict]) -> Optional[str]:
     return None
 
 
-def read_conversations(paths: Sequence[str]) -> Tuple[List[List[dict]], DataReport]:
-    """All conversations of all files; unusable records are errors, untrainable ones counted skips."""
+def read_conversations(paths: Sequence[str], converted: Sequence[Tuple[str, List[dict]]] = ()
+                       ) -> Tuple[List[List[dict]], DataReport]:
+    """All conversations of all files (and of `converted`: (label, records) of exports converted in memory);
+    unusable records are errors, untrainable ones counted skips."""
     report = DataReport()
-    conversations = []
+    conversations: List[List[dict]] = []
+    for label, records in converted:
+        add_records(records, label, report, conversations)
     for path in paths:
         records = load_records(path)
         if not isinstance(records, list):
             raise ChatkitError(f"{path}: expected a JSON array of conversations")
-        for index, record in enumerate(records):
-            kind, messages = normalise_record(record, f"{path} record {index}")
-            messages = [m for m in messages if m["content"].strip() or m["role"] == "assistant"]
-            problem = order_problem(messages) if messages else "empty"
-            if problem:
-                report.skipped[f"conversations {problem}"] += 1
-                continue
-            report.formats[kind] += 1
-            conversations.append(messages)
+        add_records(records, path, report, conversations)
     if not conversations:
         raise ChatkitError(
             f"{', '.join(paths)}: no usable conversations ({report.describe()}); each needs a user turn "
             "followed by an assistant turn"
         )
     return conversations, report
+
+
+def add_records(records: Sequence, label: str, report: DataReport, conversations: List[List[dict]]) -> None:
+    for index, record in enumerate(records):
+        kind, messages = normalise_record(record, f"{label} record {index}")
+        messages = [m for m in messages if m["content"].strip() or m["role"] == "assistant"]
+        problem = order_problem(messages) if messages else "empty"
+        if problem:
+            report.skipped[f"conversations {problem}"] += 1
+            continue
+        report.formats[kind] += 1
+        conversations.append(messages)
 
 
 def default_val_split(count: int) -> float:

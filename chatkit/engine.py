@@ -53,6 +53,7 @@ class EngineSettings:
     early_stopping_patience: Optional[int] = None
     neftune_alpha: float = 0.0
     max_batch_tokens: Optional[int] = None  # None: batches of batch_size examples, whatever their length
+    deadline: Optional["Deadline"] = None  # a time budget the run keeps
 
 
 class ChatTrainer(Trainer):
@@ -185,6 +186,117 @@ class Interrupt(TrainerCallback):
             control.should_evaluate = False
 
 
+BUDGET_FILE = "budget.json"  # beside the checkpoints: how much of the time budget the run has spent
+
+
+@dataclass
+class Deadline:
+    """A time budget for the rest of the command: training ends in time for what comes after it.
+
+    `finish_by` is the time.time() by which the whole command must be done; `after_s` the plan's
+    seconds for the computing that follows training (the last evaluation, the report), at the plan's
+    rate, and `saving_s` for writing the model (disk, not slowed by a busy CPU); `planned_step_s` the
+    plan's seconds per step, from which the machine's slowdown is measured."""
+
+    finish_by: float
+    after_s: float
+    planned_step_s: float
+    saving_s: float = 0.0
+    started: float = 0.0  # when this command started (time.time())
+    used_before_s: float = 0.0  # the budget an interrupted run had spent, for a resumed one
+    changes: List[dict] = None  # each time the rest of the run was shortened: step, steps before and after, why
+
+    def __post_init__(self):
+        self.changes = self.changes or []
+
+    def describe(self) -> Optional[str]:
+        if not self.changes:
+            return None
+        last = self.changes[-1]
+        return (f"the machine ran {last['slowdown']:.1f}x slower than planned, so training stopped after "
+                f"{last['to_steps']} of {self.changes[0]['from_steps']} planned steps, the learning rate brought "
+                "down over the steps left, to finish within the time budget")
+
+
+class KeepDeadline(TrainerCallback):
+    """Re-plans the rest of a run that falls behind its time budget (a busy machine, a slower one).
+
+    After each step it projects the finish from the step times measured so far (the recent ones and
+    the average, whichever is slower) and the work that follows training, scaled by the same slowdown.
+    When that is past the deadline, the run is shortened to the steps that fit, and the learning rate
+    schedule is recomputed to decay from where it is to zero at the new last step, so the run ends as
+    a finished schedule, not cut off at a high learning rate.
+    """
+
+    SMOOTHING = 0.3  # weight of the newest step in the recent step time
+
+    def __init__(self, deadline: Deadline):
+        self.deadline = deadline
+        self.last = None
+        self.first_step = 0
+        self.first_done = None
+        self.recent = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step
+
+    def on_save(self, args, state, control, **kwargs):
+        """How much of the budget is spent, beside the checkpoints: a resumed run has only the rest."""
+        import json
+        import os
+
+        used = self.deadline.used_before_s + time.time() - self.deadline.started
+        with open(os.path.join(args.output_dir, BUDGET_FILE), "w", encoding="utf-8") as handle:
+            json.dump({"used_s": round(used, 1)}, handle)
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        now = time.time()
+        if self.last is not None:
+            step_s = now - self.last
+            self.recent = step_s if self.recent is None else self.SMOOTHING * step_s + (1 - self.SMOOTHING) * self.recent
+        if state.global_step == self.first_step + 1:
+            self.first_done = now  # the first step pays for warm-up: the averages start after it
+        self.last = now
+        if state.global_step >= state.max_steps:
+            control.should_training_stop = True
+            return
+        done = state.global_step - self.first_step - 1
+        if done < 1 or self.recent is None:
+            return
+        step_s = max(self.recent, (now - self.first_done) / done)
+        slowdown = max(1.0, step_s / self.deadline.planned_step_s) if self.deadline.planned_step_s > 0 else 1.0
+        left_s = self.deadline.finish_by - now - self.deadline.saving_s - self.deadline.after_s * slowdown
+        steps_left = state.max_steps - state.global_step
+        if steps_left * step_s <= left_s:
+            return
+        fits = max(0, int(left_s // step_s))
+        new_total = state.global_step + fits
+        self.deadline.changes.append({"step": state.global_step, "from_steps": state.max_steps, "to_steps": new_total,
+                                      "slowdown": round(slowdown, 2), "step_s": round(step_s, 3)})
+        if fits == 0:
+            control.should_training_stop = True
+            state.max_steps = state.global_step
+            return
+        if lr_scheduler is not None:
+            reschedule(lr_scheduler, state.global_step, new_total)
+        state.max_steps = new_total
+
+
+def reschedule(scheduler, step: int, last_step: int) -> None:
+    """Make a LambdaLR schedule decay from its value at `step` to zero at `last_step` (half a cosine)."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # under accelerate's wrapper
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if not lambdas:
+        return
+    starts = [fn(step) for fn in lambdas]
+    span = max(1, last_step - step)
+
+    def decay(start):
+        return lambda at: start * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, at - step) / span)))
+
+    scheduler.lr_lambdas = [decay(start) for start in starts]
+
+
 class ReturnFreedMemory(TrainerCallback):
     """After each step, hand freed heap memory back to the system (glibc's malloc_trim).
 
@@ -240,6 +352,7 @@ class ProgressReport(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress:
+            self.progress.set_total(state.max_steps)
             self.progress.update(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -264,6 +377,8 @@ TRIM_ABOVE_TOKENS = 512  # steps this large fragment the heap; smaller ones neve
 def make_callbacks(settings: EngineSettings, stop: StopOnInterrupt, has_val: bool,
                    step_tokens: int = 0) -> List[TrainerCallback]:
     callbacks = [Throughput(), ProgressReport(), Interrupt(stop)]
+    if settings.deadline is not None:
+        callbacks.insert(0, KeepDeadline(settings.deadline))  # before the progress display, which shows the new total
     if step_tokens > TRIM_ABOVE_TOKENS:
         callbacks.append(ReturnFreedMemory())
     if settings.logs_dir:

@@ -80,6 +80,24 @@ def _natural_key(label: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", label)]
 
 
+def looks_like_export(path: str) -> bool:
+    """Whether `path` is a ChatGPT export (its zip, its folder, or a conversations file with conversation
+    trees) rather than training data: the trainer converts such an input first."""
+    import re
+
+    file = Path(path)
+    if file.is_dir():
+        return any(file.glob("conversations*.json"))
+    if not file.is_file():
+        return False
+    if zipfile.is_zipfile(file):
+        return True
+    with open(file, "rb") as handle:
+        head = handle.read(1 << 16).decode("utf-8", "ignore")
+    tree, records = re.search(r'"mapping"\s*:', head), re.search(r'"messages"\s*:', head)
+    return bool(tree) and (not records or tree.start() < records.start())
+
+
 def find_sources(inputs: Sequence[str], stats: ReadStats) -> List[Source]:
     """Every conversations file in the inputs: zips, extracted folders, or JSON files."""
     sources: List[Source] = []
@@ -279,21 +297,26 @@ def all_paths(conversation: dict, limit: int) -> Tuple[List[List[dict]], int]:
             raise
     left_out = 0
     for root in (key for key in mapping if _node_parent(mapping, key) is None):
-        stack = [(root, [mapping[root]], {root})]
+        # One path list shared by the whole walk (cut back on each pop), so a chain of n nodes costs n steps.
+        stack, path, ids, on_path = [(root, 0)], [], [], set()
         while stack:
-            node_id, path, seen = stack.pop()
+            node_id, depth = stack.pop()
+            for gone in ids[depth:]:
+                on_path.discard(gone)
+            del path[depth:], ids[depth:]
+            if node_id in on_path:
+                raise SkipConversation("cycle in parent links")
+            path.append(mapping[node_id])
+            ids.append(node_id)
+            on_path.add(node_id)
             children = list(dict.fromkeys(c for c in (mapping[node_id].get("children") or [])
                                           if isinstance(c, str) and c in mapping))
-            if not children:
-                if len(paths) < limit:
-                    paths.append(path)
-                else:
-                    left_out += 1
-                    if left_out >= limit:  # enough to say the tree was cut; stop walking it
-                        return paths, left_out
-                continue
-            for child in reversed(children):
-                if child in seen:
-                    raise SkipConversation("cycle in parent links")
-                stack.append((child, path + [mapping[child]], seen | {child}))
+            if children:
+                stack += [(child, depth + 1) for child in reversed(children)]
+            elif len(paths) < limit:
+                paths.append(list(path))
+            else:
+                left_out += 1
+                if left_out >= limit:  # enough to say the tree was cut; stop walking it
+                    return paths, left_out
     return paths, left_out

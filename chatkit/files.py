@@ -17,8 +17,14 @@ TRAINING_INFO_FILE = "chatkit.json"
 CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint folders: checkpoint-STEP
 
 
-def _ordinary_mode(path: str) -> None:
-    """The mode a new file of the user's gets (temporary files are created private)."""
+def _ordinary_mode(path: str, replaced: str) -> None:
+    """The mode of the file being replaced (a private file stays private), else the mode a new file of the
+    user's gets (temporary files are created private)."""
+    try:
+        os.chmod(path, os.stat(replaced).st_mode & 0o7777)
+        return
+    except OSError:
+        pass
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
@@ -37,7 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(handle)
     try:
         yield temporary
-        _ordinary_mode(temporary)
+        _ordinary_mode(temporary, target)
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
@@ -50,6 +56,45 @@ def atomic_output(path: str | os.PathLike, encoding: str = "utf-8"):
     with atomic_path(path) as temporary:
         with open(temporary, "w", encoding=encoding) as handle:
             yield handle
+
+
+LOCK_FILE = ".chatkit.lock"
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike):
+    """Hold `folder`'s lock for the block: a second training run into the same folder is refused, not run
+    alongside (both would write the same files). The operating system releases it if the process dies."""
+    path = Path(folder) / LOCK_FILE
+    created = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    locked = False
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; runs are not guarded there
+        fcntl = None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise ChatkitError(f"--output {folder} is being written by another training run ({holder}); wait "
+                                   "for it to finish, or choose another --output") from None
+        locked = True
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        if locked:
+            path.unlink(missing_ok=True)
+            if created and not any(path.parent.iterdir()):
+                path.parent.rmdir()  # a run that failed before writing anything leaves no empty folder
+        handle.close()
 
 
 def write_json(path: str | os.PathLike, data) -> None:

@@ -241,21 +241,79 @@ def assistant_char_spans(messages: Sequence[dict], tokenizer) -> Tuple[str, List
     return text, spans
 
 
+_MASK = "\x01"  # stands in, character for character, for a control string typed inside a message
+
+
+def literal_ranges(messages: Sequence[dict], tokenizer, text: str, add_generation_prompt: bool = False):
+    """Where `text` (the rendering of `messages`) has a control string such as `<|im_end|>` that a message
+    itself contains: those characters are text the user typed, not the template's markers.
+
+    Found by rendering again with each such string in the messages masked: what remains is the template's."""
+    specials = _special_strings(tokenizer)
+    if not any(special in message["content"] for message in messages for special in specials):
+        return []
+    masked = []
+    for message in messages:
+        content = message["content"]
+        for special in specials:
+            content = content.replace(special, _MASK * len(special))
+        masked.append(dict(message, content=content))
+    template_only = render(masked, tokenizer, add_generation_prompt)
+    if len(template_only) != len(text):
+        return []
+    ranges, at = [], 0
+    while at < len(text):
+        found = next((s for s in specials if text.startswith(s, at) and not template_only.startswith(s, at)), None)
+        if found:
+            ranges.append((at, at + len(found)))
+            at += len(found)
+        else:
+            at += 1
+    return ranges
+
+
+def encode_text(text: str, tokenizer, literal: Sequence[Tuple[int, int]] = ()) -> Tuple[List[int], List[tuple]]:
+    """Token ids and character offsets of `text`; the `literal` ranges are split as plain text, never
+    matched as control tokens."""
+    ids, offsets, at = [], [], 0
+    pieces = []
+    for start, end in literal:
+        pieces += [(at, start, False), (start, end, True)]
+        at = end
+    pieces.append((at, len(text), False))
+    for start, end, plain in pieces:
+        if start == end:
+            continue
+        encoded = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True,
+                            split_special_tokens=plain)
+        ids += list(encoded["input_ids"])
+        offsets += [(start + a, start + b) for a, b in encoded["offset_mapping"]]
+    return ids, offsets
+
+
+def encode_prompt(messages: Sequence[dict], tokenizer) -> List[int]:
+    """The token ids of a conversation rendered for the next answer (the generation prompt added)."""
+    messages = fit_to_template(messages, tokenizer)[0]
+    text = render(messages, tokenizer, add_generation_prompt=True)
+    return encode_text(text, tokenizer, literal_ranges(messages, tokenizer, text, True))[0]
+
+
 def tokenize_conversation(
     messages: Sequence[dict], tokenizer, train_on_prompt: bool = False
 ) -> Tuple[List[int], List[int]]:
     """Token ids and labels for one conversation: labels are IGNORE_INDEX outside assistant turns.
 
-    A token is trained when it overlaps an assistant span (its content and end-of-turn token).
+    A token is trained when it overlaps an assistant span (its content and end-of-turn token). A
+    control string typed inside a message is trained as the text it is.
     """
+    messages = fit_to_template(messages, tokenizer)[0]
     text, spans = assistant_char_spans(messages, tokenizer)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoded["input_ids"])
+    input_ids, offsets = encode_text(text, tokenizer, literal_ranges(messages, tokenizer, text))
     if train_on_prompt:
         return input_ids, list(input_ids)
     labels = [IGNORE_INDEX] * len(input_ids)
     span_index = 0
-    for position, (start, end) in enumerate(encoded["offset_mapping"]):
+    for position, (start, end) in enumerate(offsets):
         while span_index < len(spans) and spans[span_index][1] <= start:
             span_index += 1
         if span_index == len(spans):

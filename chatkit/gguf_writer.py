@@ -410,6 +410,14 @@ def modelfile_text(exported: Exported, settings: Optional[GenerationSettings] = 
     lines += [f"PARAMETER stop {json.dumps(stop)}" for stop in exported.stops]
     lines += [f"PARAMETER temperature {settings.temperature:g}", f"PARAMETER top_p {settings.top_p:g}",
               f"PARAMETER repeat_penalty {settings.repetition_penalty:g}"]
-    if exported.system_prompt:
+    if exported.system_prompt and modelfile_can_quote(exported.system_prompt):
         lines += ["", f'SYSTEM """{exported.system_prompt}"""']
+    elif exported.system_prompt:
+        lines += ["", "# The trained system prompt holds three double quotes, or starts or ends with one, which a",
+                  "# Modelfile cannot quote; set it in Ollama instead (/set system ...)."]
     return "\n".join(lines) + "\n"
+
+
+def modelfile_can_quote(text: str) -> bool:
+    """Whether `text` fits in a Modelfile's triple-quoted value: Ollama ends the value at the next three quotes."""
+    return '"""' not in text and not text.startswith('"') and not text.endswith('"')

@@ -54,8 +54,13 @@ def _examples(options: ChatbotTrainOptions, tokenizer, block_size: int):
 def _engine_settings(options: ChatbotTrainOptions):
     from .engine import EngineSettings
 
-    run_dir = Path(options.save_path).with_suffix("") if _is_file_path(options.save_path) else Path(options.save_path)
-    checkpoints = str(run_dir) + "-run" if _is_file_path(options.save_path) else str(run_dir / "run")
+    import tempfile
+
+    # A folder of this run's own, named so that it cannot be one of the user's: it is removed after saving.
+    save_path = Path(options.save_path)
+    beside = save_path.parent if _is_file_path(options.save_path) else save_path
+    beside.mkdir(parents=True, exist_ok=True)
+    checkpoints = tempfile.mkdtemp(prefix=f".{save_path.stem}-run-", dir=beside)
     return EngineSettings(checkpoints_dir=str(Path(checkpoints) / "checkpoints"), epochs=options.epochs,
                           batch_size=options.batch_size, learning_rate=options.learning_rate, logging_steps=10,
                           seed=options.seed)

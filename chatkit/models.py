@@ -315,6 +315,9 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
         if source.kind == "hub" or (source.base is not None and source.base.kind == "hub"):
             raise _offline_error(source.base or source, exc) from None
         raise ChatkitError(f"could not load the tokenizer of {source.describe()}: {exc}") from None
+    except (ValueError, KeyError) as exc:  # a config or tokenizer file transformers cannot read
+        raise ChatkitError(f"{candidates[0]}: its tokenizer or config.json cannot be read "
+                           f"({str(exc).splitlines()[0][:200]}); restore the folder, or name another --model") from None
 
 
 def load_config(source: ModelSource):
@@ -394,6 +397,9 @@ def load_model(
         if base_source.kind == "hub":
             raise _offline_error(base_source, exc) from None
         raise ChatkitError(f"could not load model {base_source.describe()}: {exc}") from None
+    except (ValueError, KeyError) as exc:  # a config.json transformers cannot read (no model_type, unknown kind)
+        raise ChatkitError(f"{base_source.path}: its config.json does not describe a model transformers can load "
+                           f"({str(exc).splitlines()[0][:200]}); restore the folder, or name another --model") from None
     if source.kind == "adapter":
         from peft import PeftModel
 

@@ -39,7 +39,12 @@ CHECKS: dict = {
     "fraction": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),
     "probability": (lambda v: 0 < v <= 1, "must be above 0 and at most 1"),
     "off-or-more": (lambda v: v >= 0, "must be 0 (off) or more"),
+    "seed": (lambda v: 0 <= v < 2**32, "must be a whole number from 0 to 4294967295"),  # what numpy and torch take
 }
+
+# transformers' schedules (SchedulerType), named here so --help stays free of heavy imports.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 
 
 def flag_name(name: str) -> str:
@@ -51,6 +56,10 @@ def problems(options) -> List[str]:
     found = []
     for item in dataclasses.fields(options):
         check, value = item.metadata.get("check"), getattr(options, item.name)
+        choices = item.metadata.get("choices")
+        if choices and value is not None and value not in choices:  # a --config value argparse did not see
+            found.append(f"{flag_name(item.name)} {value!r} is not one of: {', '.join(map(str, choices))}")
+            continue
         if check is None or value is None:
             continue
         if isinstance(check, str):
@@ -98,7 +107,7 @@ class GenerationSettings:
                                  flags=("--max_new_tokens", "--max-tokens"), check="positive")
     # 1.1: small models loop on their own phrases without a little penalty.
     repetition_penalty: float = option(1.1, "(default: %(default)s)", check="positive")
-    seed: Optional[int] = option(None, "make sampling repeatable")
+    seed: Optional[int] = option(None, "make sampling repeatable", check="seed")
 
     def generate_kwargs(self) -> dict:
         kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
@@ -150,8 +159,11 @@ class TrainOptions(Common, Hardware, Lora):
     """Fine-tuning a chat model on conversations."""
 
     __config__ = True  # the script takes --config FILE
-    data: List[str] = option(help="training data: JSON or JSONL (several files allowed)", nargs="+",
+    data: List[str] = option(help="training data: JSON or JSONL, or your ChatGPT export as mailed (zip, folder "
+                                  "or conversations.json), converted first (several allowed)", nargs="+",
                              metavar="FILE", required=True, factory=list)
+    redact: bool = option(False, "with an export as --data: replace e-mails, phone numbers, keys and tokens, IPs "
+                                 "and card numbers with [EMAIL] and the like before training")
     model: Optional[str] = option(None, f"model to fine-tune: a name, Hub id, local directory or .gguf "
                                         f"(default: {STARTER_MODEL})")
     output: str = option("./chat-model", "where the trained model goes (default: %(default)s)")
@@ -170,7 +182,7 @@ class TrainOptions(Common, Hardware, Lora):
     max_length: int = option(1024, "tokens per example; longer conversations are split between exchanges "
                                    "(default: %(default)s)", check=lambda v: None if v >= 16 else "must be at least 16 tokens")
     warmup_ratio: float = option(0.05, "share of steps warming up (default: %(default)s)", check="fraction")
-    lr_scheduler: str = option("cosine", "learning-rate schedule (default: %(default)s)")
+    lr_scheduler: str = option("cosine", "learning-rate schedule (default: %(default)s)", choices=SCHEDULERS)
     weight_decay: float = option(0.0, "(default: %(default)s)", check="non-negative")
     val_split: Optional[float] = option(None, "share held out for validation (default 0.1 with 10+ "
                                               "conversations, else 0)", check="fraction")
@@ -180,7 +192,7 @@ class TrainOptions(Common, Hardware, Lora):
     logging_steps: int = option(5, "log every N steps (default: %(default)s)", check="positive")
     early_stopping_patience: Optional[int] = option(None, "stop after N evaluations without improvement",
                                                     metavar="N", check="positive")
-    seed: int = option(42, "(default: %(default)s)")
+    seed: int = option(42, "(default: %(default)s)", check="seed")
     system_prompt: Optional[str] = option(None, "system message added to conversations without one (and used by "
                                                 "the chat)")
     rehearsal: Optional[int] = option(None, "mix in the model's own answers to N general prompts, so it keeps "
@@ -257,6 +269,9 @@ class ChatOptions(Common, Hardware, GenerationSettings):
     share: bool = option(False, "also open a public gradio.live link (only when asked)")
     queue: int = option(8, "--serve: requests that may wait while one is answered; more get HTTP 429 "
                            "(default: %(default)s)", metavar="N", check="non-negative")
+    api_key: Optional[str] = option(None, "--serve: answer only requests with `Authorization: Bearer KEY` "
+                                          "(default: $CHATKIT_API_KEY, else none; set one when --host is not "
+                                          "127.0.0.1)", metavar="KEY")
 
     @property
     def served_port(self) -> int:
@@ -274,6 +289,12 @@ class ChatOptions(Common, Hardware, GenerationSettings):
             found.append("--share goes with --web")
         if self.queue != 8 and not self.serve:
             found.append("--queue goes with --serve")
+        if self.query is not None and not self.query.strip():
+            found.append("--query is empty: give the question (or - to read it from standard input)")
+        if self.api_key is not None and not self.serve:
+            found.append("--api-key goes with --serve")
+        if self.api_key is not None and not self.api_key.strip():
+            found.append("--api-key must not be empty")
         if self.compare and self.serve:
             found.append("--compare and --serve: choose one")
         return found
@@ -380,7 +401,7 @@ class ChatbotTrainOptions(Common, Hardware):
     overlap: int = option(0, "tokens repeated between text blocks as context (default: 0)", check="non-negative")
     val_split: Optional[float] = option(None, "share held out to measure loss (default 0.1 with 10+ blocks or "
                                               "dialogues)", flags=("--val_split",), check="fraction")
-    seed: int = option(42, "(default: %(default)s)")
+    seed: int = option(42, "(default: %(default)s)", check="seed")
     interactive: bool = option(False, "chat with the model in the console after training")
 
     def cross_problems(self) -> List[str]:

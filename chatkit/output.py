@@ -106,6 +106,14 @@ class Progress:
             self.bar = tqdm(total=total, initial=first_step, file=self.stream, dynamic_ncols=True, unit="step",
                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
 
+    def set_total(self, total: int) -> None:
+        """A run re-planned to fewer steps (a time budget kept on a slower machine)."""
+        if total != self.total:
+            self.total = total
+            if self.bar is not None:
+                self.bar.total = total
+                self.bar.refresh()
+
     def eta(self, step: int) -> Optional[float]:
         done = step - self.first_step
         if done <= 0:

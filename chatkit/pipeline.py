@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,8 @@ from .device import Placement, choose_placement
 from .errors import ChatkitError
 from .examples import ExampleReport, pack_examples, tokenize_examples, trained_tokens
 from .families import family_of
-from .files import (TRAINING_INFO_FILE, is_complete, latest_checkpoint, read_json_object, read_training_info,
-                    training_info, write_json, write_training_info)
+from .files import (LOCK_FILE, TRAINING_INFO_FILE, is_complete, latest_checkpoint, output_lock, read_json_object,
+                    read_training_info, training_info, write_json, write_training_info)
 from .formatting import ensure_chat_template, ensure_pad_token
 from .models import ModelSource, load_config, load_model, load_tokenizer, public_name, resolve_model
 from .options import TrainOptions, problems
@@ -26,6 +27,7 @@ from .report import PLOT_FILE, REPORT_FILE, RunFacts, Side, chosen_prompts, loss
 
 CHECKPOINTS = "checkpoints"
 RUNS = "runs"
+STARTED = time.time()  # when the package was imported: close to the command's start
 
 
 def check_output_dir(options: TrainOptions) -> None:
@@ -39,6 +41,13 @@ def check_output_dir(options: TrainOptions) -> None:
         raise ChatkitError(
             f"--output {output} already holds a trained model; pass --overwrite to replace it, "
             f"--resume to continue its run, or another --output"
+        )
+    others = sorted(entry.name for entry in output.iterdir() if entry.name != LOCK_FILE)
+    if others:
+        raise ChatkitError(
+            f"--output {output} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
+            "and no model; name a new or empty folder, such as --output chat-model, or pass --overwrite to write "
+            "the model among them"
         )
 
 
@@ -54,8 +63,31 @@ def resume_checkpoint(options: TrainOptions) -> Optional[str]:
         return str(where)
     found = latest_checkpoint(where / CHECKPOINTS) or latest_checkpoint(where)
     if found is None:
-        raise ChatkitError(f"--resume {where}: no complete checkpoint-* folder found there to resume from")
+        partial = sorted(path.name for folder in (where / CHECKPOINTS, where) if folder.is_dir()
+                         for path in folder.glob("checkpoint-*"))
+        raise ChatkitError(f"--resume {where}: no complete checkpoint-* folder found there to resume from" + (
+            f" ({', '.join(partial)}: trainer_state.json missing or damaged, saved only in part); start again "
+            "without --resume" if partial else ""))
+    check_resumable(Path(found), options)
     return found
+
+
+def check_resumable(checkpoint: Path, options: TrainOptions) -> None:
+    """A checkpoint resumes only the run that wrote it: readable state, and the same kind and size of adapter."""
+    read_json_object(checkpoint / "trainer_state.json", f"delete {checkpoint} to resume from the one before, or "
+                                                        "start again without --resume")
+    adapter = checkpoint / "adapter_config.json"
+    if options.lora and not adapter.is_file():
+        raise ChatkitError(f"--resume: {checkpoint} holds a full fine-tune (--no-lora); resume it with --no-lora")
+    if not options.lora and adapter.is_file():
+        raise ChatkitError(f"--resume: {checkpoint} holds a LoRA adapter; resume it without --no-lora")
+    if adapter.is_file():
+        saved = read_json_object(adapter, "restore it, or start again without --resume")
+        for flag, name in (("--lora-r", "r"), ("--lora-alpha", "lora_alpha")):
+            wanted = getattr(options, name if name != "r" else "lora_r")
+            if saved.get(name) is not None and saved[name] != wanted:
+                raise ChatkitError(f"--resume: {checkpoint}'s adapter was trained with {flag} {saved[name]}, not "
+                                   f"{wanted}; resume with {flag} {saved[name]}, or start again without --resume")
 
 
 def clear_old_run(options: TrainOptions) -> None:
@@ -252,6 +284,53 @@ def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, 
     return choose(request, Shape.from_config(load_config(source)), calibrate(placement.device))
 
 
+DEADLINE_SHARE = 0.95  # of a time budget: the rest is for exiting and what no estimate sees
+
+
+PROCESS_START_WITHIN_S = 60.0  # a process older than this at train() is a notebook or a test, not this command
+
+
+def command_started() -> float:
+    """When this command started (time.time()): a time budget counts from there. That is the process's start,
+    imports included, or this call's where the process has been running for longer (a notebook, a test)."""
+    now = time.time()
+    try:
+        import psutil
+
+        started = psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil missing or refused: the package's import time is close
+        started = STARTED
+    return started if now - started < PROCESS_START_WITHIN_S else now
+
+
+def make_deadline(options: TrainOptions, plan, checkpoint: Optional[str]):
+    """The time budget as the engine keeps it (None without --time-budget). A resumed run has what the
+    interrupted one left (its spent time is kept beside the checkpoints)."""
+    if not options.time_budget:
+        return None
+    from .engine import BUDGET_FILE, Deadline
+
+    used = 0.0
+    spent = Path(options.output) / CHECKPOINTS / BUDGET_FILE
+    if checkpoint is not None and spent.is_file():
+        used = float(read_json_object(spent, "delete it to count the budget from now").get("used_s", 0.0))
+    started = command_started()
+    parts = plan.parts
+    return Deadline(finish_by=started + parse_duration(options.time_budget) * DEADLINE_SHARE - used,
+                    after_s=parts.get("report", 0) + parts.get("evaluation", 0), saving_s=parts.get("saving", 0),
+                    planned_step_s=parts.get("training", 0) / max(plan.steps, 1), started=started,
+                    used_before_s=used)
+
+
+def budget_record(plan, deadline, trained_steps: int) -> Optional[dict]:
+    """What chatkit.json and the card say of a time budget: planned, trained, and why they differ."""
+    if deadline is None:
+        return None
+    why = deadline.describe()
+    return {"planned_steps": plan.steps, "trained_steps": trained_steps, "changes": deadline.changes,
+            "summary": why or f"{trained_steps} steps as planned"}
+
+
 def engine_settings(options: TrainOptions):
     from .engine import EngineSettings
 
@@ -284,12 +363,41 @@ def base_model_spec(source: ModelSource) -> str:
     return os.path.abspath(base.spec) if os.path.exists(os.path.expanduser(base.spec)) else base.spec
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+WHOLE_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                     "pytorch_model.bin")
+
+
+def stale_files(output: Path, lora: bool, merge: bool) -> List[Path]:
+    """What an earlier run of the other kind left in --output that would mislead a loader: a LoRA adapter's
+    files beside a whole model (the folder would load as the old adapter), or the reverse, or merged/."""
+    names = set(WHOLE_MODEL_FILES if lora else ADAPTER_FILES) | ({"merged"} if not merge else set())
+    found = [output / name for name in names if (output / name).exists()]
+    return found + (sorted(output.glob("model-*-of-*.safetensors")) if lora else [])
+
+
+def publish(staging: Path, output: Path, stale: Sequence[Path]) -> None:
+    """Move a model saved whole in `staging` into `output`: an interrupted --overwrite leaves the old model or
+    the new one (each file is replaced in one step, chatkit.json last), and nothing of a model of another kind."""
+    import shutil
+
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    names = sorted((entry.name for entry in staging.iterdir()), key=lambda name: name == TRAINING_INFO_FILE)
+    for name in names:
+        target = output / name
+        if target.is_dir() and not (staging / name).is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+
+
 def save_model(model, tokenizer, options: TrainOptions, source: ModelSource, metrics: dict,
                rehearsed: Sequence[List[dict]] = (), plan=None) -> None:
+    import shutil
+    import tempfile
+
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
     info = training_info(
         "lora" if options.lora else "full", tokenizer.chat_template,
         base_model=base_model_spec(source) if options.lora else None, system_prompt=options.system_prompt,
@@ -297,7 +405,14 @@ def save_model(model, tokenizer, options: TrainOptions, source: ModelSource, met
         metrics=metrics, rehearsal=list(rehearsed),  # the general prompts and own answers trained alongside
         plan=plan.to_json() if plan is not None else None,
     )
-    write_training_info(output, info)
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_training_info(staging, info)
+        publish(staging, output, stale_files(output, options.lora, options.merge))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if options.merge and options.lora:
         merged_dir = output / "merged"
         say(f"Writing a standalone merged model to {merged_dir} ...")
@@ -325,7 +440,18 @@ def push_to_hub(options: TrainOptions) -> None:
 
 
 def read_data(options: TrainOptions):
-    conversations, data_report = read_conversations(options.data)
+    """The training conversations: data files as they are, ChatGPT exports (zip, folder, conversations
+    file) converted first with the converter's default policy."""
+    from .conversion import convert_in_memory, summary_line
+    from .export import looks_like_export
+
+    exports = [path for path in options.data if looks_like_export(path)]
+    converted = []
+    if exports:
+        records, stats = convert_in_memory(exports, redact=options.redact)
+        say(f"{', '.join(exports)}: {summary_line(stats)}")
+        converted.append((", ".join(exports), records))
+    conversations, data_report = read_conversations([p for p in options.data if p not in exports], converted)
     say(data_report.describe())
     val_split = options.val_split if options.val_split is not None else default_val_split(len(conversations))
     train_convs, val_convs = split_train_val(conversations, val_split, options.seed)
@@ -366,11 +492,22 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement):
 
 
 def train(options: TrainOptions) -> dict:
-    """The whole run: plan, model, rehearsal, Trainer, best checkpoint, saving. Returns the final metrics."""
+    """The whole run: plan, model, rehearsal, Trainer, best checkpoint, saving. Returns the final metrics.
+
+    One run at a time writes into an --output: a second is refused while the first holds its lock."""
+    import contextlib
+
     found = problems(options)
     if found:
         raise ChatkitError("; ".join(found))
     check_output_dir(options)
+    # Under accelerate launch the ranks of one run share its output: the main process holds the lock.
+    helper = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) != 0
+    with contextlib.nullcontext() if options.dry_run or helper else output_lock(options.output):
+        return _train(options)
+
+
+def _train(options: TrainOptions) -> dict:
     checkpoint = resume_checkpoint(options)
     placement = choose_placement(options.device, options.dtype)
     source = resolve_model(options.model)
@@ -393,8 +530,13 @@ def train(options: TrainOptions) -> dict:
     report = ReportRun(options, data, placement, plan)
     if not options.lora:  # the base model's side, before its weights change
         report.measure_base(model, tokenizer)
-    run = run_trainer(model, tokenizer, prepared.train, prepared.val, engine_settings(options), placement.device,
+    settings = engine_settings(options)
+    settings.deadline = make_deadline(options, plan, checkpoint)
+    run = run_trainer(model, tokenizer, prepared.train, prepared.val, settings, placement.device,
                       placement.dtype, checkpoint, teacher=prepared.teacher)
+    budget = budget_record(plan, settings.deadline, run.metrics.get("steps", 0))
+    if budget is not None:
+        run.metrics["time_budget"] = budget
     if run.interrupted:
         say(f"Stopped early; checkpoint saved in {run.checkpoint}. Continue with the same command plus "
             f"--resume {options.output}")
@@ -465,7 +607,8 @@ class ReportRun:
                          base_model=public_name(source), method=self.options.method,
                          seconds=metrics.get("train_runtime_s", 0.0), device=self.placement.describe(),
                          epochs=self.options.epochs or 0, steps=state.global_step,
-                         loss_on=self.loss_on, measured_examples=len(self.examples))
+                         loss_on=self.loss_on, measured_examples=len(self.examples),
+                         budget=(metrics.get("time_budget") or {}).get("summary"))
         write_texts(output, facts, self.base, trained, self.chosen, adapter=self.options.lora)
         metrics.update(report_s=round(self.seconds, 1), loss_before=self.base.loss, loss_after=trained.loss)
         write_training_info(output, read_training_info(output) | {"metrics": metrics})  # the figures, kept
@@ -489,6 +632,8 @@ def finish(run, tokenizer, options: TrainOptions, source: ModelSource, rehearsal
     if "eval_loss" in metrics:
         summary += f", validation loss {metrics['eval_loss']} (perplexity {metrics['eval_perplexity']})"
     merged = f" (standalone merged copy in {Path(options.output) / 'merged'})" if options.merge and options.lora else ""
+    if (metrics.get("time_budget") or {}).get("changes"):
+        summary += f"; time budget kept: {metrics['time_budget']['summary']}"
     say(f"\nDone in {metrics['train_runtime_s']:.0f} s: {summary}.\nModel saved in {options.output}{merged}"
         + (f"\n{reported}" if reported else "")
         + f"\nTalk to it:  python demo_chatbot.py {options.output}"

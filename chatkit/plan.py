@@ -50,6 +50,7 @@ def parse_duration(text: str) -> float:
 class Machine:
     device: str
     gflops: float  # calibrated matrix-product rate
+    busy: float = 0.0  # the share of the CPU other programs used while it was measured
 
     @property
     def rate(self) -> float:
@@ -59,27 +60,56 @@ class Machine:
     @property
     def how(self) -> str:
         kind = "fp32" if self.device == "cpu" else "bf16"
-        return f"calibrated on this machine: {kind} matrix product at {self.gflops:.0f} GFLOP/s"
+        text = f"calibrated on this machine: {kind} matrix product at {self.gflops:.0f} GFLOP/s"
+        if self.busy >= BUSY_SHARE:
+            text += (f"; the machine looks busy (other programs use {self.busy:.0%} of the CPU), so this may change"
+                     " (a --time-budget is kept all the same)")
+        return text
+
+
+BUSY_SHARE = 0.25  # other programs' CPU share above which the plan says the machine looks busy
+CALIBRATION_ROUNDS = 7  # short measurements; their median does not follow one moment's load
 
 
 def calibrate(device: str) -> Machine:
-    """This machine's matrix-product rate, measured in well under a second."""
+    """This machine's matrix-product rate: the median of several short measurements (well under a second in
+    all), with how busy the machine was while it was measured (the other programs' share of the CPU)."""
+    import statistics
+
     import torch
 
-    size, repeats = 1024, 10
+    size, repeats = 1024, 3
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return Machine(device, 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9)
+    busy = other_load()
+    rates = []
+    for _ in range(CALIBRATION_ROUNDS):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        rates.append(2 * size**3 * repeats / (time.perf_counter() - started) / 1e9)
+    return Machine(device, statistics.median(rates), busy=busy if device == "cpu" else 0.0)
+
+
+def other_load() -> float:
+    """The share of the CPU that other programs used over the last 0.3 s (0 to 1; 0 where it cannot be read)."""
+    try:
+        import psutil
+
+        own = psutil.Process()
+        own.cpu_percent(None)
+        total = psutil.cpu_percent(0.3)
+        mine = own.cpu_percent(None) / (psutil.cpu_count() or 1)
+        return max(0.0, min(1.0, (total - mine) / 100))
+    except Exception:  # noqa: BLE001 - psutil missing or refused: nothing known of the load
+        return 0.0
 
 
 @dataclass
@@ -290,6 +320,7 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
                  + report_seconds(request.report_answers, request.report_tokens, shape, machine,
                                   request.report_prompt_tokens))
         usable = request.budget_s * BUDGET_MARGIN - fixed
+        _check_minimum(request, shape, machine, rows, checkpointing, fixed, val_tokens)
         passes = affordable(usable, epoch_s + evaluation_seconds(val_tokens, shape, machine, 1))
         if passes < epochs:
             epochs = float(max(1, math.floor(passes)))
@@ -301,6 +332,19 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
             selection = _selection_text(request, kept, epochs, budget=request.budget_s)
     return Choice(_plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, val_tokens,
                         math.ceil(epochs), shape, machine, selection), kept, rows, epochs, checkpointing)
+
+
+def _check_minimum(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool, fixed: float,
+                   val_tokens: int) -> None:
+    """A budget that cannot hold the fixed costs and one step of the shortest conversation is refused."""
+    shortest = min(range(len(request.lengths)), key=lambda i: sum(request.lengths[i]))
+    one_pass = _epoch(request, [shortest], rows, shape, machine, checkpointing)[1]
+    needed = (fixed + one_pass + evaluation_seconds(val_tokens, shape, machine, 1)) / BUDGET_MARGIN
+    if request.budget_s < needed:
+        raise ChatkitError(
+            f"--time-budget {duration(request.budget_s)} is shorter than this run's fixed costs on this machine "
+            f"(loading, rehearsal, one pass over the shortest conversation, saving and the report): give at least "
+            f"{duration(math.ceil(needed))}, or shorten them with --report none and --rehearsal 0")
 
 
 def _fit(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool,

@@ -261,6 +261,7 @@ class RunFacts:
     steps: int
     loss_on: str  # "validation" or "training"
     measured_examples: int
+    budget: Optional[str] = None  # under --time-budget: what was planned, what was trained, and why it changed
 
 
 def _cell(text: str, limit: int = 300) -> str:
@@ -286,7 +287,9 @@ def report_text(facts: RunFacts, before: Side, after: Side, chosen: Sequence[Tup
              f"{facts.tokens:,} tokens ({facts.trained_tokens:,} trained)",
              f"- Base model: {facts.base_model}",
              f"- Method: {facts.method}; {facts.epochs:g} epochs, {facts.steps} steps",
-             f"- Time: {duration(facts.seconds)} on {facts.device}", "",
+             f"- Time: {duration(facts.seconds)} on {facts.device}"]
+    lines += [f"- Time budget: {facts.budget}"] if facts.budget else []
+    lines += ["",
              "## Loss", "", _loss_line(facts, before, after), "", f"![Loss per step]({PLOT_FILE})", ""]
     if not after.answers:
         lines += ["Answers were not generated (`--report none`).", ""]
@@ -338,7 +341,8 @@ def card_text(facts: RunFacts, before: Side, after: Side, adapter: bool) -> str:
     lines = front + ["", f"# {name}", "",
                      f"A chat model fine-tuned from {facts.base_model} with chatkit ({facts.method}) on "
                      f"{facts.conversations} conversations ({facts.trained_tokens:,} trained tokens) in "
-                     f"{duration(facts.seconds)} on {facts.device}.", "",
+                     f"{duration(facts.seconds)} on {facts.device}"
+                     + (f" (time budget: {facts.budget})" if facts.budget else "") + ".", "",
                      _loss_line(facts, before, after), "",
                      f"The full report, with the base and trained answers side by side: [{REPORT_FILE}]({REPORT_FILE}).",
                      "", "## Chat with it", "", "```bash",

@@ -95,7 +95,7 @@ class ChatRequest:
                 history.append({"role": message["role"], "content": text})
         if not history or history[-1]["role"] != "user":
             raise RequestError("the last message must be the user's (the model answers it)", "messages")
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1):
             raise RequestError("'n' must be 1: one answer per request", "n")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
@@ -110,6 +110,7 @@ class ChatRequest:
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise RequestError("'seed' must be a whole number", "seed")
+        seed = None if seed is None else seed % 2**32  # any size a client sends; torch takes 64 bits at most
         options = body.get("stream_options") or {}
         return cls(system=system, history=history[:-1], prompt=history[-1]["content"],
                    temperature=_number(body, "temperature", 0, 2, None), top_p=_number(body, "top_p", 0, 1, None),
@@ -270,8 +271,88 @@ def _usage(session: ChatSession) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
 
 
-def build_app(session: ChatSession, model_id: str, queue: int = 8):
-    """The Starlette application serving one loaded model."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def allowed_hosts(host: str, port: int) -> Optional[set]:
+    """The Host header values this server answers to; None where it listens on every address (0.0.0.0).
+
+    A web page the user visits can make the browser send requests to 127.0.0.1; with a name of its own
+    that it points at 127.0.0.1 (DNS rebinding), it could also read the answers. Such requests carry
+    the page's name as Host, so only this server's own address is answered."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    names = set(LOOPBACK) if host in LOOPBACK else {host if ":" not in host else f"[{host}]"}
+    return {f"{name}:{port}" for name in names} | (names if port == 80 else set())
+
+
+class Guard:
+    """ASGI middleware: the API answers its own user only.
+
+    Refused, as OpenAI-style errors: a Host header other than the served address (421), a browser's
+    cross-site request (an Origin other than the served address: 403), a POST whose body is not
+    declared application/json (415: a page may send text/plain without asking first), and, with an
+    API key, a request without `Authorization: Bearer KEY` (401)."""
+
+    def __init__(self, app, hosts: Optional[set], api_key: Optional[str]):
+        self.app, self.hosts, self.api_key = app, hosts, api_key
+
+    def refusal(self, scope) -> Optional[RequestError]:
+        import hmac
+        from urllib.parse import urlparse
+
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        host = headers.get("host", "")
+        if self.hosts is not None and host.lower() not in self.hosts:
+            return RequestError(f"this server answers requests for {sorted(self.hosts)[0]} only, not {host!r}",
+                                status=421, kind="invalid_request_error", code="misdirected_request")
+        origin = headers.get("origin")
+        if origin is not None and urlparse(origin).netloc.lower() != host.lower():
+            return RequestError(f"cross-site requests are refused (Origin {origin})", status=403,
+                                kind="permission_error", code="cross_site_request")
+        if scope["method"] == "POST" and headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return RequestError("the request body must be sent as Content-Type: application/json", status=415)
+        if self.api_key is not None:
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return RequestError("a valid API key is needed: Authorization: Bearer KEY (the --api-key the "
+                                    "server was started with)", status=401, kind="invalid_request_error",
+                                    code="invalid_api_key")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        from starlette.responses import JSONResponse
+
+        refusal = self.refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        response = JSONResponse(error_body(str(refusal), refusal.kind, refusal.param, refusal.code),
+                                status_code=refusal.status)
+        await response(scope, receive, send)
+
+
+async def not_found(request, exc):
+    """404 and 405 as OpenAI-style errors naming the two endpoints."""
+    from starlette.responses import JSONResponse
+
+    status = getattr(exc, "status_code", 404)
+    message = {404: f"no such endpoint: {request.method} {request.url.path} (this server has GET /v1/models "
+                    "and POST /v1/chat/completions)",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(status, str(exc.detail))
+    return JSONResponse(error_body(message), status_code=status)
+
+
+async def server_error(request, exc):
+    """A failure of the server itself: a 500 that names the kind of failure, never a traceback."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(error_body(f"the server failed to answer ({type(exc).__name__})", "server_error"),
+                        status_code=500)
+
+
+def build_app(session: ChatSession, model_id: str, queue: int = 8, hosts: Optional[set] = None,
+              api_key: Optional[str] = None, guard: bool = True):
+    """The Starlette application serving one loaded model (behind its Guard unless `guard` is False)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, StreamingResponse
@@ -291,6 +372,8 @@ def build_app(session: ChatSession, model_id: str, queue: int = 8):
             body = json.loads(await request.body() or b"null")
         except (ValueError, UnicodeDecodeError):
             return error(RequestError("the request body is not valid JSON"))
+        except RecursionError:
+            return error(RequestError("the request body is nested too deeply"))
         try:
             parsed = ChatRequest.parse(body)
             ticket = generator.reserve()
@@ -315,20 +398,10 @@ def build_app(session: ChatSession, model_id: str, queue: int = 8):
         text = (text + scanner.flush()).strip()
         return JSONResponse(completion.whole(text, ticket.finish_reason(scanner), ticket.usage))
 
-    async def not_found(request, exc):
-        status = getattr(exc, "status_code", 404)
-        message = {404: f"no such endpoint: {request.method} {request.url.path} (this server has GET /v1/models "
-                        "and POST /v1/chat/completions)",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(status, str(exc.detail))
-        return JSONResponse(error_body(message), status_code=status)
-
-    async def server_error(request, exc):
-        return JSONResponse(error_body(f"the server failed to answer ({type(exc).__name__})", "server_error"),
-                            status_code=500)
-
     routes = [Route("/v1/models", models, methods=["GET"]),
               Route("/v1/chat/completions", completions, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error})
+    return Guard(app, hosts, api_key) if guard else app
 
 
 def _sse(data) -> str:
@@ -368,12 +441,12 @@ async def _events(pieces, ticket: Ticket, request: ChatRequest, completion: Comp
 
 
 def serve(session: ChatSession, model_id: str, host: str = "127.0.0.1", port: int = 8000, queue: int = 8,
-          verbose: bool = False) -> None:
+          verbose: bool = False, api_key: Optional[str] = None) -> None:
     """Serve until Ctrl-C."""
     try:
         import uvicorn
     except ImportError:
         raise ChatkitError("--serve needs uvicorn and starlette: pip install uvicorn starlette "
                            "(both come with gradio)") from None
-    uvicorn.run(build_app(session, model_id, queue), host=host, port=port, log_level="info" if verbose else "warning",
-                access_log=verbose)
+    app = build_app(session, model_id, queue, hosts=allowed_hosts(host, port), api_key=api_key)
+    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning", access_log=verbose)

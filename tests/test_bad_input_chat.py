@@ -93,6 +93,27 @@ def test_save_onto_a_folder_is_an_error_line_and_leaves_nothing(tiny_llama, tmp_
     assert os.listdir(tmp_path) == []
 
 
+def test_save_onto_an_existing_file_keeps_it_unless_asked(tiny_llama, tmp_path, monkeypatch):
+    """A training file of 50 conversations is not replaced by one chat; /save! replaces it; ~ is home."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    training = tmp_path / "train.json"
+    training.write_text(json.dumps([{"messages": [{"role": "user", "content": str(i)}]} for i in range(50)]))
+    session = ChatSession(str(tiny_llama), settings=GenerationSettings(temperature=0, max_new_tokens=4))
+    out = io.StringIO()
+    Console(session, read=scripted(["Hello", "/save ~/train.json", "/save ~/new.json", "quit"]), out=out).run()
+    assert "exists already and was kept" in out.getvalue() and "/save!" in out.getvalue()
+    assert len(json.loads(training.read_text())) == 50
+    assert len(json.loads((tmp_path / "new.json").read_text())) == 1
+    Console(session, read=scripted(["/save! ~/train.json", "quit"]), out=io.StringIO()).run()
+    assert len(json.loads(training.read_text())) == 1
+
+
+def test_an_empty_query_is_an_error(tiny_llama, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main([str(tiny_llama), "--query", "  "])
+    assert exit_code.value.code == 2 and "--query is empty" in capsys.readouterr().err
+
+
 def test_web_on_a_busy_port_fails_before_loading(tiny_llama, capsys):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -143,3 +164,26 @@ def test_bad_flags_are_usage_errors(capsys, flags, fragment):
     with pytest.raises(SystemExit) as info:
         cli.main(flags)
     assert info.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_sigterm_during_an_answer_ends_the_chat(tiny_llama, monkeypatch, capsys):
+    """Ctrl-C stops an answer and the chat goes on; SIGTERM (kill, a closing terminal) ends the chat."""
+    import builtins
+
+    from chatkit.chat import ChatSession as Session
+
+    typed = iter(["Hello", "Hello again", "quit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(typed))
+    streamed = []
+
+    def stream(self, text):
+        streamed.append(text)
+        yield "Hi"
+        os.kill(os.getpid(), signal.SIGTERM)
+        yield " there"
+
+    monkeypatch.setattr(Session, "stream", stream)
+    assert cli.main([str(tiny_llama)]) == 143
+    assert streamed == ["Hello"]  # the chat did not go on to the next message
+    assert capsys.readouterr().err.strip().endswith("terminated")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

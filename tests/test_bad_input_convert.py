@@ -167,7 +167,7 @@ def test_sigterm_while_writing_leaves_no_half_file(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(conversion, "write_records", killed)
     source = write_json(tmp_path / "conversations.json", [simple("a", ("user", "Q"), ("assistant", "A"))])
-    assert run(source, tmp_path / "out.json") == 130
+    assert run(source, tmp_path / "out.json") == 143  # 128 + SIGTERM, as a shell reports it
     assert not (tmp_path / "out.json").exists() and not leftovers(tmp_path)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the script's alone
 
@@ -196,3 +196,33 @@ def test_bad_title_regex_and_token_limit_without_tokenizer(tmp_path, capsys):
     assert "--title '([' is not a valid regular expression" in capsys.readouterr().err
     assert run(source, tmp_path / "o.json", "--max-conversation-tokens", "10") == 1
     assert "--max-conversation-tokens needs --tokenizer MODEL" in capsys.readouterr().err
+
+
+def test_all_branches_of_a_100000_node_chain_is_one_walk(tmp_path):
+    """A linear conversation of 100,000 nodes: --all-branches walks it once (it copied the path at every node)."""
+    tree = Tree()
+    for index in range(50000):
+        tree.add(message("user", f"q{index}"))
+        tree.add(message("assistant", f"a{index}"))
+    export = tmp_path / "conversations.json"
+    write_json(export, [tree.conversation("long")])
+    out = tmp_path / "out.jsonl"
+    assert cli.main([str(export), str(out), "--all-branches"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 1 and len(records[0]["messages"]) == 100000
+    assert records[0]["messages"][-1] == {"role": "assistant", "content": "a49999"}
+
+
+def test_overwrite_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    """A private training file (600) stays private when it is converted again over itself."""
+    source = write_json(tmp_path / "conversations.json", [simple("a", ("user", "Q"), ("assistant", "A"))])
+    out = tmp_path / "out.jsonl"
+    out.write_text("old")
+    out.chmod(0o600)
+    assert run(source, out, "--overwrite") == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600 and out.read_text() != "old"
+    fresh = tmp_path / "new.jsonl"
+    assert run(source, fresh) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask  # a new file: the user's ordinary mode

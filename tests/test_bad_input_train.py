@@ -69,7 +69,8 @@ def test_output_that_is_a_file_fails_before_loading(tmp_path, tiny_llama, capsys
 
 
 @pytest.mark.parametrize("kind", ["zip", "json"])
-def test_a_raw_export_given_to_the_trainer_says_convert_first(tmp_path, tiny_llama, capsys, kind):
+def test_an_export_with_nothing_to_train_is_one_line(tmp_path, tiny_llama, capsys, kind):
+    """The export is converted first; one whose conversations hold no exchange says so, naming the file."""
     conversation = {"title": "x", "mapping": {"r": {"id": "r", "parent": None, "children": []}}, "current_node": "r"}
     raw = tmp_path / "conversations.json"
     raw.write_text(json.dumps([conversation]))
@@ -78,8 +79,9 @@ def test_a_raw_export_given_to_the_trainer_says_convert_first(tmp_path, tiny_lla
             archive.write(raw, "conversations.json")
         raw = tmp_path / "export.zip"
     assert train(tmp_path, tiny_llama, data=raw) == 1
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: {raw} is a ChatGPT export") and "convert_chatgpt_export.py" in err
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and str(raw) in error and "no exchange" in error
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unreachable_hub_fails_fast_and_names_the_ways_out(tmp_path, capsys, monkeypatch):
@@ -110,3 +112,100 @@ def test_a_config_value_of_the_wrong_type_is_named(tmp_path, capsys):
     config.write_text("data: x.json\nlora-r: sixteen\n")
     assert cli.main(["--config", str(config)]) == 1
     assert "--config" in capsys.readouterr().err
+
+
+def test_a_lora_output_overwritten_by_a_full_fine_tune_loads_as_the_full_model(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    assert train(tmp_path, tiny_llama, "--epochs", "1", "--report", "none", "--merge") == 0
+    assert models.resolve_model(str(out)).kind == "adapter" and (out / "merged").is_dir()
+    assert train(tmp_path, tiny_llama, "--epochs", "1", "--report", "none", "--no-lora", "--overwrite") == 0
+    assert models.resolve_model(str(out)).kind == "directory"
+    assert not (out / "adapter_config.json").exists() and not (out / "merged").exists()  # the old model is gone
+    assert train(tmp_path, tiny_llama, "--epochs", "1", "--report", "none", "--overwrite") == 0
+    assert models.resolve_model(str(out)).kind == "adapter" and not (out / "model.safetensors").exists()
+
+
+def test_an_interrupted_overwrite_leaves_the_old_model_whole(tmp_path, tiny_llama, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path / "out"
+    assert train(tmp_path, tiny_llama, "--epochs", "1", "--report", "none") == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the new model is being saved
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", interrupted)
+    assert train(tmp_path, tiny_llama, "--epochs", "2", "--report", "none", "--overwrite") == 130
+    after = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert {name: after.get(name) for name in before if name.endswith((".json", ".safetensors"))} == {
+        name: data for name, data in before.items() if name.endswith((".json", ".safetensors"))}
+    assert not list(out.glob(".saving-*"))
+
+
+def test_a_folder_of_other_files_is_refused_without_overwrite(tmp_path, tiny_llama, capsys, monkeypatch):
+    """`--output .` in a project folder: the user's files are not mixed with a model unasked."""
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    data = data_file(tmp_path, 4)
+    assert cli.main(["--data", str(data), "--model", str(tiny_llama), "--output", "."]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --output . holds other files (") and "data.json" in error and "--overwrite" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json", "notes.txt"]
+
+
+def test_a_second_run_into_the_same_output_is_refused(tmp_path, tiny_llama, capsys):
+    from chatkit.files import output_lock
+
+    with output_lock(tmp_path / "out"):  # the first run, still training
+        assert train(tmp_path, tiny_llama, "--epochs", "1") == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is being written by another training run (process" in error
+    assert not (tmp_path / "out").exists()  # nothing of either run is left behind
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--seed", str(2**40)], "--seed must be a whole number from 0 to 4294967295"),
+    (["--seed", "-1"], "--seed must be a whole number from 0 to 4294967295"),
+    (["--lr-scheduler", "cosnie"], "invalid choice: 'cosnie'"),
+])
+def test_option_values_are_checked_where_they_are_declared(tmp_path, tiny_llama, capsys, flags, says):
+    with pytest.raises(SystemExit) as exit_code:
+        train(tmp_path, tiny_llama, *flags)
+    assert exit_code.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, says, code", [
+    (b"lr_scheduler: cosnie\n", "--lr-scheduler 'cosnie' is not one of", 2),
+    (b"epochs: true\n", "epochs should be float, not True", 1),
+    (b"seed: 99999999999\n", "--seed must be a whole number", 2),
+    (b"epochs: 2\nsystem_prompt: \xff\xfe caf\xe9\n", "not UTF-8 text", 1),
+])
+def test_a_config_file_with_wrong_values_is_one_line(tmp_path, tiny_llama, capsys, content, says, code):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(content)
+    data = data_file(tmp_path, 4)
+    try:
+        result = cli.main(["--data", str(data), "--model", str(tiny_llama), "--output", str(tmp_path / "o"),
+                           "--config", str(config)])
+    except SystemExit as exc:  # a usage error
+        result = exc.code
+    err = capsys.readouterr().err
+    assert result == code and says in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_resume_that_does_not_fit_the_checkpoint_is_refused(tmp_path, tiny_llama, capsys, monkeypatch):
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 2)
+        assert train(tmp_path, tiny_llama, "--epochs", "3", "--save-steps", "4") == 130
+    assert train(tmp_path, tiny_llama, "--epochs", "3", "--resume", "--lora-r", "8") == 1
+    assert "was trained with --lora-r 16, not 8; resume with --lora-r 16" in capsys.readouterr().err
+    assert train(tmp_path, tiny_llama, "--epochs", "3", "--resume", "--no-lora") == 1
+    assert "holds a LoRA adapter; resume it without --no-lora" in capsys.readouterr().err
+    state = next((tmp_path / "out" / "checkpoints").glob("checkpoint-*")) / "trainer_state.json"
+    state.write_text("[1, 2")
+    assert train(tmp_path, tiny_llama, "--epochs", "3", "--resume") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --resume ") and "checkpoint-" in err[-1] and "trainer_state.json" in err[-1]
+    assert "damaged" in err[-1] and "without --resume" in err[-1]

@@ -144,3 +144,24 @@ def test_bad_arguments(capsys):
     assert info.value.code == 2
     assert cli.main(["./no/such/model"]) == 1
     assert "error: --model ./no/such/model: no such file or directory" in capsys.readouterr().err
+
+
+def test_a_long_history_is_trimmed_in_a_few_renders(tiny_llama, monkeypatch):
+    """5,000 short messages: the exchanges that fit are found by halving, not one render per dropped exchange."""
+    import chatkit.chat as chat
+
+    session = ChatSession(str(tiny_llama), settings=GREEDY, max_context=200)
+    session.history = [m for i in range(2500) for m in ({"role": "user", "content": f"q{i}"},
+                                                        {"role": "assistant", "content": f"a{i}"})]
+    renders = []
+    original = chat.encode_prompt
+    monkeypatch.setattr(chat, "encode_prompt", lambda *a, **k: renders.append(1) or original(*a, **k))
+    ids = session.prompt_ids("last")
+    assert len(renders) <= 2 * 13 + 2  # log2(2500) halvings, twice at most, and the final prompt
+    assert len(ids) <= 200 - session.new_tokens
+    kept = len(session.history) // 2
+    assert 0 < kept < 2500 and session.history[-1]["content"] == "a2499"  # the newest exchanges stay
+    # one exchange more would not have fitted
+    session.history = [{"role": "user", "content": f"q{2499 - kept}"},
+                       {"role": "assistant", "content": f"a{2499 - kept}"}] + session.history
+    assert len(original(session.prompt_messages("last"), session.tokenizer)) > 200 - session.new_tokens

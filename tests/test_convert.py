@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -384,3 +385,22 @@ def test_old_flag_spellings_still_work_with_a_note(tmp_path, capsys, old, new, v
     records = convert(tmp_path, filter_data(), "--metadata", old, value)
     assert [r["id"] for r in records] == expected
     assert f"note: {old} is now {new}" in capsys.readouterr().err
+
+
+PATHOLOGICAL = {"dots": "a." * 100000, "address": "x@" + "a." * 100000, "dashes": "a-" * 100000,
+                "keys": "-----BEGIN RSA PRIVATE KEY-----" * 3000}
+
+
+@pytest.mark.parametrize("kind", sorted(PATHOLOGICAL))
+def test_redaction_runs_in_linear_time_on_pathological_text(kind):
+    """Each pattern's repeats are bounded: these took minutes before (checked in a child that is stopped at 60 s)."""
+    import subprocess
+    import sys
+
+    text = PATHOLOGICAL[kind]
+    code = ("import sys; from chatkit.redact import Redactor; r = Redactor(); "
+            "out = r(sys.stdin.read()); print(len(out), sum(r.counts.values()))")
+    done = subprocess.run([sys.executable, "-c", code], input=text, capture_output=True, text=True, timeout=60,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+    length, found = map(int, done.stdout.split())
+    assert found == 0 and length == len(text)  # none of these is personal data

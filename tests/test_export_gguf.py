@@ -160,3 +160,16 @@ def test_a_merged_model_keeps_the_pre_tokenizer_of_the_gguf_it_came_from(tmp_pat
     assert pre_tokenizer_name(None, str(starter_gguf_path())) == "smollm"
     plain = load_tokenizer(resolve_model(str(tiny_llama)))
     assert origin_gguf(resolve_model(str(tiny_llama))) is None and pre_tokenizer_name(plain, None) == "gpt-2"
+
+
+def test_a_modelfile_never_ends_its_system_block_early():
+    from chatkit.gguf_writer import Exported, modelfile_text
+
+    def system_lines(prompt):
+        text = modelfile_text(Exported("m.gguf", "llama", 1, 1, "", prompt, ["<|im_end|>"]))
+        return [line for line in text.splitlines() if "SYSTEM" in line or line.startswith("#")]
+
+    assert system_lines('Say "hi" please.') == ['SYSTEM """Say "hi" please."""']
+    for prompt in ('Use """ for docstrings.', 'End with "quoted"', '"Start" quoted'):
+        lines = system_lines(prompt)
+        assert not any(line.startswith("SYSTEM") for line in lines) and "/set system" in " ".join(lines)

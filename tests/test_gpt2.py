@@ -149,3 +149,19 @@ def test_train_chatbot_needs_a_file(capsys):
     with pytest.raises(SystemExit):
         train_chatbot.main(["--epochs", "1"])
     assert "give --text_file, --conversation_file, or both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("save", ["bot.pt", "bot-dir"])
+def test_training_never_removes_what_it_did_not_create(tmp_path, tiny_gpt2, save):
+    """The user's folders beside --save_path (named as the old checkpoint folder was) stay untouched."""
+    pairs = tmp_path / "examples.json"
+    pairs.write_text(json.dumps(PAIRS))
+    for mine in (tmp_path / "bot-run", tmp_path / "bot-dir" / "run"):
+        mine.mkdir(parents=True)
+        (mine / "notes.txt").write_text("mine")
+    assert train_chatbot.main(["--model", str(tiny_gpt2), "--conversation-file", str(pairs), "--epochs", "1",
+                               "--save-path", str(tmp_path / save), "--overwrite"]) == 0
+    for mine in (tmp_path / "bot-run", tmp_path / "bot-dir" / "run"):
+        assert (mine / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.glob(".bot*-run-*")) and not list((tmp_path / "bot-dir").glob(".bot*-run-*"))
+    assert (tmp_path / save).exists()

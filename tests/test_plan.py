@@ -138,6 +138,7 @@ def test_a_time_budget_run_saves_a_model_trained_on_the_sample(tmp_path, tiny_ll
     monkeypatch.setattr(plan, "STARTUP_S", 0.0)
     monkeypatch.setattr(plan, "SAVE_S", 0.0)
     monkeypatch.setattr(plan, "EFFICIENCY", {"cpu": 1e-7})  # as if this machine were very slow
+    monkeypatch.setattr(plan, "_check_minimum", lambda *args: None)  # (so slow that nothing would fit)
     data = tmp_path / "many.json"
     data.write_text(json.dumps([{"messages": [{"role": "user", "content": f"Question {i}?"},
                                               {"role": "assistant", "content": f"Answer {i}."}]} for i in range(40)]))
@@ -173,3 +174,69 @@ def test_chatting_with_an_interrupted_run_names_its_checkpoint(tmp_path, tiny_ll
     err = capsys.readouterr().err
     assert "stopped before the model was saved" in err and f"--resume {tmp_path / 'out'}" in err
     assert f"--model {tmp_path / 'out' / 'checkpoints' / 'checkpoint-2'}" in err
+
+
+def test_a_budget_shorter_than_the_fixed_costs_names_the_minimum(tmp_path, tiny_llama, capsys):
+    assert run(tmp_path, tiny_llama, "--time-budget", "2s", "--rehearsal", "0") == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --time-budget 2 s is shorter than this run's fixed costs") and "give at least" in error
+    minimum = error.split("give at least ")[1].split(",")[0]
+    assert plan.parse_duration(minimum.replace(" min ", "m").replace(" s", "s").replace(" ", "")) > 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_falling_behind_run_is_shortened_with_a_finished_schedule():
+    """reschedule: from the learning rate where the run is, down to zero exactly at the new last step."""
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from chatkit.engine import reschedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 2, 100)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    before = scheduler.get_last_lr()[0]
+    reschedule(scheduler, 10, 20)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert abs(rates[0] - before) < 1e-9 and all(a > b for a, b in zip(rates, rates[1:]))
+    assert scheduler.get_last_lr()[0] == 0.0  # step 20: the schedule has ended
+
+
+def test_a_time_budget_is_kept_on_a_machine_slower_than_planned(tmp_path, tiny_llama, monkeypatch, capsys):
+    """The plan thinks the machine fast; each step then takes 0.25 s (a busy laptop): the run is re-planned
+    and the command ends inside its budget, with the model, the report and why it changed."""
+    import time
+
+    from chatkit.engine import ChatTrainer
+
+    monkeypatch.setattr(plan, "EFFICIENCY", {"cpu": 10.0})  # the plan expects steps 30 times faster
+    original = ChatTrainer.training_step
+
+    def slow_step(self, *args, **kwargs):
+        time.sleep(0.25)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChatTrainer, "training_step", slow_step)
+    data = tmp_path / "many.json"
+    data.write_text(json.dumps([{"messages": [{"role": "user", "content": f"Question {i}?"},
+                                              {"role": "assistant", "content": f"Answer {i}."}]} for i in range(40)]))
+    started = time.time()
+    assert run(tmp_path, tiny_llama, "--time-budget", "25s", "--rehearsal", "0", "--batch-size", "2", "--epochs",
+               "5", "--report", "none", data=data) == 0
+    assert time.time() - started <= 25 * 1.1
+    info = json.loads((tmp_path / "out" / "chatkit.json").read_text())
+    budget = info["metrics"]["time_budget"]
+    assert budget["planned_steps"] == info["plan"]["steps"] > budget["trained_steps"] == info["metrics"]["steps"] >= 10
+    assert budget["changes"] and budget["changes"][0]["slowdown"] > 2 and "slower than planned" in budget["summary"]
+    state = json.loads(sorted((tmp_path / "out" / "checkpoints").glob("checkpoint-*/trainer_state.json"))[-1]
+                       .read_text())
+    rates = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
+    assert rates[-1] < 0.2 * max(rates)  # the schedule was brought down, not cut at a high rate
+    assert "Time budget: the machine ran" in (tmp_path / "out" / "report.md").read_text()
+    assert "time budget kept" in capsys.readouterr().err

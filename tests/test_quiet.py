@@ -52,6 +52,20 @@ def test_training_and_a_query_print_only_what_the_user_needs(tmp_path, tiny_llam
         "Exporting", "Wrote", "llama.cpp:", "Wrote"]
 
 
+def hang_up_mid_answer(port: int) -> None:
+    """Start a streamed answer, close the connection after its first event, then ask again."""
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "Tell me a long story"}], "stream": True, "max_tokens": 200,
+            "temperature": 1.0}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())
+    again = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] is not None
+
+
 def test_the_api_server_says_one_line_and_stops_cleanly(tmp_path, tiny_llama):
     import signal
     import time
@@ -74,6 +88,7 @@ def test_the_api_server_says_one_line_and_stops_cleanly(tmp_path, tiny_llama):
             except OSError:
                 assert time.time() < deadline and server.poll() is None, server.stderr.read() if server.poll() else ""
                 time.sleep(0.5)
+        hang_up_mid_answer(port)  # a client that goes away leaves no traceback in the log
     finally:
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=60)

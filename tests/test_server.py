@@ -178,3 +178,76 @@ def test_serve_flags():
     for bad in (["--serve", "--web"], ["--serve", "--query", "hi"], ["--queue", "3"], ["--port", "9000"]):
         with pytest.raises(SystemExit):
             demo_chatbot.main(bad)
+
+
+@pytest.fixture(scope="module")
+def guarded(taught):
+    """The API as --serve starts it on the loopback address: Host checked, an API key required."""
+    import uvicorn
+
+    from chatkit.server import allowed_hosts
+
+    session = ChatSession(str(taught), settings=GenerationSettings(temperature=0, max_new_tokens=8))
+    port = free_port()
+    app = build_app(session, "m", hosts=allowed_hosts("127.0.0.1", port), api_key="s3cret")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", port
+    server.should_exit = True
+    thread.join()
+
+
+HELLO = {"messages": [{"role": "user", "content": "Hello"}]}
+
+
+@pytest.mark.parametrize("headers, status, code", [
+    ({"Host": "evil.example"}, 421, "misdirected_request"),  # DNS rebinding: a page's own name, pointed here
+    ({"Origin": "http://evil.example"}, 403, "cross_site_request"),  # a page the user visits, posting here
+    ({"Origin": "null"}, 403, "cross_site_request"),
+    ({"Authorization": "Bearer wrong"}, 401, "invalid_api_key"),
+    ({"Authorization": ""}, 401, "invalid_api_key"),  # no key at all
+])
+def test_a_web_page_or_a_stranger_can_neither_run_nor_read_the_model(guarded, headers, status, code):
+    address, port = guarded
+    sent = {"Authorization": "Bearer s3cret"} | headers
+    response = httpx.post(f"{address}/v1/chat/completions", json=HELLO, headers={k: v for k, v in sent.items() if v})
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code and "Hello" not in response.text
+
+
+def test_a_form_post_without_json_content_type_is_refused(guarded):
+    """A page may send text/plain to any address without asking first: such a body is never parsed."""
+    address, _ = guarded
+    response = httpx.post(f"{address}/v1/chat/completions", content=json.dumps(HELLO),
+                          headers={"Authorization": "Bearer s3cret", "Content-Type": "text/plain"})
+    assert response.status_code == 415 and response.json()["error"]["message"].endswith("application/json")
+
+
+def test_its_own_user_with_the_key_is_answered(guarded):
+    address, port = guarded
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        response = httpx.post(f"{address}/v1/chat/completions", json=HELLO | {"n": None, "seed": 2**70, "user": "me"},
+                              headers={"Authorization": "Bearer s3cret", "Host": host,
+                                       "Origin": f"http://{host}"})
+        assert response.status_code == 200, response.text
+        answer = response.json()["choices"][0]["message"]["content"]
+        assert answer and REPLIES["Hello"].startswith(answer)  # the taught reply, up to 8 tokens
+    api = openai.OpenAI(base_url=f"{address}/v1", api_key="s3cret", max_retries=0)
+    assert [m.id for m in api.models.list().data] == ["m"]
+
+
+def test_a_deeply_nested_body_is_a_400(api):
+    body = b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    response = httpx.post(f"{api}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "nested too deeply" in response.json()["error"]["message"]
+
+
+def test_allowed_hosts():
+    from chatkit.server import allowed_hosts
+
+    assert allowed_hosts("127.0.0.1", 8000) == {"127.0.0.1:8000", "localhost:8000", "::1:8000", "[::1]:8000"}
+    assert allowed_hosts("0.0.0.0", 8000) is None  # every address: the API key is what protects it
+    assert allowed_hosts("192.168.1.5", 80) == {"192.168.1.5:80", "192.168.1.5"}

@@ -324,3 +324,26 @@ def test_seed_repeats_the_whole_run_in_one_process(tmp_path, tiny_llama):
     assert run(tmp_path, tiny_llama, *flags, output="second") == 0
     first, second = lora_weights(tmp_path / "first"), lora_weights(tmp_path / "second")
     assert any("lora_A" in k for k in first) and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_training_straight_from_the_mailed_zip(tmp_path, tiny_llama, capsys):
+    """One command: the export zip is converted in memory (the converter's policy, --redact on request),
+    its summary printed, and the model trained on the same records the converter would write."""
+    from export_builder import simple, write_zip
+
+    import convert_chatgpt_export
+
+    conversations = [simple(f"c{i}", ("user", f"Mail me at person{i}@example.com, question {i}?"),
+                            ("assistant", f"Sure, answer {i}.")) for i in range(6)]
+    conversations.append(simple("empty", ("user", "Anyone there?")))  # no answer: left out, and said so
+    archive = write_zip(tmp_path / "export.zip", {"conversations.json": conversations})
+    assert cli.main(["--data", str(archive), "--model", str(tiny_llama), "--output", str(tmp_path / "m"),
+                     "--epochs", "1", "--redact", "--report", "none"]) == 0
+    err = capsys.readouterr().err
+    assert f"{archive}: converted 6 of 7 conversations (12 messages); left out 1 no exchange; redacted 6 (EMAIL)" in err
+    assert "read 6 conversations (6 in the messages format)" in err
+    assert (tmp_path / "m" / "adapter_config.json").is_file()
+    # the same conversion as the converter's own
+    assert convert_chatgpt_export.main([str(archive), str(tmp_path / "c.jsonl"), "--redact", "--quiet"]) == 0
+    converted = [json.loads(line)["messages"] for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert converted[0][0]["content"] == "Mail me at [EMAIL], question 0?" and len(converted) == 6
