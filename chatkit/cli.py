@@ -208,6 +208,10 @@ def failure_line(exc: BaseException) -> Optional[str]:
         return f"{where + ': ' if where else ''}{exc.strerror or exc}; {fix}"
     if isinstance(exc, zipfile.BadZipFile):
         return f"a zip file is damaged or not a zip ({exc}); download or copy it again"
+    if isinstance(exc, RuntimeError) and "encrypted" in str(exc):
+        return f"a zip member is encrypted ({exc}); unpack it with its password and pass the folder"
+    if isinstance(exc, NotImplementedError) and "compression" in str(exc):
+        return f"a zip uses a compression this Python cannot read ({exc}); unpack it and pass the folder"
     if isinstance(exc, RecursionError):
         return "the input is nested too deeply to read (a JSON file nested beyond what Python reads?); check the file"
     if isinstance(exc, UnicodeDecodeError):

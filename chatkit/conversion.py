@@ -39,6 +39,8 @@ class Stats:
     branches_cut: int = 0  # conversations with more than MAX_BRANCHES paths
     redactions: Counter = field(default_factory=Counter)
     warnings: List[str] = field(default_factory=list)
+    pairs: Counter = field(default_factory=Counter)  # --preferences: pairs written, by source
+    labelled: int = 0  # --preferences: rated answers without a sibling, written as labelled examples
 
 
 def parse_date(value: str, end_of_day: bool = False) -> float:
@@ -304,12 +306,26 @@ class Converter:
         if self.redactor:
             for message in messages:
                 message["content"] = self.redactor(message["content"])
-        system = options.system_prompt
-        if options.custom_instructions:
-            system = custom_instructions(conversation) or system
+        system = self.system_for(conversation)
         if system:
             messages.insert(0, {"role": "system", "content": system})
         return self._limit_length(messages)
+
+    def system_for(self, conversation: dict) -> Optional[str]:
+        """The system message a conversation's records start with: its custom instructions or --system-prompt
+        (redacted with --redact: "about you" holds personal data)."""
+        system = self.options.system_prompt
+        if self.options.custom_instructions:
+            system = custom_instructions(conversation) or system
+        return self.redactor(system) if system and self.redactor else system
+
+    def preferences(self, conversation: dict, ratings: Dict[str, str]) -> Tuple[List[dict], List[dict]]:
+        """(pairs, labelled examples) of one conversation; none for one the filters leave out."""
+        if not isinstance(conversation, dict) or not isinstance(conversation.get("mapping"), dict):
+            return [], []
+        if filter_reason(conversation, self.options, self.title_re, self.since, self.until):
+            return [], []
+        return PreferenceWalk(self, conversation, ratings).records()
 
     def _limit_length(self, messages: List[dict]) -> Optional[List[dict]]:
         options, stats = self.options, self.stats
@@ -353,6 +369,119 @@ class Converter:
                 model=_conversation_model(conversation),
             )
         return record
+
+
+class PreferenceWalk:
+    """Preference pairs from one conversation tree (the converter's other view of the same walk).
+
+    - A regenerated answer: the user went on from one of the sibling answers (it is on the path to
+      `current_node`, or a user turn follows it); that one is chosen, each sibling left without a
+      follow-up is rejected.
+    - A thumbs-down answer with a regenerated sibling: the sibling is chosen (one on the user's path, or
+      thumbed up, first), the thumbed-down answer rejected.
+    - A rated answer without a sibling: a labelled example (KTO's format: completion and label).
+    Edits of the user's own message (sibling user turns) give nothing: they are not a judgement of an answer.
+    """
+
+    def __init__(self, converter: "Converter", conversation: dict, ratings: Dict[str, str]):
+        self.converter, self.conversation, self.ratings = converter, conversation, ratings
+        self.mapping = conversation["mapping"]
+        node, self.on_path = conversation.get("current_node"), set()
+        while node in self.mapping and node not in self.on_path:
+            self.on_path.add(node)
+            node = export._node_parent(self.mapping, node)
+
+    def records(self) -> Tuple[List[dict], List[dict]]:
+        pairs, labelled = [], []
+        for parent_id, node in self.mapping.items():
+            answers = [(c, self._answer(c)) for c in self._children(parent_id)]
+            answers = [(c, text) for c, text in answers if text]
+            if not answers:
+                continue
+            prompt = self._prompt(parent_id)
+            if prompt is None:
+                continue
+            if len(answers) == 1:
+                rating = self._rating(answers[0][0])
+                if rating:
+                    labelled.append({"prompt": prompt, "completion": [_assistant(answers[0][1])],
+                                     "label": rating == "up"})
+                continue
+            pairs += self._pairs(prompt, answers)
+        return pairs, labelled
+
+    def _pairs(self, prompt: List[dict], answers: List[Tuple[str, str]]) -> List[dict]:
+        continued = [a for a in answers if a[0] in self.on_path or self._followed(a[0])]
+        liked = [a for a in answers if self._rating(a[0]) == "up"]
+        chosen = (continued + liked + [a for a in answers if self._rating(a[0]) != "down"])[:1]
+        out = []
+        for node_id, text in answers:
+            if not chosen or node_id == chosen[0][0] or text == chosen[0][1]:
+                continue
+            if self._rating(node_id) == "down":
+                source = "thumbs"
+            elif continued and node_id not in (c for c, _ in continued):
+                source = "regeneration"
+            else:
+                continue  # two answers the user went on from, or no sign of which was preferred
+            out.append({"prompt": prompt, "chosen": [_assistant(chosen[0][1])], "rejected": [_assistant(text)],
+                        "source": source})
+        return out
+
+    def _children(self, node_id: str) -> List[str]:
+        children = (self.mapping.get(node_id) or {}).get("children") or []
+        return list(dict.fromkeys(c for c in children if isinstance(c, str) and c in self.mapping))
+
+    def _turn(self, node_id: str):
+        return message_turn(self.mapping[node_id], self.converter.options, Stats())
+
+    def _answer(self, node_id: str) -> Optional[str]:
+        turn = self._turn(node_id)
+        return self._clean(turn[1]) if turn and turn[0] == "assistant" and turn[1].strip() else None
+
+    def _followed(self, node_id: str) -> bool:
+        """Whether a user turn comes after this answer (the user went on from it)."""
+        stack, seen = list(self._children(node_id)), set()
+        while stack:
+            child = stack.pop()
+            if child in seen:
+                continue
+            seen.add(child)
+            turn = self._turn(child)
+            if turn and turn[0] == "user":
+                return True
+            stack += self._children(child)
+        return False
+
+    def _rating(self, node_id: str) -> Optional[str]:
+        message = self.mapping[node_id].get("message") or {}
+        return self.ratings.get(message.get("id") if isinstance(message, dict) else None) or self.ratings.get(node_id)
+
+    def _prompt(self, parent_id: str) -> Optional[List[dict]]:
+        """The conversation up to and including the user turn the answers reply to (None if it ends otherwise)."""
+        path, node = [], parent_id
+        while node is not None and node not in path:
+            path.append(node)
+            node = export._node_parent(self.mapping, node)
+        turns = [t for t in (self._turn(n) for n in reversed(path)) if t]
+        if not turns or turns[-1][0] != "user":
+            return None
+        messages = normalise_turns(turns + [("assistant", "-", False)])[:-1]
+        if not messages or messages[-1]["role"] != "user":
+            return None
+        for message in messages:
+            message["content"] = self._clean(message["content"])
+        system = self.converter.system_for(self.conversation)
+        return ([{"role": "system", "content": system}] if system else []) + messages
+
+    def _clean(self, text: str) -> str:
+        converter = self.converter
+        text = converter.redactor(text) if converter.redactor else text
+        return converter._clean(text)
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
 
 
 def _is_prefix(short: List[dict], long: List[dict]) -> bool:
@@ -399,6 +528,8 @@ def stage(options: ConvertOptions, converter: Converter, staging, output: bool =
         check_output(options.output, [source.file for source in sources], options.overwrite)
     stats.warnings += [f"skipped zip member with an unsafe path: {member}" for member in read_stats.unsafe_members]
     newest: Dict[str, Tuple[float, int]] = {}  # conversation id -> (update_time, copy number)
+    ratings = export.read_feedback(options.inputs) if options.preferences else {}
+    converter.preference_records = {}  # copy number -> (pairs, labelled examples)
     copy = 0
     for label, index, conversation in export.iter_conversations(sources, read_stats, not options.quiet):
         try:
@@ -410,6 +541,8 @@ def stage(options: ConvertOptions, converter: Converter, staging, output: bool =
         if not records:
             continue
         copy += 1
+        if options.preferences:
+            converter.preference_records[copy] = converter.preferences(conversation, ratings)
         key = conversation.get("id") or conversation.get("conversation_id") or f"#{copy}"
         updated = conversation.get("update_time") or conversation.get("create_time") or 0
         previous = newest.get(key)
@@ -463,11 +596,36 @@ def run(options: ConvertOptions) -> Stats:
         staging.seek(0)
         with atomic_output(options.output) as out:
             preview = write_records(staging, winners, out, options, converter.stats)
+    if options.preferences:
+        write_preferences(options, converter, winners)
     if converter.redactor:
         converter.stats.redactions = converter.redactor.counts
     for record in preview:
         print_preview(record)
     return converter.stats
+
+
+def labelled_path(preferences: str) -> str:
+    """Where rated answers without a sibling go, beside the pairs: OUT-labelled.jsonl."""
+    root, _ = os.path.splitext(preferences)
+    return root + "-labelled.jsonl"
+
+
+def write_preferences(options: ConvertOptions, converter: Converter, winners: set) -> None:
+    """The pairs (and labelled examples) of the kept copies, as JSON Lines; nothing when there are none."""
+    stats = converter.stats
+    pairs = [p for number in sorted(winners) for p in converter.preference_records.get(number, ([], []))[0]]
+    labelled = [r for number in sorted(winners) for r in converter.preference_records.get(number, ([], []))[1]]
+    stats.pairs = Counter(pair.pop("source") for pair in pairs)
+    stats.labelled = len(labelled)
+    if not pairs and not labelled:
+        stats.warnings.append(f"--preferences: the export has no regenerated answer with a sign of which one was "
+                              f"preferred and no thumbs up or down; nothing written to {options.preferences}")
+        return
+    for path, rows in ((options.preferences, pairs), (labelled_path(options.preferences), labelled)):
+        if rows:
+            with atomic_output(path) as out:
+                out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def convert_in_memory(inputs: Sequence[str], redact: bool = False) -> Tuple[List[dict], Stats]:
@@ -544,5 +702,10 @@ def format_stats(stats: Stats, options: ConvertOptions) -> str:
     if options.redact:
         total = sum(stats.redactions.values())
         lines.append(f"redacted: {total}" + "".join(f"\n  {k}: {v}" for k, v in sorted(stats.redactions.items())))
+    if options.preferences and (stats.pairs or stats.labelled):
+        lines.append(f"preference pairs:      {sum(stats.pairs.values())}"
+                     + "".join(f"\n  from {source}: {count}" for source, count in sorted(stats.pairs.items()))
+                     + (f"\nlabelled answers:      {stats.labelled} (in {labelled_path(options.preferences)})"
+                        if stats.labelled else ""))
     lines += [f"warning: {w}" for w in stats.warnings]
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import ChatkitError
 
@@ -83,8 +83,6 @@ def _natural_key(label: str):
 def looks_like_export(path: str) -> bool:
     """Whether `path` is a ChatGPT export (its zip, its folder, or a conversations file with conversation
     trees) rather than training data: the trainer converts such an input first."""
-    import re
-
     file = Path(path)
     if file.is_dir():
         return any(file.glob("conversations*.json"))
@@ -96,6 +94,47 @@ def looks_like_export(path: str) -> bool:
         head = handle.read(1 << 16).decode("utf-8", "ignore")
     tree, records = re.search(r'"mapping"\s*:', head), re.search(r'"messages"\s*:', head)
     return bool(tree) and (not records or tree.start() < records.start())
+
+
+FEEDBACK_FILE = "message_feedback.json"
+
+
+def read_feedback(inputs: Sequence[str]) -> Dict[str, str]:
+    """The thumbs the user gave, by message id ("up" or "down"), from each input's message_feedback.json
+    (in the zip, in the folder, or beside the conversations file).
+
+    Exports spell it two ways: `"rating": "thumbsUp"` / `"thumbsDown"` and `"thumbs_up"` / `"thumbs_down"`,
+    the rated message as `message_id` (older files: `id` when no `message_id` is given)."""
+    ratings: Dict[str, str] = {}
+    for raw in inputs:
+        for records in _feedback_files(Path(raw)):
+            for record in records if isinstance(records, list) else []:
+                if not isinstance(record, dict):
+                    continue
+                target = record.get("message_id") or record.get("id")
+                rating = re.sub(r"[^a-z]", "", str(record.get("rating", record.get("feedback", ""))).lower())
+                thumb = {"thumbsup": "up", "up": "up", "positive": "up", "thumbsdown": "down", "down": "down",
+                         "negative": "down"}.get(rating)
+                if isinstance(target, str) and thumb:
+                    ratings[target] = thumb
+    return ratings
+
+
+def _feedback_files(path: Path):
+    try:
+        if path.is_file() and zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for name in archive.namelist():
+                    if name.replace("\\", "/").split("/")[-1] == FEEDBACK_FILE:
+                        yield json.loads(archive.read(name).decode("utf-8-sig"))
+            return
+        folder = path if path.is_dir() else path.parent
+        for file in ([folder / FEEDBACK_FILE] if not path.is_dir() else sorted(folder.rglob(FEEDBACK_FILE))):
+            if file.is_file():
+                yield json.loads(file.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ChatkitError(f"{path}: its {FEEDBACK_FILE} cannot be read ({exc}); leave out --preferences, or "
+                           "download the export again") from None
 
 
 def find_sources(inputs: Sequence[str], stats: ReadStats) -> List[Source]:

@@ -9,6 +9,7 @@ generation, LoRA) are dataclasses they inherit, so a flag is spelled and explain
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -210,6 +211,13 @@ class TrainOptions(Common, Hardware, Lora):
                                               "30m, 2h): trains on what fits, with a schedule for that many steps",
                                         metavar="DURATION", check=_duration)
     dry_run: bool = option(False, "print the plan (size, steps, time, memory) and exit without training")
+    preferences: Optional[str] = option(None, "after the supervised training, learn from preference pairs "
+                                              "(convert_chatgpt_export.py --preferences): DPO on the LoRA adapter",
+                                        metavar="FILE")
+    dpo_beta: float = option(0.1, "--preferences: how far from the supervised model the answers may move "
+                                  "(default: %(default)s)", check="positive")
+    dpo_epochs: int = option(2, "--preferences: passes over the pairs (default: %(default)s)", check="positive")
+    dpo_learning_rate: float = option(5e-5, "--preferences: learning rate (default: %(default)s)", check="positive")
     report: str = option("full", "full (default): OUTPUT/report.md compares the base and trained models' answers "
                                  "to your prompts and general questions; none: only the loss figures and plot",
                          choices=("full", "none"))
@@ -243,6 +251,9 @@ class TrainOptions(Common, Hardware, Lora):
             found.append("--load-in-4bit/--load-in-8bit train a LoRA adapter: drop --no-lora")
         if self.push_to_hub and not self.hub_name:
             found.append("--push-to-hub needs --hub-name USER/NAME")
+        if self.preferences and not self.lora:
+            found.append("--preferences trains the LoRA adapter (the adapter switched off is its reference): "
+                         "drop --no-lora")
         return found
 
 
@@ -350,6 +361,8 @@ class ConvertOptions(Common):
     chatgpt_model: Optional[str] = option(None, "only conversations with this ChatGPT model (e.g. gpt-4o)",
                                           metavar="SLUG", deprecated=("--model",))
     exclude_archived: bool = option(False, "leave out archived conversations")
+    preferences: Optional[str] = option(None, "also write preference pairs (prompt, chosen, rejected) from "
+                                              "regenerated answers and thumbs to OUT.jsonl", metavar="OUT.jsonl")
 
     @property
     def inputs(self) -> List[str]:
@@ -364,9 +377,14 @@ class ConvertOptions(Common):
         return self.jsonl or self.output.lower().endswith(".jsonl")
 
     def cross_problems(self) -> List[str]:
+        found = []
         if self.truncate and not (self.max_chars or self.max_conversation_tokens):
-            return ["--truncate needs --max-chars or --max-conversation-tokens"]
-        return []
+            found.append("--truncate needs --max-chars or --max-conversation-tokens")
+        if self.preferences and self.output and os.path.abspath(self.preferences) == os.path.abspath(self.output):
+            found.append("--preferences names OUTPUT itself; give the pairs a file of their own")
+        if self.preferences and os.path.exists(self.preferences) and not self.overwrite:
+            found.append(f"--preferences {self.preferences} exists already; pass --overwrite to replace it")
+        return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from .files import (LOCK_FILE, TRAINING_INFO_FILE, is_complete, latest_checkpoin
 from .formatting import ensure_chat_template, ensure_pad_token
 from .models import ModelSource, load_config, load_model, load_tokenizer, public_name, resolve_model
 from .options import TrainOptions, problems
-from .output import duration, say
+from .output import Progress, duration, say
 from .plan import BUDGET_VAL_EXAMPLES, CHARS_PER_TOKEN, Choice, Request, Shape, calibrate, choose, parse_duration
 from .rehearsal import Rehearsal, attach_teacher, auto_count, rehearsal_conversations
 from .report import PLOT_FILE, REPORT_FILE, RunFacts, Side, chosen_prompts, loss_examples, measure, report_prompts
@@ -478,8 +478,9 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement):
     data = tokenize_data(options, tokenizer, train_convs, val_convs)
     choice = make_plan(options, source, placement, data)
     options = dataclasses.replace(options, batch_size=choice.batch_size, epochs=choice.epochs,
-                                  gradient_checkpointing=choice.gradient_checkpointing)
-    data = data.keep(choice.kept, BUDGET_VAL_EXAMPLES if options.time_budget else None)
+                                  gradient_checkpointing=choice.gradient_checkpointing, rehearsal=choice.rehearsal,
+                                  report=options.report if choice.report_answers else "none")
+    data = data.keep(choice.kept, choice.val_examples)
     say(choice.plan.describe())
     if data.report.dropped:
         say("  " + "; ".join(f"left out {count} {why}" for why, count in data.report.dropped.items())
@@ -501,6 +502,10 @@ def train(options: TrainOptions) -> dict:
     if found:
         raise ChatkitError("; ".join(found))
     check_output_dir(options)
+    if options.preferences:  # a bad pair is found before anything slow
+        from .dpo import read_pairs
+
+        read_pairs(options.preferences)
     # Under accelerate launch the ranks of one run share its output: the main process holds the lock.
     helper = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) != 0
     with contextlib.nullcontext() if options.dry_run or helper else output_lock(options.output):
@@ -541,7 +546,48 @@ def _train(options: TrainOptions) -> dict:
         say(f"Stopped early; checkpoint saved in {run.checkpoint}. Continue with the same command plus "
             f"--resume {options.output}")
         return {"interrupted": True, "checkpoint": run.checkpoint}
+    if options.preferences:
+        run.metrics.update(learn_preferences(options, run.trainer.model, tokenizer))
     return finish(run, tokenizer, options, source, prepared.rehearsal, plan, report)
+
+
+DPO_HELD_OUT = 0.2  # of the pairs, to measure the margin on pairs the model did not learn from (5 or more pairs)
+
+
+def preference_summary(metrics: dict) -> Optional[str]:
+    if "margin_before" not in metrics:
+        return None
+    return (f"DPO on {metrics['preference_pairs']} pairs: the chosen-minus-rejected log-probability margin went from "
+            f"{metrics['margin_before']} to {metrics['margin_after']} on {metrics['margin_measured_on']} pairs")
+
+
+def learn_preferences(options: TrainOptions, model, tokenizer) -> dict:
+    """DPO on the adapter after the supervised training; the chosen-minus-rejected margin before and after,
+    on held-out pairs where there are enough."""
+    from .dpo import PreferenceReport, margins, pair_examples, read_pairs, reference_logps, train_dpo
+
+    report = PreferenceReport()
+    examples = pair_examples(read_pairs(options.preferences), tokenizer, options.max_length, options.system_prompt,
+                             report)
+    if not examples:
+        raise ChatkitError(f"--preferences {options.preferences}: no pair fits --max-length {options.max_length}")
+    train, held = split_train_val(examples, DPO_HELD_OUT if len(examples) >= 5 else 0.0, options.seed)
+    measured, where = (held, "held-out") if held else (train, "training")
+    say(f"preferences: {report.describe()}; DPO (beta {options.dpo_beta}, {options.dpo_epochs} epochs) on "
+        f"{len(train)}, margin measured on {len(measured)} {where} pairs")
+    reference = reference_logps(model, measured)
+    before = margins(model, measured, reference)
+    progress = Progress(options.dpo_epochs * len(train))
+    figures = train_dpo(model, train, options.dpo_epochs, options.dpo_beta, options.dpo_learning_rate, options.seed,
+                        on_step=lambda step, total, loss: progress.update(step, loss=loss))
+    progress.close()
+    after = margins(model, measured, reference)
+    mean = lambda values: round(sum(values) / len(values), 3)  # noqa: E731
+    wins = sum(a > 0 for a in after)
+    say(f"preferences: chosen-minus-rejected log-probability margin {mean(before)} -> {mean(after)} on "
+        f"{len(measured)} {where} pairs ({wins} of {len(after)} now prefer the chosen answer)")
+    return figures | {"preference_pairs": len(examples), "margin_measured_on": where,
+                      "margin_before": mean(before), "margin_after": mean(after), "preferred_after": wins}
 
 
 def report_chosen(options: TrainOptions, data: Data):
@@ -608,7 +654,8 @@ class ReportRun:
                          seconds=metrics.get("train_runtime_s", 0.0), device=self.placement.describe(),
                          epochs=self.options.epochs or 0, steps=state.global_step,
                          loss_on=self.loss_on, measured_examples=len(self.examples),
-                         budget=(metrics.get("time_budget") or {}).get("summary"))
+                         budget=(metrics.get("time_budget") or {}).get("summary"),
+                         preferences=preference_summary(metrics))
         write_texts(output, facts, self.base, trained, self.chosen, adapter=self.options.lora)
         metrics.update(report_s=round(self.seconds, 1), loss_before=self.base.loss, loss_after=trained.loss)
         write_training_info(output, read_training_info(output) | {"metrics": metrics})  # the figures, kept

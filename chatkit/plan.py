@@ -239,6 +239,8 @@ AUTO_TARGET_STEPS = 140  # optimizer updates the schedule aims for
 AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 20
 BUDGET_MARGIN = 0.9  # plan for 90% of a time budget: estimates are within about 15%
 BUDGET_VAL_EXAMPLES = 16  # validation examples kept under a time budget (each evaluation costs time)
+BUDGET_MIN_VAL_EXAMPLES = 4  # ... and under a budget too short for 16
+OVERHEAD_SHARE = 0.5  # under a budget, optional work is left out until training has at least half of it
 CHARS_PER_TOKEN = 4  # about, for text the plan counts without tokenizing it
 
 
@@ -287,6 +289,9 @@ class Choice:
     batch_size: int
     epochs: float
     gradient_checkpointing: bool
+    rehearsal: int = 0  # rehearsal examples (a time budget may leave them out)
+    report_answers: bool = True  # False: the report's answers left out to fit a time budget
+    val_examples: Optional[int] = None  # validation examples kept (None: all)
 
 
 def _epoch(request: Request, kept: Sequence[int], rows: int, shape: Shape, machine: Machine, checkpointing):
@@ -313,14 +318,13 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
         checkpointing = _epoch(request, kept, rows, shape, machine, False)[2] > MEMORY_TARGET_BYTES
     batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
     planned = epochs = auto_epochs(math.ceil(len(batches) / request.gradient_accumulation_steps), request.epochs)
-    val_tokens, selection = request.val_tokens, None
+    val_tokens, selection, shed, val_kept = request.val_tokens, None, [], None
     if request.budget_s is not None:
-        val_tokens = min(val_tokens, val_tokens * BUDGET_VAL_EXAMPLES // max(1, request.val_examples))
-        fixed = (STARTUP_S + rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine) + SAVE_S
-                 + report_seconds(request.report_answers, request.report_tokens, shape, machine,
-                                  request.report_prompt_tokens))
-        usable = request.budget_s * BUDGET_MARGIN - fixed
-        _check_minimum(request, shape, machine, rows, checkpointing, fixed, val_tokens)
+        val_kept = BUDGET_VAL_EXAMPLES
+        request, shed = _shed_to_fit(request, shape, machine, rows, checkpointing)
+        val_kept = request.val_examples if request.val_examples < BUDGET_VAL_EXAMPLES else val_kept
+        val_tokens = request.val_tokens
+        usable = request.budget_s * BUDGET_MARGIN - _fixed_seconds(request, shape, machine)
         passes = affordable(usable, epoch_s + evaluation_seconds(val_tokens, shape, machine, 1))
         if passes < epochs:
             epochs = float(max(1, math.floor(passes)))
@@ -328,37 +332,90 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
             kept = _fit(request, shape, machine, rows, checkpointing,
                         usable - evaluation_seconds(val_tokens, shape, machine, 2))
             batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
-        if kept != everything or epochs != planned:
-            selection = _selection_text(request, kept, epochs, budget=request.budget_s)
+        if kept != everything or epochs != planned or shed:
+            selection = "; ".join(shed + [_selection_text(request, kept, epochs, budget=request.budget_s)])
     return Choice(_plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, val_tokens,
-                        math.ceil(epochs), shape, machine, selection), kept, rows, epochs, checkpointing)
+                        math.ceil(epochs), shape, machine, selection), kept, rows, epochs, checkpointing,
+                  rehearsal=request.rehearsal, report_answers=request.report_answers > 0, val_examples=val_kept)
 
 
-def _check_minimum(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool, fixed: float,
-                   val_tokens: int) -> None:
-    """A budget that cannot hold the fixed costs and one step of the shortest conversation is refused."""
-    shortest = min(range(len(request.lengths)), key=lambda i: sum(request.lengths[i]))
-    one_pass = _epoch(request, [shortest], rows, shape, machine, checkpointing)[1]
-    needed = (fixed + one_pass + evaluation_seconds(val_tokens, shape, machine, 1)) / BUDGET_MARGIN
+def _fixed_seconds(request: Request, shape: Shape, machine: Machine) -> float:
+    """What a run costs besides training: start, rehearsal, saving and the report."""
+    return (STARTUP_S + rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine) + SAVE_S
+            + report_seconds(request.report_answers, request.report_tokens, shape, machine,
+                             request.report_prompt_tokens))
+
+
+def _fewer_val(request: Request, count: int, report_too: bool = False) -> dict:
+    """The changes to a request that keep `count` validation examples (and, with `report_too`, the report's
+    loss measured on that share of its examples)."""
+    share = min(1.0, count / max(1, request.val_examples))
+    changes = dict(val_examples=min(count, request.val_examples), val_tokens=int(request.val_tokens * share))
+    if report_too and request.val_examples:
+        changes["report_tokens"] = int(request.report_tokens * share)
+    return changes
+
+
+def _shed_to_fit(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool):
+    """Under a budget, validation keeps 16 examples; where everything else would take over half the budget
+    (or more than it), the optional work goes first: the report's answers, then the rehearsal, then
+    validation down to 4 examples.
+    (request, notes) for what is left; a budget too short even then is refused."""
+    from dataclasses import replace
+
+    request = replace(request, **_fewer_val(request, BUDGET_VAL_EXAMPLES))
+    shed = []
+    for note, lighter in (("the report's answers left out", dict(report_answers=0, report_prompt_tokens=0)),
+                          ("no rehearsal", dict(rehearsal=0, extra=[], ranking_tokens=0)),
+                          (f"validation on {BUDGET_MIN_VAL_EXAMPLES} examples",
+                           _fewer_val(request, BUDGET_MIN_VAL_EXAMPLES, report_too=True))):
+        overhead = _fixed_seconds(request, shape, machine) + evaluation_seconds(request.val_tokens, shape, machine, 1)
+        if (_minimum(request, shape, machine, rows, checkpointing) <= request.budget_s
+                and overhead <= OVERHEAD_SHARE * request.budget_s * BUDGET_MARGIN):
+            break
+        if note.startswith("validation") and request.val_examples <= BUDGET_MIN_VAL_EXAMPLES:
+            continue
+        request = replace(request, **lighter)
+        shed.append(note)
+    _check_minimum(request, shape, machine, rows, checkpointing)
+    return request, shed
+
+
+def _minimum(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool) -> float:
+    """The shortest budget a run can keep: its fixed costs and one pass over the shortest conversation."""
+    one_pass = _epoch(request, [_shortest(request)], rows, shape, machine, checkpointing)[1]
+    return (_fixed_seconds(request, shape, machine) + one_pass
+            + evaluation_seconds(request.val_tokens, shape, machine, 1)) / BUDGET_MARGIN
+
+
+def _check_minimum(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool) -> None:
+    """A budget that cannot hold loading, one pass over the shortest conversation, saving and the report's
+    loss is refused, naming the least that would do."""
+    needed = _minimum(request, shape, machine, rows, checkpointing)
     if request.budget_s < needed:
         raise ChatkitError(
             f"--time-budget {duration(request.budget_s)} is shorter than this run's fixed costs on this machine "
-            f"(loading, rehearsal, one pass over the shortest conversation, saving and the report): give at least "
-            f"{duration(math.ceil(needed))}, or shorten them with --report none and --rehearsal 0")
+            f"(loading, one pass over the shortest conversation, saving and the report's loss): give at least "
+            f"{duration(math.ceil(needed))}")
 
 
 def _fit(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool,
          seconds: float) -> List[int]:
-    """The conversations, in a seeded random order, whose single pass fits in `seconds`."""
+    """Conversations taken in a seeded random order, each one kept if the single pass over those kept still
+    fits in `seconds` (a long one that does not fit is passed over, not the end of the sample); at least the
+    shortest conversation."""
     order = sample_conversations(len(request.lengths), request.seed)
-    low, high = 1, len(order)
-    while low < high:  # the largest prefix of the order that fits
-        middle = (low + high + 1) // 2
-        if _epoch(request, order[:middle], rows, shape, machine, checkpointing)[1] <= seconds:
-            low = middle
-        else:
-            high = middle - 1
-    return sorted(order[:low])
+    kept: List[int] = []
+    for index in order:
+        if _epoch(request, kept + [index], rows, shape, machine, checkpointing)[1] <= seconds:
+            kept.append(index)
+    return sorted(kept) or [_shortest(request)]
+
+
+def _shortest(request: Request) -> int:
+    """The shortest conversation that gives a training example (one whose exchanges were all too long gives none)."""
+    return min((i for i in range(len(request.lengths)) if request.lengths[i]), key=lambda i: sum(request.lengths[i]),
+               default=0)
 
 
 def _selection_text(request: Request, kept: Sequence[int], epochs: float, budget: float) -> str:

@@ -262,6 +262,7 @@ class RunFacts:
     loss_on: str  # "validation" or "training"
     measured_examples: int
     budget: Optional[str] = None  # under --time-budget: what was planned, what was trained, and why it changed
+    preferences: Optional[str] = None  # with --preferences: the DPO stage and its margin before and after
 
 
 def _cell(text: str, limit: int = 300) -> str:
@@ -289,6 +290,7 @@ def report_text(facts: RunFacts, before: Side, after: Side, chosen: Sequence[Tup
              f"- Method: {facts.method}; {facts.epochs:g} epochs, {facts.steps} steps",
              f"- Time: {duration(facts.seconds)} on {facts.device}"]
     lines += [f"- Time budget: {facts.budget}"] if facts.budget else []
+    lines += [f"- Preferences: {facts.preferences}"] if facts.preferences else []
     lines += ["",
              "## Loss", "", _loss_line(facts, before, after), "", f"![Loss per step]({PLOT_FILE})", ""]
     if not after.answers:

@@ -60,6 +60,8 @@ def test_damaged_library_files_are_one_line():
     assert "UTF-8" in failure_line(b"\xff".decode("utf-8", "strict") if False else UnicodeDecodeError(
         "utf-8", b"\xff", 0, 1, "invalid start byte"))
     assert "weights file is damaged" in failure_line(pickle.UnpicklingError("Weights only load failed"))
+    assert "encrypted" in failure_line(RuntimeError("File 'conversations.json' is encrypted, password required"))
+    assert "compression" in failure_line(NotImplementedError("That compression method is not supported"))
     assert failure_line(ValueError("a bug")) is None
 
 

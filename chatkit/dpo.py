@@ -1,0 +1,176 @@
+"""Learning what the user preferred: DPO on the LoRA adapter, with the adapter switched off as the reference.
+
+Direct Preference Optimization (Rafailov et al., 2023) raises the log-probability of the chosen answer
+over the rejected one, measured against a reference model:
+
+    loss = -log sigmoid(beta * ((log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))))
+
+With LoRA the reference is the same weights with the adapter switched off, so no second model is held
+in memory; its log-probabilities are computed once, before training. The loss is written here once and
+checked against TRL's DPOTrainer formula on the same numbers (tests/test_dpo.py).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .errors import ChatkitError
+from .formatting import IGNORE_INDEX, tokenize_conversation, with_system_prompt
+
+DEFAULT_BETA = 0.1  # how far from the reference the answers may move: TRL's default, and the paper's
+DEFAULT_EPOCHS = 2  # tens to hundreds of pairs: a couple of passes move the margins without forgetting
+DEFAULT_LEARNING_RATE = 5e-5  # LoRA on small data; 10x lower than the supervised default of the starter
+
+
+@dataclass
+class PreferenceReport:
+    pairs: int = 0
+    dropped: Dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        text = f"{self.pairs} preference pairs"
+        return text + "".join(f"; left out {count} {why}" for why, count in self.dropped.items())
+
+
+def _messages(value, where: str, name: str) -> List[dict]:
+    if isinstance(value, str):
+        value = [{"role": "assistant" if name != "prompt" else "user", "content": value}]
+    if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user",
+                                                                                             "assistant")
+            for m in value):
+        raise ChatkitError(f"{where}: '{name}' should be a list of {{role, content}} messages (or a string)")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def read_pairs(path: str) -> List[dict]:
+    """Preference pairs from JSON Lines (TRL's conversational format, as convert_chatgpt_export.py
+    --preferences writes): each record's problem is one error naming the file and the line."""
+    file = Path(path)
+    if not file.is_file():
+        raise ChatkitError(f"--preferences {path}: no such file")
+    pairs = []
+    for number, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ChatkitError(f"{where}: not valid JSON ({exc.msg}); expected one pair a line") from None
+        if not isinstance(record, dict):
+            raise ChatkitError(f"{where}: expected an object with prompt, chosen and rejected")
+        missing = [name for name in ("prompt", "chosen", "rejected") if name not in record]
+        if missing:
+            raise ChatkitError(f"{where}: missing {', '.join(missing)}; each pair needs prompt, chosen and rejected")
+        prompt = _messages(record["prompt"], where, "prompt")
+        chosen, rejected = (_messages(record[name], where, name) for name in ("chosen", "rejected"))
+        if prompt[-1]["role"] != "user":
+            raise ChatkitError(f"{where}: the prompt should end with the user's message")
+        for name, answer in (("chosen", chosen), ("rejected", rejected)):
+            if not "".join(m["content"] for m in answer).strip():
+                raise ChatkitError(f"{where}: '{name}' is empty; remove the pair or give the answer")
+        if chosen == rejected:
+            raise ChatkitError(f"{where}: 'chosen' and 'rejected' are the same answer; a pair needs two different ones")
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    if not pairs:
+        raise ChatkitError(f"--preferences {path}: the file holds no pairs")
+    return pairs
+
+
+def pair_examples(pairs: Sequence[dict], tokenizer, max_length: int, system_prompt: Optional[str],
+                  report: PreferenceReport) -> List[dict]:
+    """Token ids and labels of each pair's chosen and rejected conversation (labels on the answer only)."""
+    examples = []
+    for pair in pairs:
+        sides = {}
+        for name in ("chosen", "rejected"):
+            messages = with_system_prompt(pair["prompt"] + pair[name], system_prompt)
+            ids, labels = tokenize_conversation(messages, tokenizer)
+            sides[name] = (ids, labels)
+        if max(len(ids) for ids, _ in sides.values()) > max_length:
+            report.dropped["pairs longer than --max-length"] = report.dropped.get("pairs longer than --max-length",
+                                                                                 0) + 1
+            continue
+        examples.append(sides)
+    report.pairs += len(examples)
+    return examples
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float):
+    """The DPO loss of a batch (its mean) and each pair's reward margin (beta-scaled, as TRL logs it)."""
+    import torch.nn.functional as F
+
+    margins = beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
+    return -F.logsigmoid(margins).mean(), margins
+
+
+def sequence_logps(model, ids: List[int], labels: List[int]):
+    """The summed log-probability of the labelled tokens (the answer and its end of turn)."""
+    import torch
+
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    target = torch.tensor([labels[1:]], device=device)
+    logits = model(input_ids=input_ids).logits[:, :-1].float()
+    mask = target != IGNORE_INDEX
+    picked = torch.gather(logits.log_softmax(-1), 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)[0]
+
+
+def reference_logps(model, examples: List[dict]) -> List[Tuple[float, float]]:
+    """Each pair's (chosen, rejected) log-probability under the reference: the adapter switched off."""
+    import torch
+
+    with torch.no_grad(), model.disable_adapter():
+        return [tuple(float(sequence_logps(model, *example[name])) for name in ("chosen", "rejected"))
+                for example in examples]
+
+
+def margins(model, examples: List[dict], reference: List[Tuple[float, float]]) -> List[float]:
+    """Each pair's implicit reward margin: (log p - log p_ref) of chosen minus that of rejected."""
+    import torch
+
+    with torch.no_grad():
+        out = []
+        for example, (ref_chosen, ref_rejected) in zip(examples, reference):
+            chosen, rejected = (float(sequence_logps(model, *example[name])) for name in ("chosen", "rejected"))
+            out.append((chosen - ref_chosen) - (rejected - ref_rejected))
+    return out
+
+
+def train_dpo(model, examples: List[dict], epochs: int = DEFAULT_EPOCHS, beta: float = DEFAULT_BETA,
+              learning_rate: float = DEFAULT_LEARNING_RATE, seed: int = 42, on_step=None) -> dict:
+    """DPO on the trainable (LoRA) weights, one pair a step; returns the loss and margin figures."""
+    import torch
+
+    if not hasattr(model, "disable_adapter"):
+        raise ChatkitError("--preferences trains a LoRA adapter (its reference is the adapter switched off); "
+                           "drop --no-lora")
+    reference = reference_logps(model, examples)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    order = list(range(len(examples)))
+    rng = random.Random(seed)
+    model.train()
+    losses = []
+    total = epochs * len(order)
+    for epoch in range(epochs):
+        rng.shuffle(order)
+        for index in order:
+            example = examples[index]
+            chosen, rejected = (sequence_logps(model, *example[name]) for name in ("chosen", "rejected"))
+            ref_chosen, ref_rejected = (torch.tensor(v, device=chosen.device) for v in reference[index])
+            loss, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+            if on_step:
+                on_step(len(losses), total, float(loss))
+    model.eval()
+    return {"dpo_steps": len(losses), "dpo_loss_first": round(losses[0], 4) if losses else None,
+            "dpo_loss_last": round(sum(losses[-len(order):]) / max(1, len(order)), 4) if losses else None}
