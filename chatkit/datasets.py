@@ -35,10 +35,16 @@ class DataReport:
 def read_text_file(path: str, flag: str, what: str) -> str:
     """A UTF-8 text file's contents; a missing, undecodable or empty file is a ChatkitError naming `flag`."""
     file = Path(path)
+    if file.is_dir():
+        raise ChatkitError(f"{flag} {path} is a folder; name a file in it (or, for an export, the folder that holds "
+                           "conversations.json)")
     if not file.is_file():
         raise ChatkitError(f"{flag} {path}: no such file")
+    raw = file.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ChatkitError(f"{path} is UTF-16 text (as Windows Notepad saves 'Unicode'); save it as UTF-8")
     try:
-        text = file.read_text(encoding="utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ChatkitError(f"{path}: not UTF-8 text ({exc})") from None
     if not text.strip():

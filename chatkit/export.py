@@ -157,7 +157,11 @@ def find_sources(inputs: Sequence[str], stats: ReadStats) -> List[Source]:
             sources += sorted(_zip_sources(path, stats), key=lambda s: _natural_key(s.label))
         else:
             with open(path, "rb") as handle:
-                head = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+                head = handle.read(64)
+            if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise ChatkitError(f"{raw} is UTF-16 text (as Windows Notepad saves 'Unicode'), not the export as "
+                                   "ChatGPT wrote it; save it as UTF-8, or pass the zip ChatGPT mailed")
+            head = head.lstrip(b"\xef\xbb\xbf \t\r\n")
             if not head.startswith((b"[", b"{")):
                 raise ChatkitError(
                     f"{raw}: not a ChatGPT export (expected a .zip, an extracted folder, or a conversations .json file)"

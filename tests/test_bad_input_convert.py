@@ -226,3 +226,12 @@ def test_overwrite_keeps_the_mode_of_the_file_it_replaces(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask  # a new file: the user's ordinary mode
+
+
+def test_a_utf16_export_says_what_it_is(tmp_path, capsys):
+    source = tmp_path / "conversations.json"
+    source.write_text(json.dumps([simple("a", ("user", "Q"), ("assistant", "A"))]), encoding="utf-16")
+    assert run(source, tmp_path / "o.json") == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: {source} is UTF-16 text") and "save it as UTF-8" in error
+    assert not (tmp_path / "o.json").exists()

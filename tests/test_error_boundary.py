@@ -109,3 +109,16 @@ def test_a_config_without_model_type_is_one_line(tmp_path, tiny_llama, capsys):
     line = one_error_line(capsys)
     assert str(model) in line
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_utf16_file_and_a_folder_given_as_data_say_what_they_are(tmp_path, tiny_llama, capsys):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(DATA), encoding="utf-16")
+    assert train_chatgpt_model.main(["--data", str(data), "--model", str(tiny_llama), "--output",
+                                     str(tmp_path / "m")]) == 1
+    assert "is UTF-16 text" in one_error_line(capsys)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert train_chatgpt_model.main(["--data", str(folder), "--model", str(tiny_llama), "--output",
+                                     str(tmp_path / "m")]) == 1
+    assert f"--data {folder} is a folder" in one_error_line(capsys)
