@@ -39,6 +39,7 @@ class Stats:
     branches_cut: int = 0  # conversations with more than MAX_BRANCHES paths
     redactions: Counter = field(default_factory=Counter)
     warnings: List[str] = field(default_factory=list)
+    custom_instructions: set = field(default_factory=set)  # the distinct custom instructions used as system messages
     pairs: Counter = field(default_factory=Counter)  # --preferences: pairs written, by source
     labelled: int = 0  # --preferences: rated answers without a sibling, written as labelled examples
 
@@ -315,8 +316,10 @@ class Converter:
         """The system message a conversation's records start with: its custom instructions or --system-prompt
         (redacted with --redact: "about you" holds personal data)."""
         system = self.options.system_prompt
-        if self.options.custom_instructions:
-            system = custom_instructions(conversation) or system
+        found = custom_instructions(conversation) if self.options.custom_instructions else None
+        if found:
+            self.stats.custom_instructions.add(found)
+            system = found
         return self.redactor(system) if system and self.redactor else system
 
     def preferences(self, conversation: dict, ratings: Dict[str, str]) -> Tuple[List[dict], List[dict]]:
@@ -655,6 +658,8 @@ def summary_line(stats: Stats) -> str:
     """The conversion in one line: what was kept and why the rest was left out."""
     dropped = ", ".join(f"{count} {reason}" for reason, count in sorted(stats.dropped.items()) if count)
     text = f"converted {stats.kept} of {stats.read} conversations ({stats.messages} messages)"
+    if stats.custom_instructions:
+        text += f"; custom instructions as the system message ({len(stats.custom_instructions)} different)"
     text += f"; left out {dropped}" if dropped else ""
     if stats.redactions:
         text += f"; redacted {sum(stats.redactions.values())} ({', '.join(sorted(stats.redactions))})"
@@ -688,6 +693,9 @@ def format_stats(stats: Stats, options: ConvertOptions) -> str:
         f"characters written:    {stats.characters}",
         f"conversations with branches: {stats.branches}",
     ]
+    if stats.custom_instructions:
+        lines.append(f"custom instructions used as the system message: {len(stats.custom_instructions)} different "
+                     "(--no-custom-instructions leaves them out)")
     if stats.truncated:
         lines.append(f"truncated at an exchange: {stats.truncated}")
     if stats.branches_cut:

@@ -342,7 +342,8 @@ class ConvertOptions(Common):
     include_tools: bool = option(False, "keep tool calls and results as fenced blocks inside the assistant turn")
     image_placeholder: Optional[str] = option(None, "put TEXT where an image or file was", metavar="TEXT")
     system_prompt: Optional[str] = option(None, "prepend this system message to every record", metavar="TEXT")
-    custom_instructions: bool = option(False, "use the conversation's custom instructions as its system message")
+    custom_instructions: bool = option(True, "use the conversation's custom instructions (\"about you\", \"how to "
+                                             "respond\") as its system message, where it has them (default: on)")
     redact: bool = option(False, "replace e-mails, phone numbers, keys and tokens, IPs and card numbers with "
                                  "[EMAIL] etc.")
     min_exchanges: int = option(1, "keep conversations with at least N user->assistant exchanges (default 1)",

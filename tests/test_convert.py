@@ -81,7 +81,7 @@ def test_hidden_system_custom_instructions_thoughts_and_tools_are_dropped(tmp_pa
     tree.add(message("assistant", "Today's news is calm.", weight=1.0))
     tree.add(message("assistant", "zero weight", weight=0.0))
     conv = tree.conversation("tools")
-    records = convert(tmp_path, [conv])
+    records = convert(tmp_path, [conv], "--no-custom-instructions")
     assert pairs(records[0]) == [
         ("user", "Plot sin(x)"), ("assistant", "Here is the plot."),
         ("user", "Search the news"), ("assistant", "Today's news is calm."),
@@ -90,15 +90,16 @@ def test_hidden_system_custom_instructions_thoughts_and_tools_are_dropped(tmp_pa
     for line in ("  tool call: 2", "  tool result (execution_output): 1", "  tool result (tether_browsing_display): 1",
                  "  tool result (tether_quote): 1", "  thoughts: 1", "  reasoning_recap: 1"):
         assert line in err
-    with_tools = convert(tmp_path, [conv], "--include-tools")
+    with_tools = convert(tmp_path, [conv], "--include-tools", "--no-custom-instructions")
     assert pairs(with_tools[0])[1] == (
         "assistant", "```python\nplot(sin)\n```\n\n```python output\n<figure>\n```\n\nHere is the plot.")
     assert pairs(with_tools[0])[3] == (
         "assistant", "```browser\nsearch('news')\n```\n\n```browser output\nheadlines\n```\n\n"
                      "```browser output\nquote\n```\n\nToday's news is calm.")
-    custom = convert(tmp_path, [conv], "--custom-instructions")
+    custom = convert(tmp_path, [conv])  # custom instructions are the system message by default
     assert custom[0]["messages"][0] == {"role": "system", "content": "I am a baker.\n\nBe brief."}
-    system = convert(tmp_path, [conv], "--system-prompt", "You are me.")
+    assert "custom instructions used as the system message: 1 different" in capsys.readouterr().err
+    system = convert(tmp_path, [conv], "--system-prompt", "You are me.", "--no-custom-instructions")
     assert system[0]["messages"][0] == {"role": "system", "content": "You are me."}
 
 
