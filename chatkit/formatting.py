@@ -120,12 +120,14 @@ def fit_to_template(messages: Sequence[dict], tokenizer) -> Tuple[List[dict], Li
         head = 1 if messages and messages[0]["role"] == "system" else 0
         while len(messages) > head and messages[head]["role"] == "assistant":
             del messages[head]
-            notes.append(DROPPED_OPENING) if DROPPED_OPENING not in notes else None
+            if DROPPED_OPENING not in notes:
+                notes.append(DROPPED_OPENING)
         merged = messages[:head + 1]
         for message in messages[head + 1:]:
             if message["role"] == merged[-1]["role"]:
                 merged[-1]["content"] += "\n\n" + message["content"]
-                notes.append(MERGED_TURNS) if MERGED_TURNS not in notes else None
+                if MERGED_TURNS not in notes:
+                    notes.append(MERGED_TURNS)
             else:
                 merged.append(message)
         messages = merged

@@ -234,8 +234,7 @@ def rotary_rows(array, name: str, config, family: Family):
 
 def to_gguf_layout(array, name: str, config, family: Family):
     """One weight (float32 numpy) in llama.cpp's layout: q/k rows interleaved, Gemma norms +1, Conv1D turned."""
-    if name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
-        return rotary_rows(array, name, config, family)
+    array = rotary_rows(array, name, config, family)
     if family.norm_plus_one and name.endswith("norm.weight"):
         return array + 1.0
     if family.name == "gpt2" and name.endswith(GPT2_CONV1D):

@@ -318,12 +318,11 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
         checkpointing = _epoch(request, kept, rows, shape, machine, False)[2] > MEMORY_TARGET_BYTES
     batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
     planned = epochs = auto_epochs(math.ceil(len(batches) / request.gradient_accumulation_steps), request.epochs)
-    val_tokens, selection, shed, val_kept = request.val_tokens, None, [], None
+    selection, shed, val_kept, val_tokens = None, [], None, request.val_tokens
     if request.budget_s is not None:
-        val_kept = BUDGET_VAL_EXAMPLES
         request, shed = _shed_to_fit(request, shape, machine, rows, checkpointing)
-        val_kept = request.val_examples if request.val_examples < BUDGET_VAL_EXAMPLES else val_kept
-        val_tokens = request.val_tokens
+        # validation as the budget left it: at most 16 examples, or 4 where it gave way
+        val_kept, val_tokens = request.val_examples, request.val_tokens
         usable = request.budget_s * BUDGET_MARGIN - _fixed_seconds(request, shape, machine)
         passes = affordable(usable, epoch_s + evaluation_seconds(val_tokens, shape, machine, 1))
         if passes < epochs:
