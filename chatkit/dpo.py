@@ -1,18 +1,21 @@
-"""Learning what the user preferred: DPO on the LoRA adapter, with the adapter switched off as the reference.
+"""Learning what the user preferred: DPO on the LoRA adapter, against the model as it was before DPO.
 
 Direct Preference Optimization (Rafailov et al., 2023) raises the log-probability of the chosen answer
 over the rejected one, measured against a reference model:
 
     loss = -log sigmoid(beta * ((log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))))
 
-With LoRA the reference is the same weights with the adapter switched off, so no second model is held
-in memory; its log-probabilities are computed once, before training. The loss is written here once and
-checked against TRL's DPOTrainer formula on the same numbers (tests/test_dpo.py).
+The reference is the model as supervised training left it: TRL's DPOTrainer does the same for an adapter
+that was already trained (it keeps a frozen copy of it); for a fresh adapter that is the adapter switched
+off. Its log-probabilities are computed once, before the first DPO step, so no second model or adapter is
+held in memory. The loss is written here once and checked against TRL's DPOTrainer on the same batch, loss
+and gradients (tests/test_dpo.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,55 +125,52 @@ def sequence_logps(model, ids: List[int], labels: List[int]):
     return (picked * mask).sum(-1)[0]
 
 
-def reference_logps(model, examples: List[dict]) -> List[Tuple[float, float]]:
-    """Each pair's (chosen, rejected) log-probability under the reference: the adapter switched off."""
+def pair_logps(model, examples: List[dict]) -> List[Tuple[float, float]]:
+    """Each pair's (chosen, rejected) log-probability under the model as it is now."""
     import torch
 
-    with torch.no_grad(), model.disable_adapter():
+    with torch.no_grad():
         return [tuple(float(sequence_logps(model, *example[name])) for name in ("chosen", "rejected"))
                 for example in examples]
 
 
-def margins(model, examples: List[dict], reference: List[Tuple[float, float]]) -> List[float]:
-    """Each pair's implicit reward margin: (log p - log p_ref) of chosen minus that of rejected."""
-    import torch
-
-    with torch.no_grad():
-        out = []
-        for example, (ref_chosen, ref_rejected) in zip(examples, reference):
-            chosen, rejected = (float(sequence_logps(model, *example[name])) for name in ("chosen", "rejected"))
-            out.append((chosen - ref_chosen) - (rejected - ref_rejected))
-    return out
+def preference_margins(logps: List[Tuple[float, float]]) -> List[float]:
+    """Each pair's chosen-minus-rejected log-probability: above 0, the model prefers the chosen answer."""
+    return [chosen - rejected for chosen, rejected in logps]
 
 
 def train_dpo(model, examples: List[dict], epochs: int = DEFAULT_EPOCHS, beta: float = DEFAULT_BETA,
               learning_rate: float = DEFAULT_LEARNING_RATE, seed: int = 42, on_step=None) -> dict:
-    """DPO on the trainable (LoRA) weights, one pair a step; returns the loss and margin figures."""
+    """DPO on the trainable (LoRA) weights, one pair a step, against the model as it is when called.
+    `on_step(step, total, loss)` after each step; when it returns True the rest is left out (a time budget).
+    Returns the steps taken and the loss at the start and over the last epoch's worth of steps."""
     import torch
 
-    if not hasattr(model, "disable_adapter"):
-        raise ChatkitError("--preferences trains a LoRA adapter (its reference is the adapter switched off); "
-                           "drop --no-lora")
-    reference = reference_logps(model, examples)
+    reference = pair_logps(model, examples)  # the model before DPO, computed once
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
-    order = list(range(len(examples)))
     rng = random.Random(seed)
+    order = []
+    for _ in range(epochs):
+        order += rng.sample(range(len(examples)), len(examples))
     model.train()
-    losses = []
-    total = epochs * len(order)
-    for epoch in range(epochs):
-        rng.shuffle(order)
+    losses, stopped = [], None
+    try:
         for index in order:
-            example = examples[index]
-            chosen, rejected = (sequence_logps(model, *example[name]) for name in ("chosen", "rejected"))
+            chosen, rejected = (sequence_logps(model, *examples[index][name]) for name in ("chosen", "rejected"))
             ref_chosen, ref_rejected = (torch.tensor(v, device=chosen.device) for v in reference[index])
             loss, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(float(loss))
-            if on_step:
-                on_step(len(losses), total, float(loss))
+            if on_step and on_step(len(losses), len(order), float(loss)):
+                stopped = "the time budget"
+                break
+    except KeyboardInterrupt:  # the supervised model is not saved yet: keep it, with the DPO steps taken
+        stopped = "Ctrl-C"
     model.eval()
-    return {"dpo_steps": len(losses), "dpo_loss_first": round(losses[0], 4) if losses else None,
-            "dpo_loss_last": round(sum(losses[-len(order):]) / max(1, len(order)), 4) if losses else None}
+    last = losses[-len(examples):] or [math.log(2)]
+    figures = {"dpo_steps": len(losses), "dpo_planned_steps": len(order),
+               "dpo_loss_first": round(losses[0] if losses else math.log(2), 4),
+               "dpo_loss_last": round(sum(last) / len(last), 4)}
+    return figures | ({"dpo_stopped": stopped} if stopped else {})

@@ -194,7 +194,7 @@ class Deadline:
     """A time budget for the rest of the command: training ends in time for what comes after it.
 
     `finish_by` is the time.time() by which the whole command must be done; `after_s` the plan's
-    seconds for the computing that follows training (the last evaluation, the report), at the plan's
+    seconds for the computing that follows training (the last evaluation, DPO, the report), at the plan's
     rate, and `saving_s` for writing the model (disk, not slowed by a busy CPU); `planned_step_s` the
     plan's seconds per step, from which the machine's slowdown is measured."""
 
@@ -202,6 +202,7 @@ class Deadline:
     after_s: float
     planned_step_s: float
     saving_s: float = 0.0
+    report_s: float = 0.0  # the part of after_s that comes after the preferences (DPO): the report
     started: float = 0.0  # when this command started (time.time())
     used_before_s: float = 0.0  # the budget an interrupted run had spent, for a resumed one
     changes: List[dict] = None  # each time the rest of the run was shortened: step, steps before and after, why

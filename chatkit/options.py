@@ -252,8 +252,7 @@ class TrainOptions(Common, Hardware, Lora):
         if self.push_to_hub and not self.hub_name:
             found.append("--push-to-hub needs --hub-name USER/NAME")
         if self.preferences and not self.lora:
-            found.append("--preferences trains the LoRA adapter (the adapter switched off is its reference): "
-                         "drop --no-lora")
+            found.append("--preferences trains the LoRA adapter: drop --no-lora")
         return found
 
 

@@ -23,7 +23,8 @@ from .options import TrainOptions, problems
 from .output import Progress, duration, say
 from .plan import BUDGET_VAL_EXAMPLES, CHARS_PER_TOKEN, Choice, Request, Shape, calibrate, choose, parse_duration
 from .rehearsal import Rehearsal, attach_teacher, auto_count, rehearsal_conversations
-from .report import PLOT_FILE, REPORT_FILE, RunFacts, Side, chosen_prompts, loss_examples, measure, report_prompts
+from .report import (PLOT_FILE, REPORT_FILE, RunFacts, Side, chosen_prompts, loss_examples, measure, report_prompts,
+                     system_prompts)
 
 CHECKPOINTS = "checkpoints"
 RUNS = "runs"
@@ -161,6 +162,7 @@ class Data:
     val: List[dict]
     report: ExampleReport
     val_conversations: List[List[dict]] = dataclasses.field(default_factory=list)
+    preferences: Optional["Preferences"] = None  # with --preferences: the pairs, tokenized
 
     def keep(self, kept: Sequence[int], val_examples: Optional[int]) -> "Data":
         """The conversations a plan kept (and fewer validation examples under a time budget)."""
@@ -174,7 +176,8 @@ class Data:
             dropped=Counter() if sampled else self.report.dropped,
             tokens=sum(len(e["input_ids"]) for e in examples),
             trained_tokens=trained_tokens(examples))
-        return Data([self.conversations[i] for i in kept], train, val, report, self.val_conversations)
+        return Data([self.conversations[i] for i in kept], train, val, report, self.val_conversations,
+                    self.preferences)
 
     def user_prompts(self) -> List[str]:
         return [m["content"] for c in self.conversations for m in c if m["role"] == "user"]
@@ -280,7 +283,9 @@ def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, 
         extra=[REHEARSAL_TOKENS] * options.rehearsal, ranking_tokens=ranking_tokens(data),
         report_answers=2 * len(questions),
         report_tokens=sum(len(e["input_ids"]) for e in report_examples(data, options.time_budget)[0]),
-        report_prompt_tokens=2 * prompt_tokens(questions))
+        report_prompt_tokens=2 * prompt_tokens(questions),
+        preference_tokens=data.preferences.pair_tokens() if data.preferences else [],
+        preference_epochs=options.dpo_epochs)
     return choose(request, Shape.from_config(load_config(source)), calibrate(placement.device))
 
 
@@ -317,18 +322,23 @@ def make_deadline(options: TrainOptions, plan, checkpoint: Optional[str]):
     started = command_started()
     parts = plan.parts
     return Deadline(finish_by=started + parse_duration(options.time_budget) * DEADLINE_SHARE - used,
-                    after_s=parts.get("report", 0) + parts.get("evaluation", 0), saving_s=parts.get("saving", 0),
+                    after_s=parts.get("report", 0) + parts.get("evaluation", 0) + parts.get("preferences", 0),
+                    report_s=parts.get("report", 0), saving_s=parts.get("saving", 0),
                     planned_step_s=parts.get("training", 0) / max(plan.steps, 1), started=started,
                     used_before_s=used)
 
 
-def budget_record(plan, deadline, trained_steps: int) -> Optional[dict]:
+def budget_record(plan, deadline, metrics: dict) -> Optional[dict]:
     """What chatkit.json and the card say of a time budget: planned, trained, and why they differ."""
     if deadline is None:
         return None
-    why = deadline.describe()
+    trained_steps = metrics.get("steps", 0)
+    why = [deadline.describe() or f"{trained_steps} steps as planned"]
+    if metrics.get("dpo_stopped"):
+        why.append(f"DPO stopped after {metrics['dpo_steps']} of {metrics['dpo_planned_steps']} steps "
+                   f"({metrics['dpo_stopped']})")
     return {"planned_steps": plan.steps, "trained_steps": trained_steps, "changes": deadline.changes,
-            "summary": why or f"{trained_steps} steps as planned"}
+            "summary": "; ".join(why)}
 
 
 def engine_settings(options: TrainOptions):
@@ -476,6 +486,8 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement):
     tokenizer = load_tokenizer(source, trust_remote_code=options.trust_remote_code)
     ensure_chat_template(tokenizer, family_of(load_config(source)))
     data = tokenize_data(options, tokenizer, train_convs, val_convs)
+    if options.preferences:
+        data.preferences = tokenize_preferences(options, tokenizer)
     choice = make_plan(options, source, placement, data)
     options = dataclasses.replace(options, batch_size=choice.batch_size, epochs=choice.epochs,
                                   gradient_checkpointing=choice.gradient_checkpointing, rehearsal=choice.rehearsal,
@@ -539,32 +551,42 @@ def _train(options: TrainOptions) -> dict:
     settings.deadline = make_deadline(options, plan, checkpoint)
     run = run_trainer(model, tokenizer, prepared.train, prepared.val, settings, placement.device,
                       placement.dtype, checkpoint, teacher=prepared.teacher)
-    budget = budget_record(plan, settings.deadline, run.metrics.get("steps", 0))
-    if budget is not None:
-        run.metrics["time_budget"] = budget
     if run.interrupted:
         say(f"Stopped early; checkpoint saved in {run.checkpoint}. Continue with the same command plus "
             f"--resume {options.output}")
         return {"interrupted": True, "checkpoint": run.checkpoint}
-    if options.preferences:
-        run.metrics.update(learn_preferences(options, run.trainer.model, tokenizer))
+    if data.preferences:
+        run.metrics.update(learn_preferences(options, run.trainer.model, data.preferences, settings.deadline,
+                                             plan.parts.get("preferences", 0.0)))
+    budget = budget_record(plan, settings.deadline, run.metrics)
+    if budget is not None:
+        run.metrics["time_budget"] = budget
     return finish(run, tokenizer, options, source, prepared.rehearsal, plan, report)
 
 
 DPO_HELD_OUT = 0.2  # of the pairs, to measure the margin on pairs the model did not learn from (5 or more pairs)
 
 
-def preference_summary(metrics: dict) -> Optional[str]:
-    if "margin_before" not in metrics:
-        return None
-    return (f"DPO on {metrics['preference_pairs']} pairs: the chosen-minus-rejected log-probability margin went from "
-            f"{metrics['margin_before']} to {metrics['margin_after']} on {metrics['margin_measured_on']} pairs")
+@dataclass
+class Preferences:
+    """The preference pairs, tokenized: those DPO trains on and those its margin is measured on."""
+
+    train: List[dict]
+    measured: List[dict]
+    where: str  # "held-out", or "training" where there are too few pairs to hold some out
+    report: "PreferenceReport"
+
+    def pair_tokens(self) -> List[int]:
+        """Per training pair: the tokens of its chosen and its rejected conversation."""
+        return [len(pair["chosen"][0]) + len(pair["rejected"][0]) for pair in self.train]
+
+    @property
+    def count(self) -> int:
+        return len(self.train) + (len(self.measured) if self.where == "held-out" else 0)
 
 
-def learn_preferences(options: TrainOptions, model, tokenizer) -> dict:
-    """DPO on the adapter after the supervised training; the chosen-minus-rejected margin before and after,
-    on held-out pairs where there are enough."""
-    from .dpo import PreferenceReport, margins, pair_examples, read_pairs, reference_logps, train_dpo
+def tokenize_preferences(options: TrainOptions, tokenizer) -> Preferences:
+    from .dpo import PreferenceReport, pair_examples, read_pairs
 
     report = PreferenceReport()
     examples = pair_examples(read_pairs(options.preferences), tokenizer, options.max_length, options.system_prompt,
@@ -572,22 +594,55 @@ def learn_preferences(options: TrainOptions, model, tokenizer) -> dict:
     if not examples:
         raise ChatkitError(f"--preferences {options.preferences}: no pair fits --max-length {options.max_length}")
     train, held = split_train_val(examples, DPO_HELD_OUT if len(examples) >= 5 else 0.0, options.seed)
-    measured, where = (held, "held-out") if held else (train, "training")
-    say(f"preferences: {report.describe()}; DPO (beta {options.dpo_beta}, {options.dpo_epochs} epochs) on "
-        f"{len(train)}, margin measured on {len(measured)} {where} pairs")
-    reference = reference_logps(model, measured)
-    before = margins(model, measured, reference)
+    return Preferences(train, held, "held-out", report) if held else Preferences(train, train, "training", report)
+
+
+def preference_summary(metrics: dict) -> Optional[str]:
+    if "margin_before" not in metrics:
+        return None
+    stopped = (f"; stopped after {metrics['dpo_steps']} of {metrics['dpo_planned_steps']} steps "
+               f"({metrics['dpo_stopped']})" if metrics.get("dpo_stopped") else "")
+    return (f"DPO on {metrics['preference_pairs']} pairs: the chosen-minus-rejected log-probability margin went from "
+            f"{metrics['margin_before']} to {metrics['margin_after']} on {metrics['margin_pairs']} "
+            f"{metrics['margin_measured_on']} pairs (it rose on {metrics['margin_rose']} of them){stopped}")
+
+
+def learn_preferences(options: TrainOptions, model, preferences: Preferences, deadline=None,
+                      planned_s: float = 0.0) -> dict:
+    """DPO on the adapter after the supervised training, against the model that training left; the
+    chosen-minus-rejected log-probability margin before and after, on held-out pairs where there are enough.
+    Under a time budget the steps that would not end in time are left out; Ctrl-C leaves out the rest too
+    (the model is saved with what DPO had done)."""
+    from .dpo import pair_logps, preference_margins, train_dpo
+
+    train, measured, where = preferences.train, preferences.measured, preferences.where
+    model.eval()
+    say(f"preferences: {preferences.report.describe()}; DPO (beta {options.dpo_beta}, {options.dpo_epochs} epochs) "
+        f"on {len(train)}, margin measured on {len(measured)} {where} pairs")
+    before = preference_margins(pair_logps(model, measured))
     progress = Progress(options.dpo_epochs * len(train))
-    figures = train_dpo(model, train, options.dpo_epochs, options.dpo_beta, options.dpo_learning_rate, options.seed,
-                        on_step=lambda step, total, loss: progress.update(step, loss=loss))
-    progress.close()
-    after = margins(model, measured, reference)
+    started = time.time()
+
+    def on_step(step: int, total: int, loss: float) -> bool:
+        progress.update(step, loss=loss)
+        if deadline is None or step == total:
+            return False
+        step_s = (time.time() - started) / step
+        slowdown = max(1.0, step_s * total / planned_s) if planned_s > 0 else 1.0
+        return time.time() + step_s > deadline.finish_by - deadline.saving_s - deadline.report_s * slowdown
+
+    try:
+        figures = train_dpo(model, train, options.dpo_epochs, options.dpo_beta, options.dpo_learning_rate,
+                            options.seed, on_step=on_step)
+    finally:
+        progress.close()
+    after = preference_margins(pair_logps(model, measured))
     mean = lambda values: round(sum(values) / len(values), 3)  # noqa: E731
-    wins = sum(a > 0 for a in after)
-    say(f"preferences: chosen-minus-rejected log-probability margin {mean(before)} -> {mean(after)} on "
-        f"{len(measured)} {where} pairs ({wins} of {len(after)} now prefer the chosen answer)")
-    return figures | {"preference_pairs": len(examples), "margin_measured_on": where,
-                      "margin_before": mean(before), "margin_after": mean(after), "preferred_after": wins}
+    figures |= {"preference_pairs": preferences.count, "margin_measured_on": where, "margin_pairs": len(measured),
+                "margin_before": mean(before), "margin_after": mean(after),
+                "margin_rose": sum(a > b for a, b in zip(after, before))}
+    say(f"preferences: {preference_summary(figures)}")
+    return figures
 
 
 def report_chosen(options: TrainOptions, data: Data):
@@ -655,7 +710,8 @@ class ReportRun:
                          epochs=self.options.epochs or 0, steps=state.global_step,
                          loss_on=self.loss_on, measured_examples=len(self.examples),
                          budget=(metrics.get("time_budget") or {}).get("summary"),
-                         preferences=preference_summary(metrics))
+                         preferences=preference_summary(metrics),
+                         system_prompts=system_prompts(self.data.conversations, self.options.system_prompt))
         write_texts(output, facts, self.base, trained, self.chosen, adapter=self.options.lora)
         metrics.update(report_s=round(self.seconds, 1), loss_before=self.base.loss, loss_after=trained.loss)
         write_training_info(output, read_training_info(output) | {"metrics": metrics})  # the figures, kept

@@ -219,6 +219,17 @@ def report_seconds(answers: int, loss_tokens: int, shape: Shape, machine: Machin
     return REPORT_S * answers + (2 * loss_tokens + prompt_tokens) * forward
 
 
+def preference_seconds(pair_tokens: Sequence[int], epochs: int, shape: Shape, machine: Machine) -> float:
+    """DPO: each pair's two conversations trained once an epoch, one pair a step, and the forward passes of
+    the reference and of the margins measured before and after (about 1.5 passes over the pairs)."""
+    if not pair_tokens:
+        return 0.0
+    tokens = sum(pair_tokens)
+    per_token = shape.flops_per_token(tokens / len(pair_tokens) / 2, 1.0, True)
+    return ((epochs + 1.5 / 2) * tokens * per_token / machine.rate
+            + epochs * len(pair_tokens) * 2 * STEP_OVERHEAD_S)
+
+
 def sample_conversations(count: int, seed: int) -> List[int]:
     """The order in which a time budget takes conversations: a seeded random order."""
     order = list(range(count))
@@ -266,6 +277,8 @@ class Request:
     report_answers: int = 0  # answers the report generates (base and trained)
     report_tokens: int = 0  # tokens the report's loss is measured on
     report_prompt_tokens: int = 0  # tokens of the prompts it answers
+    preference_tokens: List[int] = field(default_factory=list)  # per preference pair: chosen + rejected tokens
+    preference_epochs: int = 0  # DPO passes over the pairs
 
 
 def auto_batch(examples: int, requested: Optional[int]) -> int:
@@ -339,8 +352,9 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
 
 
 def _fixed_seconds(request: Request, shape: Shape, machine: Machine) -> float:
-    """What a run costs besides training: start, rehearsal, saving and the report."""
+    """What a run costs besides training: start, rehearsal, preferences (DPO), saving and the report."""
     return (STARTUP_S + rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine) + SAVE_S
+            + preference_seconds(request.preference_tokens, request.preference_epochs, shape, machine)
             + report_seconds(request.report_answers, request.report_tokens, shape, machine,
                              request.report_prompt_tokens))
 
@@ -394,7 +408,9 @@ def _check_minimum(request: Request, shape: Shape, machine: Machine, rows: int, 
     if request.budget_s < needed:
         raise ChatkitError(
             f"--time-budget {duration(request.budget_s)} is shorter than this run's fixed costs on this machine "
-            f"(loading, one pass over the shortest conversation, saving and the report's loss): give at least "
+            f"(loading, one pass over the shortest conversation, "
+            + (f"DPO on {len(request.preference_tokens)} preference pairs, " if request.preference_tokens else "")
+            + f"saving and the report's loss): give at least "
             f"{duration(math.ceil(needed))}")
 
 
@@ -433,6 +449,7 @@ def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, va
              "rehearsal": rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine),
              "training": epoch_s * epochs,
              "evaluation": evaluation_seconds(val_tokens, shape, machine, evaluations) if val_tokens else 0.0,
+             "preferences": preference_seconds(request.preference_tokens, request.preference_epochs, shape, machine),
              "saving": SAVE_S,
              "report": report_seconds(request.report_answers, request.report_tokens, shape, machine,
                                   request.report_prompt_tokens)}

@@ -263,6 +263,7 @@ class RunFacts:
     measured_examples: int
     budget: Optional[str] = None  # under --time-budget: what was planned, what was trained, and why it changed
     preferences: Optional[str] = None  # with --preferences: the DPO stage and its margin before and after
+    system_prompts: List[Tuple[str, int]] = field(default_factory=list)  # each one trained, and in how many conversations
 
 
 def _cell(text: str, limit: int = 300) -> str:
@@ -281,6 +282,35 @@ def _loss_line(facts: RunFacts, before: Side, after: Side) -> str:
             f" → {math.exp(min(after.loss, 50)):.1f}).")
 
 
+SHOWN_SYSTEM_PROMPTS = 5
+
+
+def system_prompts(conversations: Sequence[Sequence[dict]], default: Optional[str]) -> List[Tuple[str, int]]:
+    """The system messages trained (custom instructions from an export, or --system-prompt where a conversation
+    has none), each with the number of conversations it opens, most used first."""
+    from collections import Counter
+
+    counts = Counter()
+    for messages in conversations:
+        opening = messages[0] if messages and messages[0]["role"] == "system" else None
+        text = opening["content"] if opening else default
+        if text:
+            counts[text] += 1
+    return counts.most_common()
+
+
+def _system_lines(facts: RunFacts) -> List[str]:
+    if not facts.system_prompts:
+        return ["- System messages: none (the conversations open with the user)"]
+    used = sum(count for _, count in facts.system_prompts)
+    lines = [f"- System messages trained (an export's custom instructions, or --system-prompt): "
+             f"{len(facts.system_prompts)} different, opening {used} of {facts.conversations} conversations"]
+    lines += [f"  - {count}×: {_cell(text, 200)}" for text, count in facts.system_prompts[:SHOWN_SYSTEM_PROMPTS]]
+    if len(facts.system_prompts) > SHOWN_SYSTEM_PROMPTS:
+        lines.append(f"  - and {len(facts.system_prompts) - SHOWN_SYSTEM_PROMPTS} more")
+    return lines
+
+
 def report_text(facts: RunFacts, before: Side, after: Side, chosen: Sequence[Tuple[str, str]]) -> str:
     lines = [f"# Training report: {Path(facts.output).name}", "",
              "## What was trained", "",
@@ -291,6 +321,7 @@ def report_text(facts: RunFacts, before: Side, after: Side, chosen: Sequence[Tup
              f"- Time: {duration(facts.seconds)} on {facts.device}"]
     lines += [f"- Time budget: {facts.budget}"] if facts.budget else []
     lines += [f"- Preferences: {facts.preferences}"] if facts.preferences else []
+    lines += _system_lines(facts)
     lines += ["",
              "## Loss", "", _loss_line(facts, before, after), "", f"![Loss per step]({PLOT_FILE})", ""]
     if not after.answers:

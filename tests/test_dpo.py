@@ -25,6 +25,70 @@ def test_the_loss_is_the_published_dpo_loss():
     assert float(dpo_loss(same, same, same, same, 0.5)[0]) == pytest.approx(math.log(2))  # no preference yet
 
 
+def test_the_loss_and_its_gradients_are_trls_on_the_same_batch(tmp_path, tiny_llama):
+    """TRL's DPOTrainer and this engine on one batch TRL collated, with an adapter that was already trained
+    (TRL then keeps a frozen copy of it as the reference; this engine computes the reference once, before
+    DPO): the same loss and the same gradients of every LoRA weight."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from chatkit.dpo import PreferenceReport, pair_examples, pair_logps, sequence_logps
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                      init_lora_weights=False))  # as if supervised training had moved it
+    pairs = [{"prompt": [{"role": "user", "content": f"Tell me about topic {i}."}],
+              "chosen": [{"role": "assistant", "content": f"Topic {i} is a good one. What would you like?"}],
+              "rejected": [{"role": "assistant", "content": f"Topic {i}{'!' * i}"}]} for i in range(3)]
+    trainer = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
+                         args=DPOConfig(output_dir=str(tmp_path), beta=0.1, report_to=[], use_cpu=True, bf16=False))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
+
+    examples = []  # TRL's rows as this engine's (ids, labels): chosen rows first, then rejected
+    for row in range(2 * len(pairs)):
+        real = batch["attention_mask"][row].bool()
+        ids = batch["input_ids"][row][real].tolist()
+        labels = [t if m else -100 for t, m in zip(ids, batch["completion_mask"][row][real].tolist())]
+        examples.append((ids, labels))
+    examples = [{"chosen": examples[i], "rejected": examples[i + len(pairs)]} for i in range(len(pairs))]
+    model.eval()
+    reference = torch.tensor(pair_logps(model, examples))
+    with torch.no_grad():  # DPO has taken a step since: the adapter moved away from its frozen copy
+        for name, weight in model.named_parameters():
+            if "lora_B.default" in name:
+                weight.add_(0.05 * torch.randn_like(weight))
+
+    theirs = trainer.compute_loss(model, batch)
+    theirs.backward()
+    their_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    policy = torch.stack([torch.stack([sequence_logps(model, *e[side]) for side in ("chosen", "rejected")])
+                          for e in examples])
+    ours, _ = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=0.1)
+    ours.backward()
+    assert abs(float(theirs.detach()) - math.log(2)) > 1e-3  # the policy differs from the reference
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
+    assert their_grads and any(float(g.abs().max()) > 0 for g in their_grads.values())
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, their_grads[name], rtol=1e-3, atol=1e-6)
+
+    # TRL marks the same answer tokens as this engine's tokenization does, plus the template's newline after
+    # the end of turn (which supervised training does not train either)
+    mine = pair_examples(pairs, tokenizer, 512, None, PreferenceReport())
+    for pair, example in zip(mine, examples):
+        for side in ("chosen", "rejected"):
+            ours_trained = [t for t in pair[side][1] if t != -100]
+            theirs_trained = [t for t in example[side][1] if t != -100]
+            assert theirs_trained[:len(ours_trained)] == ours_trained
+            assert tokenizer.decode(theirs_trained[len(ours_trained):]).strip() == ""
+
+
 PAIR = {"prompt": [{"role": "user", "content": "Can you help me?"}],
         "chosen": [{"role": "assistant", "content": "Yes, gladly. What do you need?"}],
         "rejected": [{"role": "assistant", "content": "No."}]}
@@ -63,8 +127,10 @@ def test_dpo_raises_the_chosen_margin_on_held_out_pairs(tmp_path, tiny_llama, ca
                      "--preferences", str(prefs), "--dpo-learning-rate", "5e-3", "--dpo-epochs", "3"]) == 0
     metrics = json.loads((tmp_path / "m" / "chatkit.json").read_text())["metrics"]
     assert metrics["preference_pairs"] == 10 and metrics["margin_measured_on"] == "held-out"
-    assert metrics["margin_after"] > metrics["margin_before"] and metrics["preferred_after"] == 2
-    assert metrics["dpo_steps"] == 3 * 8
+    assert metrics["margin_after"] > metrics["margin_before"] and metrics["margin_rose"] == 2
+    assert metrics["dpo_steps"] == metrics["dpo_planned_steps"] == 3 * 8 and "dpo_stopped" not in metrics
     err = capsys.readouterr().err
     assert "preferences: 10 preference pairs; DPO (beta 0.1, 3 epochs) on 8, margin measured on 2 held-out" in err
+    assert (f"margin went from {metrics['margin_before']} to {metrics['margin_after']} on 2 held-out pairs "
+            "(it rose on 2 of them)") in err
     assert "Preferences: DPO on 10 pairs" in (tmp_path / "m" / "report.md").read_text()

@@ -242,3 +242,77 @@ def test_a_time_budget_is_kept_on_a_machine_slower_than_planned(tmp_path, tiny_l
     assert rates[-1] < 0.2 * max(rates)  # the schedule was brought down, not cut at a high rate
     assert "Time budget: the machine ran" in (tmp_path / "out" / "report.md").read_text()
     assert "time budget kept" in capsys.readouterr().err
+
+
+def without_dpo() -> float:
+    without = plan.choose(request(), SHAPE, MACHINE).plan
+    assert without.parts["preferences"] == 0
+    return without.estimated_seconds
+
+
+def test_the_plan_counts_dpo_and_a_budget_too_short_for_it_names_it():
+    """--preferences: DPO's steps and forward passes are a part of the plan and of a budget's fixed costs."""
+    pairs = dict(preference_tokens=[300] * 50, preference_epochs=2)
+    with_dpo = plan.choose(request(**pairs), SHAPE, MACHINE).plan
+    seconds = plan.preference_seconds([300] * 50, 2, SHAPE, MACHINE)
+    assert seconds > 0 and with_dpo.parts["preferences"] == pytest.approx(seconds, abs=0.1)
+    assert seconds > 1.5 * plan.preference_seconds([300] * 50, 1, SHAPE, MACHINE)  # mostly the passes
+    assert with_dpo.estimated_seconds == pytest.approx(without_dpo() + seconds, abs=0.2)
+    minimum = plan._minimum(request(budget=1e6), SHAPE, MACHINE, 8, False)
+    with pytest.raises(ChatkitError, match="DPO on 50 preference pairs, saving"):
+        plan.choose(request(budget=minimum * 1.01, **pairs), SHAPE, MACHINE)
+
+
+def preference_file(tmp_path, count):
+    pairs = tmp_path / "prefs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "prompt": [{"role": "user", "content": f"Tell me about topic {i}."}],
+        "chosen": [{"role": "assistant", "content": f"Topic {i} is a good one. What would you like to know?"}],
+        "rejected": [{"role": "assistant", "content": f"Topic {i}."}]}) + "\n" for i in range(count)))
+    return pairs
+
+
+def test_dpo_falling_behind_a_time_budget_stops_in_time(tmp_path, tiny_llama, monkeypatch, capsys):
+    """Each DPO step takes 0.4 s on a machine the plan thinks 30 times faster: DPO stops early, the model
+    and report are saved inside the budget, and chatkit.json says why."""
+    import time
+
+    from chatkit import dpo, pipeline
+
+    monkeypatch.setattr(pipeline, "command_started", time.time)
+    monkeypatch.setattr(plan, "EFFICIENCY", {"cpu": 10.0})
+    original = dpo.dpo_loss
+
+    def slow_loss(*args, **kwargs):
+        time.sleep(0.4)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "dpo_loss", slow_loss)
+    started = time.time()
+    assert run(tmp_path, tiny_llama, "--time-budget", "25s", "--rehearsal", "0", "--epochs", "1",
+               "--preferences", preference_file(tmp_path, 60), "--dpo-epochs", "2") == 0
+    assert time.time() - started <= 25 * 1.1
+    metrics = json.loads((tmp_path / "out" / "chatkit.json").read_text())["metrics"]
+    assert metrics["dpo_stopped"] == "the time budget" and 5 <= metrics["dpo_steps"] < metrics["dpo_planned_steps"] == 96
+    assert f"DPO stopped after {metrics['dpo_steps']} of 96 steps (the time budget)" in metrics["time_budget"]["summary"]
+    assert f"stopped after {metrics['dpo_steps']} of 96 steps" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_ctrl_c_during_dpo_keeps_the_trained_model(tmp_path, tiny_llama, monkeypatch, capsys):
+    """The supervised model is not saved until DPO ends: Ctrl-C there stops DPO and saves what there is."""
+    from chatkit import dpo
+
+    original, calls = dpo.dpo_loss, []
+
+    def interrupted_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "dpo_loss", interrupted_loss)
+    assert run(tmp_path, tiny_llama, "--rehearsal", "0", "--epochs", "1", "--report", "none",
+               "--preferences", preference_file(tmp_path, 10)) == 0
+    metrics = json.loads((tmp_path / "out" / "chatkit.json").read_text())["metrics"]
+    assert metrics["dpo_stopped"] == "Ctrl-C" and metrics["dpo_steps"] == 3 and metrics["dpo_planned_steps"] == 16
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

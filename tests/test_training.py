@@ -336,14 +336,23 @@ def test_training_straight_from_the_mailed_zip(tmp_path, tiny_llama, capsys):
     conversations = [simple(f"c{i}", ("user", f"Mail me at person{i}@example.com, question {i}?"),
                             ("assistant", f"Sure, answer {i}.")) for i in range(6)]
     conversations.append(simple("empty", ("user", "Anyone there?")))  # no answer: left out, and said so
+    for conversation, instructions in zip(conversations, ["Be brief.", "Be brief.", "Answer in French."]):
+        conversation["mapping"]["ci"] = {"id": "ci", "parent": None, "children": [], "message": {
+            "id": "ci-m", "author": {"role": "user"}, "content": {
+                "content_type": "user_editable_context", "user_profile": "", "user_instructions": instructions},
+            "metadata": {"is_visually_hidden_from_conversation": True}}}
     archive = write_zip(tmp_path / "export.zip", {"conversations.json": conversations})
     assert cli.main(["--data", str(archive), "--model", str(tiny_llama), "--output", str(tmp_path / "m"),
-                     "--epochs", "1", "--redact", "--report", "none"]) == 0
+                     "--epochs", "1", "--redact", "--report", "none", "--val-split", "0"]) == 0
     err = capsys.readouterr().err
-    assert f"{archive}: converted 6 of 7 conversations (12 messages); left out 1 no exchange; redacted 6 (EMAIL)" in err
+    assert (f"{archive}: converted 6 of 7 conversations (15 messages); custom instructions as the system message "
+            "(2 different); left out 1 no exchange; redacted 6 (EMAIL)") in err
     assert "read 6 conversations (6 in the messages format)" in err
     assert (tmp_path / "m" / "adapter_config.json").is_file()
+    report = (tmp_path / "m" / "report.md").read_text()  # which custom instructions were trained
+    assert ("- System messages trained (an export's custom instructions, or --system-prompt): 2 different, "
+            "opening 3 of 6 conversations\n  - 2×: Be brief.\n  - 1×: Answer in French.\n") in report
     # the same conversion as the converter's own
     assert convert_chatgpt_export.main([str(archive), str(tmp_path / "c.jsonl"), "--redact", "--quiet"]) == 0
     converted = [json.loads(line)["messages"] for line in (tmp_path / "c.jsonl").read_text().splitlines()]
-    assert converted[0][0]["content"] == "Mail me at [EMAIL], question 0?" and len(converted) == 6
+    assert converted[0][1]["content"] == "Mail me at [EMAIL], question 0?" and len(converted) == 6
