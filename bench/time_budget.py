@@ -66,7 +66,9 @@ def one_run(data: str, budget: str, load: str, extra) -> dict:
     return {"load": load, "wall_s": round(wall, 1), "budget_s": parse_duration(budget),
             "estimated_s": info["plan"]["estimated_seconds"], "peak_gib": round(peak[0] / 2**30, 2),
             "plan": next((line for line in err.splitlines() if line.startswith("  about")), "").strip(),
-            "time_budget": info["metrics"].get("time_budget"), "eval_loss": info["metrics"].get("eval_loss")}
+            "time_budget": info["metrics"].get("time_budget"), "eval_loss": info["metrics"].get("eval_loss"),
+            "training_s": info["metrics"].get("train_runtime_s"), "report_s": info["metrics"].get("report_s"),
+            "planned_parts": info["plan"]["parts"]}
 
 
 def main() -> int:
@@ -85,7 +87,9 @@ def main() -> int:
         print(f"{load}: {result['wall_s']:.0f} s of a {result['budget_s']:.0f} s budget "
               f"({'within' if within else 'PAST'} +10%), plan estimated {result['estimated_s']:.0f} s, peak "
               f"{result['peak_gib']} GiB, steps {budget.get('trained_steps')} of {budget.get('planned_steps')} "
-              f"planned, validation loss {result['eval_loss']}\n  {result['plan']}\n  {budget.get('summary')}")
+              f"planned, validation loss {result['eval_loss']}\n  {result['plan']}\n  {budget.get('summary')}\n"
+              f"  measured: training (the Trainer's run time, evaluations included) {result['training_s']} s, "
+              f"report {result['report_s']} s; planned parts {result['planned_parts']}")
     return 1 if late else 0
 
 

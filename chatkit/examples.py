@@ -17,6 +17,7 @@ class ExampleReport:
     conversations: int = 0
     examples: int = 0
     split_conversations: int = 0
+    cut_exchanges: int = 0  # exchanges longer than --max-length, trained on their first part
     dropped: Counter = field(default_factory=Counter)
     fitted: Counter = field(default_factory=Counter)  # conversations changed to fit the chat template, per change
     tokens: int = 0
@@ -26,6 +27,8 @@ class ExampleReport:
         text = f"{self.examples} examples ({self.trained_tokens} trained of {self.tokens} tokens)"
         if self.split_conversations:
             text += f"; {self.split_conversations} long conversations split between exchanges"
+        if self.cut_exchanges:
+            text += f"; {self.cut_exchanges} exchanges longer than --max-length trained on their first part"
         text += "".join(f"; dropped {count} {why}" for why, count in self.dropped.items())
         return text + "".join(f"; {count} with {what}" for what, count in self.fitted.items())
 
@@ -62,8 +65,21 @@ def tokenize_examples(conversations: Sequence[List[dict]], tokenizer, max_length
     return examples
 
 
+MIN_CUT_TRAINED = 32  # answer tokens a cut exchange must keep to be worth training
+
+
+def first_part(ids: List[int], labels: List[int], max_length: int):
+    """An exchange too long for `max_length`, cut there: the answer's first part is trained and, the cut
+    answer's end not being in it, no end of turn is learned at the cut. None when too little answer is left."""
+    ids, labels = ids[:max_length], labels[:max_length]
+    if sum(label != IGNORE_INDEX for label in labels) < MIN_CUT_TRAINED:
+        return None
+    return ids, labels
+
+
 def _split_long(messages, tokenizer, max_length: int, train_on_prompt: bool, report: ExampleReport):
-    """Greedy runs of whole exchanges that fit, each with the system message; never cut mid-answer."""
+    """Greedy runs of whole exchanges that fit, each with the system message; an exchange too long on its
+    own is trained on its first part (cut at a token boundary), or left out when its prompt fills it."""
     system, exchanges = split_exchanges(messages)
     head = [system] if system else []
     pieces, run, best = [], [], None
@@ -75,11 +91,14 @@ def _split_long(messages, tokenizer, max_length: int, train_on_prompt: bool, rep
         if run:
             pieces.append(best)
         ids, labels = tokenize_conversation(head + exchange, tokenizer, train_on_prompt)
+        run = []
         if len(ids) <= max_length:
             run, best = list(exchange), (ids, labels)
+        elif (cut := first_part(ids, labels, max_length)) is not None:
+            pieces.append(cut)
+            report.cut_exchanges += 1
         else:
-            report.dropped["exchanges longer than --max-length on their own"] += 1
-            run = []
+            report.dropped["exchanges whose prompt fills --max-length"] += 1
     if run:
         pieces.append(best)
     return pieces

@@ -173,6 +173,7 @@ class Data:
         report = dataclasses.replace(
             self.report, conversations=len(kept), examples=len(examples),
             split_conversations=0 if sampled else self.report.split_conversations,
+            cut_exchanges=0 if sampled else self.report.cut_exchanges,
             dropped=Counter() if sampled else self.report.dropped,
             tokens=sum(len(e["input_ids"]) for e in examples),
             trained_tokens=trained_tokens(examples))
@@ -620,6 +621,7 @@ def learn_preferences(options: TrainOptions, model, preferences: Preferences, de
     say(f"preferences: {preferences.report.describe()}; DPO (beta {options.dpo_beta}, {options.dpo_epochs} epochs) "
         f"on {len(train)}, margin measured on {len(measured)} {where} pairs")
     before = preference_margins(pair_logps(model, measured))
+    reference = pair_logps(model, train)
     progress = Progress(options.dpo_epochs * len(train))
     started = time.time()
 
@@ -633,7 +635,7 @@ def learn_preferences(options: TrainOptions, model, preferences: Preferences, de
 
     try:
         figures = train_dpo(model, train, options.dpo_epochs, options.dpo_beta, options.dpo_learning_rate,
-                            options.seed, on_step=on_step)
+                            options.seed, on_step=on_step, reference=reference)
     finally:
         progress.close()
     after = preference_margins(pair_logps(model, measured))

@@ -72,6 +72,29 @@ def test_long_conversations_are_split_between_exchanges(tiny_llama):
         assert tokenizer.decode(example["input_ids"]).startswith("<|im_start|>system\nS<|im_end|>")
 
 
+def test_an_exchange_too_long_on_its_own_trains_its_first_part_without_an_end_of_turn(tiny_llama):
+    """Cut at --max-length: the answer's first part is trained, and no end of turn is learned where it was
+    cut; an exchange whose prompt leaves too little of the answer is left out, and both are counted."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    long_answer = " ".join(f"word{n}" for n in range(300))
+    messages = [{"role": "user", "content": "short question"}, {"role": "assistant", "content": "short answer"},
+                {"role": "user", "content": "tell me everything"}, {"role": "assistant", "content": long_answer},
+                {"role": "user", "content": "x " * 300}, {"role": "assistant", "content": "after a long prompt"},
+                {"role": "user", "content": "last question"}, {"role": "assistant", "content": "last answer"}]
+    report = examples.ExampleReport()
+    made = examples.tokenize_examples([messages], tokenizer, 128, report=report)
+    trained = [formatting.trained_text(e["input_ids"], e["labels"], tokenizer) for e in made]
+    assert trained[0] == ["short answer<|im_end|>"] and trained[-1] == ["last answer<|im_end|>"]
+    cut = trained[1]
+    assert len(made[1]["input_ids"]) == 128 and len(cut) == 1 and long_answer.startswith(cut[0])
+    assert "<|im_end|>" not in cut[0] and len(cut[0]) > 100
+    assert len(made) == 3 and report.cut_exchanges == 1
+    assert report.dropped == {"exchanges whose prompt fills --max-length": 1}
+    assert "1 exchanges longer than --max-length trained on their first part" in report.describe()
+
+
 def test_packing_has_no_cross_attention(tiny_llama):
     from transformers import AutoModelForCausalLM
 
