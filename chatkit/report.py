@@ -376,6 +376,8 @@ def card_text(facts: RunFacts, before: Side, after: Side, adapter: bool) -> str:
                      f"{facts.conversations} conversations ({facts.trained_tokens:,} trained tokens) in "
                      f"{duration(facts.seconds)} on {facts.device}"
                      + (f" (time budget: {facts.budget})" if facts.budget else "") + ".", "",
+                     *([f"Then learned from the user's preferences: {facts.preferences}.", ""] if facts.preferences
+                       else []),
                      _loss_line(facts, before, after), "",
                      f"The full report, with the base and trained answers side by side: [{REPORT_FILE}]({REPORT_FILE}).",
                      "", "## Chat with it", "", "```bash",

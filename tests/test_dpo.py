@@ -134,3 +134,5 @@ def test_dpo_raises_the_chosen_margin_on_held_out_pairs(tmp_path, tiny_llama, ca
     assert (f"margin went from {metrics['margin_before']} to {metrics['margin_after']} on 2 held-out pairs "
             "(it rose on 2 of them)") in err
     assert "Preferences: DPO on 10 pairs" in (tmp_path / "m" / "report.md").read_text()
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "Then learned from the user's preferences: DPO on 10 pairs: the chosen-minus-rejected" in card
