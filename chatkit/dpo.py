@@ -140,16 +140,14 @@ def preference_margins(logps: List[Tuple[float, float]]) -> List[float]:
 
 
 def train_dpo(model, examples: List[dict], epochs: int = DEFAULT_EPOCHS, beta: float = DEFAULT_BETA,
-              learning_rate: float = DEFAULT_LEARNING_RATE, seed: int = 42, on_step=None,
-              reference: Optional[List[Tuple[float, float]]] = None) -> dict:
-    """DPO on the trainable (LoRA) weights, one pair a step, against the model as it is when called (its
-    `pair_logps`, computed here unless given). `on_step(step, total, loss)` after each step; when it
-    returns True the rest is left out (a time budget). Returns the steps taken and the loss at the start
+              learning_rate: float = DEFAULT_LEARNING_RATE, seed: int = 42, on_step=None, *,
+              reference: List[Tuple[float, float]]) -> dict:
+    """DPO on the trainable (LoRA) weights, one pair a step, against `reference`: the `pair_logps` of the
+    examples under the model before DPO, computed once. `on_step(step, total, loss)` after each step; when
+    it returns True the rest is left out (a time budget). Returns the steps taken and the loss at the start
     and over the last epoch's worth of steps."""
     import torch
 
-    if reference is None:
-        reference = pair_logps(model, examples)  # the model before DPO, computed once
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
     rng = random.Random(seed)
     order = []

@@ -620,8 +620,8 @@ def learn_preferences(options: TrainOptions, model, preferences: Preferences, de
     model.eval()
     say(f"preferences: {preferences.report.describe()}; DPO (beta {options.dpo_beta}, {options.dpo_epochs} epochs) "
         f"on {len(train)}, margin measured on {len(measured)} {where} pairs")
-    before = preference_margins(pair_logps(model, measured))
-    reference = pair_logps(model, train)
+    reference = pair_logps(model, train)  # the model before DPO: also the margins before, on training pairs
+    before = preference_margins(reference if measured is train else pair_logps(model, measured))
     progress = Progress(options.dpo_epochs * len(train))
     started = time.time()
 

@@ -226,7 +226,8 @@ def preference_seconds(pair_tokens: Sequence[int], epochs: int, shape: Shape, ma
         return 0.0
     tokens = sum(pair_tokens)
     per_token = shape.flops_per_token(tokens / len(pair_tokens) / 2, 1.0, True)
-    return ((epochs + 1.5 / 2) * tokens * per_token / machine.rate
+    forward_share = 0.5  # a forward pass costs about half a training step's forward and backward
+    return ((epochs + 1.5 * forward_share) * tokens * per_token / machine.rate
             + epochs * len(pair_tokens) * 2 * STEP_OVERHEAD_S)
 
 

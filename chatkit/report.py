@@ -290,12 +290,13 @@ def system_prompts(conversations: Sequence[Sequence[dict]], default: Optional[st
     has none), each with the number of conversations it opens, most used first."""
     from collections import Counter
 
+    from .formatting import with_system_prompt
+
     counts = Counter()
     for messages in conversations:
-        opening = messages[0] if messages and messages[0]["role"] == "system" else None
-        text = opening["content"] if opening else default
-        if text:
-            counts[text] += 1
+        messages = with_system_prompt(messages, default)  # as training adds --system-prompt
+        if messages and messages[0]["role"] == "system":
+            counts[messages[0]["content"]] += 1
     return counts.most_common()
 
 
