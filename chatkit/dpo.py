@@ -4,6 +4,11 @@ Direct Preference Optimization (Rafailov et al., 2023) raises the log-probabilit
 over the rejected one, measured against a reference model:
 
     loss = -log sigmoid(beta * ((log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))))
+           + sft_weight * (the chosen answers' mean negative log-likelihood per token)
+
+The second term (RPO, Pang et al., 2024; TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, alpha])
+keeps the chosen answers likely in absolute terms: DPO alone only widens the gap, and where the chosen
+answer is the rejected one plus more words it learns "do not stop here" and drifts towards long answers.
 
 The reference is the model as supervised training left it: TRL's DPOTrainer does the same for an adapter
 that was already trained (it keeps a frozen copy of it); for a fresh adapter that is the adapter switched
@@ -23,10 +28,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import ChatkitError
 from .formatting import IGNORE_INDEX, tokenize_conversation, with_system_prompt
-
-DEFAULT_BETA = 0.1  # how far from the reference the answers may move: TRL's default, and the paper's
-DEFAULT_EPOCHS = 2  # tens to hundreds of pairs: a couple of passes move the margins without forgetting
-DEFAULT_LEARNING_RATE = 5e-5  # LoRA on small data; 10x lower than the supervised default of the starter
 
 
 @dataclass
@@ -104,12 +105,23 @@ def pair_examples(pairs: Sequence[dict], tokenizer, max_length: int, system_prom
     return examples
 
 
-def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float):
-    """The DPO loss of a batch (its mean) and each pair's reward margin (beta-scaled, as TRL logs it)."""
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float,
+             sft_weight: float = 0.0, chosen_tokens=None):
+    """The DPO loss of a batch (its mean) and each pair's reward margin (beta-scaled, as TRL logs it); with
+    `sft_weight`, plus that times the chosen answers' negative log-likelihood per token (`chosen_tokens`:
+    each chosen answer's number of labelled tokens; the mean is over the batch's tokens, as TRL takes it)."""
     import torch.nn.functional as F
 
     margins = beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
-    return -F.logsigmoid(margins).mean(), margins
+    loss = -F.logsigmoid(margins).mean()
+    if sft_weight:
+        loss = loss + sft_weight * -policy_chosen.sum() / chosen_tokens.sum()
+    return loss, margins
+
+
+def answer_tokens(labels: List[int]) -> int:
+    """The number of labelled tokens `sequence_logps` sums over."""
+    return sum(label != IGNORE_INDEX for label in labels[1:])
 
 
 def sequence_logps(model, ids: List[int], labels: List[int]):
@@ -139,13 +151,13 @@ def preference_margins(logps: List[Tuple[float, float]]) -> List[float]:
     return [chosen - rejected for chosen, rejected in logps]
 
 
-def train_dpo(model, examples: List[dict], epochs: int = DEFAULT_EPOCHS, beta: float = DEFAULT_BETA,
-              learning_rate: float = DEFAULT_LEARNING_RATE, seed: int = 42, on_step=None, *,
-              reference: List[Tuple[float, float]]) -> dict:
+def train_dpo(model, examples: List[dict], epochs: int, beta: float, learning_rate: float, sft_weight: float,
+              seed: int = 42, on_step=None, *, reference: List[Tuple[float, float]]) -> dict:
     """DPO on the trainable (LoRA) weights, one pair a step, against `reference`: the `pair_logps` of the
-    examples under the model before DPO, computed once. `on_step(step, total, loss)` after each step; when
-    it returns True the rest is left out (a time budget). Returns the steps taken and the loss at the start
-    and over the last epoch's worth of steps."""
+    examples under the model before DPO, computed once; `sft_weight` adds the chosen answer's supervised
+    loss (`dpo_loss`). `on_step(step, total, loss)` after each step; when it returns True the rest is left
+    out (a time budget). Returns the steps taken and the loss at the start and over the last epoch's worth
+    of steps."""
     import torch
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
@@ -159,7 +171,8 @@ def train_dpo(model, examples: List[dict], epochs: int = DEFAULT_EPOCHS, beta: f
         for index in order:
             chosen, rejected = (sequence_logps(model, *examples[index][name]) for name in ("chosen", "rejected"))
             ref_chosen, ref_rejected = (torch.tensor(v, device=chosen.device) for v in reference[index])
-            loss, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+            tokens = torch.tensor(answer_tokens(examples[index]["chosen"][1]), device=chosen.device)
+            loss, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, sft_weight, tokens)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -214,10 +214,16 @@ class TrainOptions(Common, Hardware, Lora):
     preferences: Optional[str] = option(None, "after the supervised training, learn from preference pairs "
                                               "(convert_chatgpt_export.py --preferences): DPO on the LoRA adapter",
                                         metavar="FILE")
+    # DPO's defaults, for tens to hundreds of pairs (docs/PERFORMANCE.md, "Learning from preferences"): beta
+    # as TRL and the paper; with the supervised loss on the chosen answers added (RPO), a LoRA learning
+    # rate and passes that move the answers, not only the margins, without drifting to long answers.
     dpo_beta: float = option(0.1, "--preferences: how far from the supervised model the answers may move "
                                   "(default: %(default)s)", check="positive")
-    dpo_epochs: int = option(2, "--preferences: passes over the pairs (default: %(default)s)", check="positive")
-    dpo_learning_rate: float = option(5e-5, "--preferences: learning rate (default: %(default)s)", check="positive")
+    dpo_epochs: int = option(3, "--preferences: passes over the pairs (default: %(default)s)", check="positive")
+    dpo_learning_rate: float = option(2e-4, "--preferences: learning rate (default: %(default)s)", check="positive")
+    dpo_sft_weight: float = option(1.0, "--preferences: add this times the supervised loss on the chosen answers "
+                                        "to DPO's, so they stay likely and answers do not drift longer (RPO; "
+                                        "0: DPO alone; default: %(default)s)", check="off-or-more")
     report: str = option("full", "full (default): OUTPUT/report.md compares the base and trained models' answers "
                                  "to your prompts and general questions; none: only the loss figures and plot",
                          choices=("full", "none"))

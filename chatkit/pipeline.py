@@ -618,8 +618,10 @@ def learn_preferences(options: TrainOptions, model, preferences: Preferences, de
 
     train, measured, where = preferences.train, preferences.measured, preferences.where
     model.eval()
-    say(f"preferences: {preferences.report.describe()}; DPO (beta {options.dpo_beta}, {options.dpo_epochs} epochs) "
-        f"on {len(train)}, margin measured on {len(measured)} {where} pairs")
+    settings = f"beta {options.dpo_beta}, {options.dpo_epochs} epochs" + (
+        f", supervised loss weighted {options.dpo_sft_weight:g}" if options.dpo_sft_weight else "")
+    say(f"preferences: {preferences.report.describe()}; DPO ({settings}) on {len(train)}, margin measured on "
+        f"{len(measured)} {where} pairs")
     reference = pair_logps(model, train)  # the model before DPO: also the margins before, on training pairs
     before = preference_margins(reference if measured is train else pair_logps(model, measured))
     progress = Progress(options.dpo_epochs * len(train))
@@ -635,7 +637,7 @@ def learn_preferences(options: TrainOptions, model, preferences: Preferences, de
 
     try:
         figures = train_dpo(model, train, options.dpo_epochs, options.dpo_beta, options.dpo_learning_rate,
-                            options.seed, on_step=on_step, reference=reference)
+                            options.dpo_sft_weight, options.seed, on_step=on_step, reference=reference)
     finally:
         progress.close()
     after = preference_margins(pair_logps(model, measured))

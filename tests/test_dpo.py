@@ -25,17 +25,19 @@ def test_the_loss_is_the_published_dpo_loss():
     assert float(dpo_loss(same, same, same, same, 0.5)[0]) == pytest.approx(math.log(2))  # no preference yet
 
 
-def test_the_loss_and_its_gradients_are_trls_on_the_same_batch(tmp_path, tiny_llama):
+@pytest.mark.parametrize("sft_weight", [0.0, 1.0])
+def test_the_loss_and_its_gradients_are_trls_on_the_same_batch(tmp_path, tiny_llama, sft_weight):
     """TRL's DPOTrainer and this engine on one batch TRL collated, with an adapter that was already trained
     (TRL then keeps a frozen copy of it as the reference; this engine computes the reference once, before
-    DPO): the same loss and the same gradients of every LoRA weight."""
+    DPO): the same loss and the same gradients of every LoRA weight. With --dpo-sft-weight, TRL's RPO
+    (loss types sigmoid and sft, weighted)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from chatkit.dpo import PreferenceReport, pair_examples, pair_logps, sequence_logps
+    from chatkit.dpo import PreferenceReport, answer_tokens, pair_examples, pair_logps, sequence_logps
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     torch.manual_seed(0)
@@ -46,7 +48,9 @@ def test_the_loss_and_its_gradients_are_trls_on_the_same_batch(tmp_path, tiny_ll
               "chosen": [{"role": "assistant", "content": f"Topic {i} is a good one. What would you like?"}],
               "rejected": [{"role": "assistant", "content": f"Topic {i}{'!' * i}"}]} for i in range(3)]
     trainer = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(pairs),
-                         args=DPOConfig(output_dir=str(tmp_path), beta=0.1, report_to=[], use_cpu=True, bf16=False))
+                         args=DPOConfig(output_dir=str(tmp_path), beta=0.1, report_to=[], use_cpu=True, bf16=False,
+                                        **({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]}
+                                           if sft_weight else {})))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
 
     examples = []  # TRL's rows as this engine's (ids, labels): chosen rows first, then rejected
@@ -69,9 +73,13 @@ def test_the_loss_and_its_gradients_are_trls_on_the_same_batch(tmp_path, tiny_ll
     model.zero_grad()
     policy = torch.stack([torch.stack([sequence_logps(model, *e[side]) for side in ("chosen", "rejected")])
                           for e in examples])
-    ours, _ = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], beta=0.1)
+    tokens = torch.tensor([answer_tokens(e["chosen"][1]) for e in examples])
+    ours, _ = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], 0.1, sft_weight, tokens)
     ours.backward()
-    assert abs(float(theirs.detach()) - math.log(2)) > 1e-3  # the policy differs from the reference
+    if sft_weight:  # the supervised term is there, and large: the answers' loss per token
+        assert float(ours.detach()) > 1.0
+    else:
+        assert abs(float(theirs.detach()) - math.log(2)) > 1e-3  # the policy differs from the reference
     assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
     assert their_grads and any(float(g.abs().max()) > 0 for g in their_grads.values())
     for name, parameter in model.named_parameters():
@@ -130,9 +138,41 @@ def test_dpo_raises_the_chosen_margin_on_held_out_pairs(tmp_path, tiny_llama, ca
     assert metrics["margin_after"] > metrics["margin_before"] and metrics["margin_rose"] == 2
     assert metrics["dpo_steps"] == metrics["dpo_planned_steps"] == 3 * 8 and "dpo_stopped" not in metrics
     err = capsys.readouterr().err
-    assert "preferences: 10 preference pairs; DPO (beta 0.1, 3 epochs) on 8, margin measured on 2 held-out" in err
+    assert ("preferences: 10 preference pairs; DPO (beta 0.1, 3 epochs, supervised loss weighted 1) on 8, margin "
+            "measured on 2 held-out") in err
     assert (f"margin went from {metrics['margin_before']} to {metrics['margin_after']} on 2 held-out pairs "
             "(it rose on 2 of them)") in err
     assert "Preferences: DPO on 10 pairs" in (tmp_path / "m" / "report.md").read_text()
     card = (tmp_path / "m" / "README.md").read_text()
     assert "Then learned from the user's preferences: DPO on 10 pairs: the chosen-minus-rejected" in card
+
+
+def test_the_supervised_term_keeps_the_chosen_answers_likely(tiny_llama):
+    """DPO alone widens the gap between chosen and rejected, and may do it by making both less likely; with
+    --dpo-sft-weight the chosen answers themselves become more likely (what keeps answers from drifting)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatkit.dpo import PreferenceReport, pair_examples, pair_logps, train_dpo
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    pairs = [{"prompt": [{"role": "user", "content": f"Tell me about topic {i}."}],
+              "chosen": [{"role": "assistant", "content": f"Topic {i} is a good one. What would you like to know?"}],
+              "rejected": [{"role": "assistant", "content": f"Topic {i} is a good one."}]} for i in range(6)]
+    chosen_after = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                               LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        examples = pair_examples(pairs, tokenizer, 512, None, PreferenceReport())
+        model.eval()
+        before = pair_logps(model, examples)
+        figures = train_dpo(model, examples, 3, 0.1, 5e-3, weight, reference=before)
+        after = pair_logps(model, examples)
+        assert figures["dpo_steps"] == 18
+        assert sum(c - r for c, r in after) > sum(c - r for c, r in before)  # the margin rose either way
+        chosen_after[weight] = sum(c for c, _ in after)
+        if weight:
+            assert chosen_after[weight] > sum(c for c, _ in before)
+    assert chosen_after[1.0] > chosen_after[0.0]

@@ -314,5 +314,5 @@ def test_ctrl_c_during_dpo_keeps_the_trained_model(tmp_path, tiny_llama, monkeyp
     assert run(tmp_path, tiny_llama, "--rehearsal", "0", "--epochs", "1", "--report", "none",
                "--preferences", preference_file(tmp_path, 10)) == 0
     metrics = json.loads((tmp_path / "out" / "chatkit.json").read_text())["metrics"]
-    assert metrics["dpo_stopped"] == "Ctrl-C" and metrics["dpo_steps"] == 3 and metrics["dpo_planned_steps"] == 16
+    assert metrics["dpo_stopped"] == "Ctrl-C" and metrics["dpo_steps"] == 3 and metrics["dpo_planned_steps"] == 24
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
