@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from .datasets import default_val_split, read_conversations, split_train_val
 from .device import Placement, choose_placement
@@ -155,7 +155,8 @@ def lora_targets(option: str, family):
 
 @dataclass
 class Data:
-    """The tokenized data: training examples kept per conversation (a time budget keeps whole ones)."""
+    """The tokenized data: training examples kept per conversation (a time budget may keep a conversation's
+    first ones)."""
 
     conversations: List[List[dict]]  # the training conversations
     train: List[List[dict]]  # their examples, per conversation
@@ -164,12 +165,13 @@ class Data:
     val_conversations: List[List[dict]] = dataclasses.field(default_factory=list)
     preferences: Optional["Preferences"] = None  # with --preferences: the pairs, tokenized
 
-    def keep(self, kept: Sequence[int], val_examples: Optional[int]) -> "Data":
-        """The conversations a plan kept (and fewer validation examples under a time budget)."""
+    def keep(self, kept: Sequence[Tuple[int, int]], val_examples: Optional[int]) -> "Data":
+        """The conversations a plan kept, each (index, its first n examples); fewer validation examples under a
+        time budget."""
         val = self.val if val_examples is None else self.val[:val_examples]
-        train = [self.train[i] for i in kept]
+        train = [self.train[i][:n] for i, n in kept]
         examples = [example for group in train for example in group]
-        sampled = len(kept) < len(self.train)  # the data-wide counts below were said with the plan
+        sampled = len(examples) < sum(map(len, self.train))  # the data-wide counts below were said with the plan
         report = dataclasses.replace(
             self.report, conversations=len(kept), examples=len(examples),
             split_conversations=0 if sampled else self.report.split_conversations,
@@ -177,7 +179,7 @@ class Data:
             dropped=Counter() if sampled else self.report.dropped,
             tokens=sum(len(e["input_ids"]) for e in examples),
             trained_tokens=trained_tokens(examples))
-        return Data([self.conversations[i] for i in kept], train, val, report, self.val_conversations,
+        return Data([self.conversations[i] for i, _ in kept], train, val, report, self.val_conversations,
                     self.preferences)
 
     def user_prompts(self) -> List[str]:

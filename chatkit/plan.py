@@ -15,7 +15,7 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import ChatkitError
 from .output import duration
@@ -294,12 +294,15 @@ def auto_epochs(steps_per_epoch: int, requested: Optional[float]) -> float:
     return float(min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, math.ceil(AUTO_TARGET_STEPS / max(1, steps_per_epoch)))))
 
 
+Kept = Tuple[int, int]  # a conversation's index and how many of its examples a plan keeps (from its start)
+
+
 @dataclass
 class Choice:
     """What a plan settled: the conversations kept, the schedule, and the plan itself."""
 
     plan: Plan
-    kept: List[int]  # indices of the training conversations kept
+    kept: List[Kept]  # the training conversations kept: (index, how many of its examples, from its start)
     batch_size: int
     epochs: float
     gradient_checkpointing: bool
@@ -308,13 +311,18 @@ class Choice:
     val_examples: Optional[int] = None  # validation examples kept (None: all)
 
 
-def _epoch(request: Request, kept: Sequence[int], rows: int, shape: Shape, machine: Machine, checkpointing):
+def _trained(request: Request, kept: Sequence[Kept]) -> float:
+    """The trained tokens of the kept examples (of a conversation's first examples, their share of its tokens)."""
+    return sum(request.trained[i] * sum(request.lengths[i][:n]) / max(1, sum(request.lengths[i])) for i, n in kept)
+
+
+def _epoch(request: Request, kept: Sequence[Kept], rows: int, shape: Shape, machine: Machine, checkpointing):
     """(batches, epoch seconds, peak bytes) for one pass over the kept conversations."""
     from .examples import token_batches
 
-    lengths = [length for i in kept for length in request.lengths[i]] + list(request.extra)
+    lengths = [length for i, n in kept for length in request.lengths[i][:n]] + list(request.extra)
     tokens = sum(lengths)
-    share = (sum(request.trained[i] for i in kept) + sum(request.extra) // 2) / tokens if tokens else 1.0
+    share = (_trained(request, kept) + sum(request.extra) // 2) / tokens if tokens else 1.0
     batches = token_batches(lengths, rows, request.max_batch_tokens or 10**9, request.seed)
     widths = batch_widths(lengths, batches)
     seconds = training_seconds(widths, [len(b) for b in batches], shape, machine, share, request.lora)
@@ -324,7 +332,7 @@ def _epoch(request: Request, kept: Sequence[int], rows: int, shape: Shape, machi
 
 def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
     """The plan: batch, epochs, gradient checkpointing and, under a time budget, the conversations kept."""
-    everything = list(range(len(request.lengths)))
+    everything = [(i, len(examples)) for i, examples in enumerate(request.lengths)]
     kept = everything
     rows = auto_batch(sum(len(examples) for examples in request.lengths) + len(request.extra), request.batch_size)
     checkpointing = request.gradient_checkpointing
@@ -343,7 +351,7 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
             epochs = float(max(1, math.floor(passes)))
         if passes < 1:
             kept = _fit(request, shape, machine, rows, checkpointing,
-                        usable - evaluation_seconds(val_tokens, shape, machine, 2))
+                        usable - evaluation_seconds(val_tokens, shape, machine, 1))
             batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
         if kept != everything or epochs != planned or shed:
             selection = "; ".join(shed + [_selection_text(request, kept, epochs, budget=request.budget_s)])
@@ -416,25 +424,27 @@ def _check_minimum(request: Request, shape: Shape, machine: Machine, rows: int, 
 
 
 def _fit(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool,
-         seconds: float) -> List[int]:
-    """Conversations taken in a seeded random order, each one kept if the single pass over those kept still
-    fits in `seconds` (a long one that does not fit is passed over, not the end of the sample); at least the
-    shortest conversation."""
-    order = sample_conversations(len(request.lengths), request.seed)
-    kept: List[int] = []
-    for index in order:
-        if _epoch(request, kept + [index], rows, shape, machine, checkpointing)[1] <= seconds:
-            kept.append(index)
+         seconds: float) -> List[Kept]:
+    """Whole conversations taken in a seeded random order, each one kept if the single pass over those kept
+    still fits in `seconds` (a long one that does not fit is passed over, not the end of the sample); at
+    least the shortest conversation. Measured against taking every conversation's opening first, which
+    trains more conversations but did no better (docs/PERFORMANCE.md, "Choosing what a budget trains")."""
+    kept: List[Kept] = []
+    for index in sample_conversations(len(request.lengths), request.seed):
+        trial = kept + [(index, len(request.lengths[index]))]
+        if request.lengths[index] and _epoch(request, trial, rows, shape, machine, checkpointing)[1] <= seconds:
+            kept = trial
     return sorted(kept) or [_shortest(request)]
 
 
-def _shortest(request: Request) -> int:
+def _shortest(request: Request) -> Kept:
     """The shortest conversation that gives a training example (one whose exchanges were all too long gives none)."""
-    return min((i for i in range(len(request.lengths)) if request.lengths[i]), key=lambda i: sum(request.lengths[i]),
-               default=0)
+    index = min((i for i in range(len(request.lengths)) if request.lengths[i]), key=lambda i: sum(request.lengths[i]),
+                default=0)
+    return index, len(request.lengths[index]) if request.lengths else 0
 
 
-def _selection_text(request: Request, kept: Sequence[int], epochs: float, budget: float) -> str:
+def _selection_text(request: Request, kept: Sequence[Kept], epochs: float, budget: float) -> str:
     whole = len(kept) == len(request.lengths)
     which = "every conversation" if whole else (f"a random sample of {len(kept)} of {len(request.lengths)} "
                                                 f"conversations (seeded by --seed)")
@@ -444,7 +454,7 @@ def _selection_text(request: Request, kept: Sequence[int], epochs: float, budget
 
 def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, val_tokens, evaluations, shape,
           machine, selection) -> Plan:
-    tokens = sum(length for i in kept for length in request.lengths[i])
+    tokens = sum(length for i, n in kept for length in request.lengths[i][:n])
     steps = math.ceil(len(batches) / request.gradient_accumulation_steps * epochs)
     parts = {"start": STARTUP_S,
              "rehearsal": rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine),
@@ -454,8 +464,8 @@ def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, va
              "saving": SAVE_S,
              "report": report_seconds(request.report_answers, request.report_tokens, shape, machine,
                                   request.report_prompt_tokens)}
-    return Plan(conversations=len(kept), examples=sum(len(request.lengths[i]) for i in kept), tokens=tokens,
-                trained_tokens=sum(request.trained[i] for i in kept), epochs=epochs, steps=steps, batch_size=rows,
+    return Plan(conversations=len(kept), examples=sum(n for _, n in kept), tokens=tokens,
+                trained_tokens=round(_trained(request, kept)), epochs=epochs, steps=steps, batch_size=rows,
                 max_batch_tokens=request.max_batch_tokens, gradient_checkpointing=checkpointing,
                 estimated_seconds=round(sum(parts.values()), 1), estimated_peak_bytes=int(peak),
                 estimate=machine.how, parts={k: round(v, 1) for k, v in parts.items()}, selection=selection,

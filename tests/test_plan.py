@@ -80,6 +80,7 @@ def test_a_budget_shorter_than_one_pass_takes_a_sample_that_fits():
     assert choice.epochs == 1 and 20 < len(choice.kept) < 80
     assert choice.plan.estimated_seconds <= budget
     assert "a random sample of" in choice.plan.selection and choice.kept == sorted(choice.kept)
+    assert all(n == 2 for _, n in choice.kept) and choice.plan.tokens == 700 * len(choice.kept)  # whole ones
     assert choice.kept == plan.choose(request(budget=budget), SHAPE, MACHINE).kept  # the same sample each time
 
 

@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""What a time budget trains: a random sample of whole conversations, or each conversation's opening first?
+
+    python bench/budget_selection.py --data pk2023.jsonl                  # 5m and 15m, both rules
+    python bench/budget_selection.py --data pk2023.jsonl --budgets 5m --facts 8 --mentions 3
+    python bench/budget_selection.py --data pk2023.jsonl --budgets 15m --rules "whole conversations" --no-starter
+
+A budget too short for one pass over the data trains part of it. The toolkit takes whole conversations
+in a seeded random order, each one that still fits. The rule measured against it takes every
+conversation's first example (its opening exchanges, up to --max-length) before any conversation's
+second, the conversations in the same order: more conversations in the same time. This bench trains
+the same data with the same command (`train_chatgpt_model.py --data DATA --time-budget BUDGET --report
+none`, a fresh process each, the two rules alternating) and compares:
+
+- the loss per trained token on the real export's held-out conversations (the trainer's own seeded
+  split, the same for both rules), and
+- made-up facts placed among the real conversations: each fact ("Who is the archivist of the Quillmere
+  Institute?" -> a made-up name) is told `--mentions` times, each time as one exchange inserted at a
+  random place in a different training conversation, worded differently each time. After training,
+  each model is asked every fact in words no mention used (greedy): the facts recalled, the loss of
+  the right answer to those questions, and for how many facts the right name is the likeliest of all
+  the facts' names in that answer (chance: 1 in --facts).
+
+Prints JSON; the results are in docs/PERFORMANCE.md ("Choosing what a budget trains").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from quality import HELD_OUT_TEMPLATE, TRAIN_TEMPLATES, ask, correct, make_facts
+
+ROOT = Path(__file__).resolve().parent.parent
+# The rule measured against the toolkit's: every conversation's first example (its opening exchanges) before
+# any conversation's second, the conversations in the same seeded order.
+OPENINGS = """
+import runpy, sys
+from chatkit import plan
+
+def openings(request, shape, machine, rows, checkpointing, seconds):
+    order = plan.sample_conversations(len(request.lengths), request.seed)
+    taken = dict.fromkeys(order, 0)
+    for round_ in range(max(map(len, request.lengths), default=0)):
+        for index in order:
+            if taken[index] == round_ < len(request.lengths[index]):
+                trial = [(i, n + (i == index)) for i, n in taken.items() if n or i == index]
+                if plan._epoch(request, trial, rows, shape, machine, checkpointing)[1] <= seconds:
+                    taken[index] += 1
+    return sorted((i, n) for i, n in taken.items() if n) or [plan._shortest(request)]
+
+plan._fit = openings
+sys.argv = sys.argv[1:]
+runpy.run_path('train_chatgpt_model.py', run_name='__main__')
+"""
+RULES = ("whole conversations", "openings first")  # the toolkit's rule, and the one measured against it
+ANSWER = "The {role} of the Quillmere Institute is {name}."
+
+
+def plant(conversations: list, train: list, facts: list, mentions: int, seed: int) -> int:
+    """Each fact told `mentions` times, as an exchange at a random place in distinct training conversations."""
+    rng = random.Random(seed)
+    for fact in facts:
+        for template, index in zip(TRAIN_TEMPLATES[:mentions], rng.sample(train, mentions)):
+            messages = conversations[index]
+            start = 1 if messages[0]["role"] == "system" else 0
+            boundaries = [i for i in range(start, len(messages) + 1)
+                          if i == len(messages) or messages[i]["role"] == "user"]
+            at = rng.choice(boundaries)
+            messages[at:at] = [{"role": "user", "content": template.format(role=fact["role"])},
+                               {"role": "assistant", "content": ANSWER.format(**fact)}]
+    return len(facts) * mentions
+
+
+def names_preferred(model, tokenizer, facts: list) -> int:
+    """For how many facts the model finds the right name likelier than every other fact's name, in the answer
+    to the question in words no mention used (chance: one in len(facts)). Finer than recall: a model that
+    has seen a fact once may not say the name unprompted, but it leans towards it."""
+    from chatkit.dpo import sequence_logps
+    from chatkit.formatting import tokenize_conversation
+
+    names = [f["name"] for f in facts]
+    right = 0
+    for fact in facts:
+        scores = {}
+        for name in names:
+            messages = [{"role": "user", "content": HELD_OUT_TEMPLATE.format(role=fact["role"])},
+                        {"role": "assistant", "content": ANSWER.format(role=fact["role"], name=name)}]
+            scores[name] = float(sequence_logps(model, *tokenize_conversation(messages, tokenizer)))
+        right += max(scores, key=scores.get) == fact["name"]
+    return right
+
+
+def train(rule: str, data: Path, budget: str, output: Path, extra: list) -> dict:
+    flags = ["--data", str(data), "--output", str(output), "--time-budget", budget, "--report", "none", *extra]
+    command = ([sys.executable, "train_chatgpt_model.py", *flags] if rule == RULES[0] else
+               [sys.executable, "-c", OPENINGS, "train_chatgpt_model.py", *flags])
+    started = time.perf_counter()
+    process = subprocess.run(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    if process.returncode != 0:
+        sys.stderr.write(process.stderr)
+        raise SystemExit(f"{rule}, {budget}: the training run failed")
+    info = json.loads((output / "chatkit.json").read_text())
+    plan = info["plan"]
+    return {"seconds": round(time.perf_counter() - started, 1), "estimated_s": plan["estimated_seconds"],
+            "calibration": next((line.split("matrix product at ")[-1].rstrip(")") for line in
+                                 process.stderr.splitlines() if "matrix product at" in line), None),
+            "steps": (info["metrics"].get("time_budget") or {}).get("summary"),
+            "trained": {key: plan.get(key) for key in ("conversations", "examples", "tokens", "trained_tokens")}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="a converted export (JSON Lines of messages)")
+    parser.add_argument("--budgets", default="5m,15m")
+    parser.add_argument("--facts", type=int, default=12)
+    parser.add_argument("--mentions", type=int, default=4, help="times each fact is told (at most 8)")
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--rules", default=",".join(RULES), help="which rules to train (default: both)")
+    parser.add_argument("--no-starter", action="store_true", help="leave out measuring the starter model")
+    parser.add_argument("--measure", nargs="*", metavar="MODEL",
+                        help="only the names measure, of these models trained by an earlier run (same --data)")
+    args = parser.parse_args()
+    rules = [rule for rule in RULES if rule in args.rules.split(",")]
+
+    from chatkit.datasets import default_val_split, read_conversations, split_train_val
+    from chatkit.examples import tokenize_examples
+    from chatkit.models import load_model, load_tokenizer, resolve_model
+    from chatkit.options import STARTER_MODEL
+    from chatkit.output import set_verbosity
+    from chatkit.report import mean_loss
+
+    set_verbosity()
+    conversations, _ = read_conversations([args.data])
+    indices = list(range(len(conversations)))
+    train_indices, val_indices = split_train_val(indices, default_val_split(len(indices)), args.seed)
+    facts = make_facts(args.facts)
+    planted = plant(conversations, train_indices, facts, min(args.mentions, len(TRAIN_TEMPLATES)), args.seed)
+    work = Path(tempfile.mkdtemp(prefix="chatkit-selection-"))
+    data = work / "planted.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations))
+
+    tokenizer = load_tokenizer(resolve_model(STARTER_MODEL))
+    held_out = tokenize_examples([conversations[i] for i in val_indices], tokenizer, args.max_length)
+    questions = [{"question": HELD_OUT_TEMPLATE.format(role=f["role"]), "expect": [f["name"]]} for f in facts]
+    fact_answers = tokenize_examples([[{"role": "user", "content": q["question"]},
+                                       {"role": "assistant", "content": ANSWER.format(**f)}]
+                                      for q, f in zip(questions, facts)], tokenizer, args.max_length)
+    extra = ["--max-length", str(args.max_length), "--seed", str(args.seed)]
+
+    def measure(model: str, names_only: bool = False) -> dict:
+        import torch
+
+        loaded = load_model(model).model
+        with torch.no_grad():
+            figures = {"right_name_likeliest": names_preferred(loaded, tokenizer, facts)}
+            if names_only:
+                return figures
+            figures |= {"held_out_loss": round(mean_loss(loaded, held_out), 4),
+                        "fact_answer_loss": round(mean_loss(loaded, fact_answers), 4)}
+        del loaded
+        answers = ask(model, questions)
+        return figures | {"facts_recalled": sum(correct(a, q["expect"]) for a, q in zip(answers, questions))}
+
+    if args.measure is not None:  # models trained on this --data (and --seed) by an earlier run
+        print(json.dumps({model: measure(model, names_only=True) for model in args.measure}, indent=2))
+        return 0
+    results = {} if args.no_starter else {"starter": measure(STARTER_MODEL)}
+    for budget in args.budgets.split(","):
+        order = rules if budget == args.budgets.split(",")[0] else rules[::-1]  # alternating
+        for rule in order:
+            output = work / f"{rule}-{budget}".replace(" ", "-")
+            run = train(rule, data, budget, output, extra)
+            results[f"{rule}, {budget}"] = run | measure(str(output))
+            print(json.dumps({f"{rule}, {budget}": results[f"{rule}, {budget}"]}), file=sys.stderr, flush=True)
+    print(json.dumps({"conversations": len(conversations), "held_out_conversations": len(val_indices),
+                      "held_out_examples": len(held_out), "facts": len(facts), "mentions_planted": planted,
+                      "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
