@@ -29,12 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from long_exchanges import run_trainer  # the benches beside this one
 from quality import HELD_OUT_TEMPLATE, TRAIN_TEMPLATES, ask, correct, make_facts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,18 +98,12 @@ def names_preferred(model, tokenizer, facts: list) -> int:
 
 def train(rule: str, data: Path, budget: str, output: Path, extra: list) -> dict:
     flags = ["--data", str(data), "--output", str(output), "--time-budget", budget, "--report", "none", *extra]
-    command = ([sys.executable, "train_chatgpt_model.py", *flags] if rule == RULES[0] else
-               [sys.executable, "-c", OPENINGS, "train_chatgpt_model.py", *flags])
-    started = time.perf_counter()
-    process = subprocess.run(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    if process.returncode != 0:
-        sys.stderr.write(process.stderr)
-        raise SystemExit(f"{rule}, {budget}: the training run failed")
+    seconds, said = run_trainer(flags, None if rule == RULES[0] else OPENINGS, f"{rule}, {budget}")
     info = json.loads((output / "chatkit.json").read_text())
     plan = info["plan"]
-    return {"seconds": round(time.perf_counter() - started, 1), "estimated_s": plan["estimated_seconds"],
+    return {"seconds": round(seconds, 1), "estimated_s": plan["estimated_seconds"],
             "calibration": next((line.split("matrix product at ")[-1].rstrip(")") for line in
-                                 process.stderr.splitlines() if "matrix product at" in line), None),
+                                 said.splitlines() if "matrix product at" in line), None),
             "steps": (info["metrics"].get("time_budget") or {}).get("summary"),
             "trained": {key: plan.get(key) for key in ("conversations", "examples", "tokens", "trained_tokens")}}
 

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 # The variant that leaves long exchanges out, as the trainer did before they were cut.
@@ -32,17 +33,24 @@ LEAVE_OUT = ("import sys, runpy; from chatkit import examples; examples.first_pa
              "sys.argv = sys.argv[1:]; runpy.run_path('train_chatgpt_model.py', run_name='__main__')")
 
 
-def train(variant: str, data: str, budget: str, output: Path, extra: list) -> dict:
-    flags = ["--data", data, "--output", str(output), "--time-budget", budget, "--report", "none", *extra]
-    command = ([sys.executable, "train_chatgpt_model.py", *flags] if variant == "cut" else
-               [sys.executable, "-c", LEAVE_OUT, "train_chatgpt_model.py", *flags])
+def run_trainer(flags: list, patch: Optional[str], what: str) -> Tuple[float, str]:
+    """train_chatgpt_model.py with `flags` in a fresh process, as it is or with `patch` (Python code that
+    changes the toolkit, then runs the script): its seconds and what it said on stderr."""
+    command = ([sys.executable, "train_chatgpt_model.py", *flags] if patch is None else
+               [sys.executable, "-c", patch, "train_chatgpt_model.py", *flags])
     started = time.perf_counter()
     process = subprocess.run(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     if process.returncode != 0:
         sys.stderr.write(process.stderr)
-        raise SystemExit(f"{variant}: the training run failed")
-    lines = [line for line in process.stderr.splitlines() if line.startswith(("plan:", "training on"))]
-    return {"seconds": round(time.perf_counter() - started, 1), "said": lines}
+        raise SystemExit(f"{what}: the training run failed")
+    return time.perf_counter() - started, process.stderr
+
+
+def train(variant: str, data: str, budget: str, output: Path, extra: list) -> dict:
+    flags = ["--data", data, "--output", str(output), "--time-budget", budget, "--report", "none", *extra]
+    seconds, said = run_trainer(flags, None if variant == "cut" else LEAVE_OUT, variant)
+    lines = [line for line in said.splitlines() if line.startswith(("plan:", "training on"))]
+    return {"seconds": round(seconds, 1), "said": lines}
 
 
 def held_out(data: str, tokenizer, max_length: int, seed: int):
