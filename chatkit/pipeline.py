@@ -155,8 +155,8 @@ def lora_targets(option: str, family):
 
 @dataclass
 class Data:
-    """The tokenized data: training examples kept per conversation (a time budget may keep a conversation's
-    first ones)."""
+    """The tokenized data: training examples kept per conversation (a time budget keeps whole ones; `keep`
+    takes each conversation's count of examples, so bench/budget_selection.py can measure other rules)."""
 
     conversations: List[List[dict]]  # the training conversations
     train: List[List[dict]]  # their examples, per conversation
