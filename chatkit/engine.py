@@ -22,6 +22,7 @@ from .errors import ChatkitError
 from .examples import PaddingCollator, TokenBudgetSampler
 from .files import latest_checkpoint
 from .formatting import IGNORE_INDEX, pad_token_id
+from .kernels import linear_cross_entropy
 from .models import causal_lm_parts
 from .output import Progress, quiet_transformers, say
 from .rehearsal import teacher_loss
@@ -100,7 +101,9 @@ class ChatTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def _labelled_logits(self, model, inputs, keep):
+    def _labelled_features(self, model, inputs, keep):
+        """The labelled positions' hidden states and the output layer, for the fused loss; or, where the
+        output layer is not a plain matrix product, their float logits and None."""
         causal_lm, inner = causal_lm_parts(model)
         config = causal_lm.config
         plain = not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
@@ -109,10 +112,12 @@ class ChatTrainer(Trainer):
             # PaddingCollator pads on the right, so in a causal model no real token can see padding:
             # without the mask, attention takes its plain causal path instead of a materialised mask.
             forward = {k: v for k, v in inputs.items() if k not in ("labels", "attention_mask")}
-            hidden = inner(**forward).last_hidden_state
-            return head(hidden[:, :-1][keep]).float()
+            hidden = inner(**forward).last_hidden_state[:, :-1][keep]
+            if isinstance(head, torch.nn.Linear):
+                return hidden, head
+            return head(hidden).float(), None
         forward = {k: v for k, v in inputs.items() if k != "labels"}
-        return model(**forward).logits[:, :-1][keep].float()
+        return model(**forward).logits[:, :-1][keep].float(), None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher_index = inputs.pop("teacher_index", None)
@@ -120,15 +125,16 @@ class ChatTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         targets = inputs["labels"][:, 1:]
         keep = targets != IGNORE_INDEX
-        logits = self._labelled_logits(model, inputs, keep)
+        features, head = self._labelled_features(model, inputs, keep)
         targets = targets[keep]
         rows = teacher_index[:, 1:][keep] if teacher_index is not None else None
-        if rows is None or not bool((rows >= 0).any()):
-            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        taught = rows >= 0 if rows is not None and bool((rows >= 0).any()) else None
+        if taught is None:
+            loss = cross_entropy_sum(features, head, targets)
         else:
-            taught = rows >= 0
-            loss = torch.nn.functional.cross_entropy(logits[~taught], targets[~taught], reduction="sum")
-            loss = loss + teacher_loss(logits[taught], self.teacher, rows[taught])
+            loss = cross_entropy_sum(features[~taught], head, targets[~taught])
+            logits = features[taught] if head is None else head(features[taught]).float()
+            loss = loss + teacher_loss(logits, self.teacher, rows[taught])
         count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
         if isinstance(count, torch.Tensor):
             count = count.to(loss.device)
@@ -136,6 +142,14 @@ class ChatTrainer(Trainer):
         if self.args.world_size > 1 and self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: the count is global
         return loss
+
+
+def cross_entropy_sum(features, head, targets):
+    """The summed cross-entropy of the labelled positions: fused with the output layer when `head` is
+    given (no vocabulary-wide logits kept), else of the logits `features`."""
+    if head is None:
+        return torch.nn.functional.cross_entropy(features, targets, reduction="sum")
+    return linear_cross_entropy(features, head, targets)
 
 
 # ---------------------------------------------------------------------------------------------

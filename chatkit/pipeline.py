@@ -130,7 +130,10 @@ def prepare_model(options: TrainOptions, source: ModelSource, placement: Placeme
     ensure_pad_token(tokenizer)
     if options.gradient_checkpointing:
         model.config.use_cache = False
+    from .kernels import fuse_lora
+
     if not options.lora or source.kind == "adapter":
+        fuse_lora(model)  # an adapter trained further
         return model, tokenizer
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -140,9 +143,11 @@ def prepare_model(options: TrainOptions, source: ModelSource, placement: Placeme
     config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                         target_modules=targets, task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config), tokenizer
+        model = get_peft_model(model, config)
     except ValueError as exc:
         raise ChatkitError(f"--lora-target-modules {options.lora_target_modules}: {exc}") from None
+    fuse_lora(model)
+    return model, tokenizer
 
 
 def lora_targets(option: str, family):

@@ -9,6 +9,7 @@ import pytest
 import demo_chatbot
 import train_chatgpt_model as cli
 from chatkit import plan, rehearsal
+from chatkit import report  # noqa: F401  (imported before a test replaces rehearsal.own_answers: the report keeps the real one)
 from chatkit.errors import ChatkitError
 from chatkit.examples import TokenBudgetSampler, token_batches
 from interrupt import interrupt_at

@@ -9,6 +9,7 @@ import torch
 
 import train_chatgpt_model as cli
 from chatkit import rehearsal
+from chatkit import report  # noqa: F401  (imported before a test replaces rehearsal.own_answers: the report keeps the real one)
 from chatkit.engine import ChatTrainer
 from chatkit.examples import PaddingCollator, tokenize_examples
 from chatkit.chat import ChatSession, GenerationSettings
