@@ -2,14 +2,22 @@
 """Benchmark: training tokens per second on the starter model with LoRA, against this machine's matmul rate.
 
     python bench/train_throughput.py [--steps 12] [--batch-size 8] [--rounds 2] [--no-trl]
+        [--variant unfused-loss --variant unfused-lora ...] [--checkpointing]
 
 Measures (1) this machine's fp32 matrix-multiply rate (2048x2048, all threads), (2) train_chatgpt_model's
 tokens/s with its default settings (LoRA r16 on all linear layers, fp32 on CPU, dynamic padding) on
 generated conversations of a few hundred tokens, excluding model loading, and reports the share of the
 matmul rate reached when each token costs 4 x parameters FLOPs (LoRA: forward 2N, backward to the
 activations 2N, no weight gradients for the frozen base). When TRL is installed (`pip install trl`) it
-also runs TRL's SFTTrainer on the same data with bf16 and gradient checkpointing turned off, alternating
-with ours for --rounds rounds, and reports the best round of each.
+also runs TRL's SFTTrainer on the same data with bf16 turned off, alternating with ours for --rounds
+rounds, and reports the best round of each. Gradient checkpointing is off on both sides (on with
+--checkpointing); neither side's rehearsal nor report runs.
+
+Each --variant is our trainer with one of its speed-ups taken out (or one tried), run in the same rounds:
+  unfused-loss   the output layer's logits kept whole and cross-entropy taken on them
+  unfused-lora   peft's own LoRA forward (B's product, the scaling and the sum as three passes)
+  unfused        both
+  compile        torch.compile of the model body (dynamic shapes; the compile counts in the run's time)
 """
 
 from __future__ import annotations
@@ -50,17 +58,54 @@ def make_data(path: Path, count: int, seed: int = 0) -> None:
     path.write_text(json.dumps(records))
 
 
-def run_chatkit(data: Path, workdir: Path, batch: int) -> dict:
+VARIANTS = ("unfused-loss", "unfused-lora", "unfused", "compile")
+
+
+@contextlib.contextmanager
+def variant(name: str):
+    """Our trainer with one speed-up taken out (or torch.compile tried) for the length of one run."""
+    import torch
+
+    from chatkit import engine, kernels
+
+    saved = (engine.cross_entropy_sum, kernels.fuse_lora, engine.causal_lm_parts)
+    if name in ("unfused-loss", "unfused"):
+        def unfused_loss(features, head, targets):
+            logits = features if head is None else head(features).float()
+            return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+        engine.cross_entropy_sum = unfused_loss
+    if name in ("unfused-lora", "unfused"):
+        kernels.fuse_lora = lambda model: 0
+    if name == "compile":
+        compiled = {}
+
+        def compiled_parts(model):
+            causal_lm, inner = saved[2](model)
+            if inner is not None and id(inner) not in compiled:
+                compiled[id(inner)] = torch.compile(inner, dynamic=True)
+            return causal_lm, compiled.get(id(inner), inner)
+
+        engine.causal_lm_parts = compiled_parts
+    try:
+        yield
+    finally:
+        engine.cross_entropy_sum, kernels.fuse_lora, engine.causal_lm_parts = saved
+
+
+def run_chatkit(data: Path, workdir: Path, batch: int, checkpointing: bool, name: str = "") -> dict:
     from chatkit.options import TrainOptions
     from chatkit.pipeline import train
 
     # The same batches as TRL's (8 conversations whatever their tokens), so the two are compared on equal work.
-    options = TrainOptions(data=[str(data)], output=str(workdir / "chatkit"), epochs=1, batch_size=batch,
-                           val_split=0, logging_steps=1000, max_batch_tokens=batch * 1024)
-    return train(options)
+    options = TrainOptions(data=[str(data)], output=str(workdir / f"chatkit{name}"), epochs=1, batch_size=batch,
+                           val_split=0, logging_steps=1000, max_batch_tokens=batch * 1024, rehearsal=0,
+                           report="none", gradient_checkpointing=checkpointing)
+    with variant(name) if name else contextlib.nullcontext():
+        return train(options)
 
 
-def run_trl(data: Path, workdir: Path, batch: int, steps: int) -> dict:
+def run_trl(data: Path, workdir: Path, batch: int, steps: int, checkpointing: bool) -> dict:
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,7 +117,7 @@ def run_trl(data: Path, workdir: Path, batch: int, steps: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     config = SFTConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=batch, max_steps=steps,
-                       bf16=False, gradient_checkpointing=False, use_cpu=True, report_to="none",
+                       bf16=False, gradient_checkpointing=checkpointing, use_cpu=True, report_to="none",
                        logging_steps=1000, save_strategy="no", max_length=1024)
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
                          train_dataset=load_dataset("json", data_files=str(data), split="train"),
@@ -100,6 +145,9 @@ def main() -> int:
     parser.add_argument("--compare-trl", action="store_true", help="fail when TRL is not installed")
     parser.add_argument("--no-trl", action="store_true", help="skip TRL even when it is installed")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of chatkit then TRL")
+    parser.add_argument("--variant", action="append", default=[], choices=VARIANTS,
+                        help="also run our trainer with this speed-up taken out (or tried), in the same rounds")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
     args = parser.parse_args()
     import importlib.util
 
@@ -120,19 +168,28 @@ def main() -> int:
     make_data(data, args.steps * args.batch_size)
     before = matmul_gflops()
     result = {"threads": torch.get_num_threads(), "parameters": params}
-    ours, theirs = [], []
+    result["gradient_checkpointing"] = args.checkpointing
+    ours, theirs, variants = [], [], {name: [] for name in args.variant}
     for round_number in range(args.rounds):  # alternating, so a slower moment of the machine hits both
+        where = workdir / f"round{round_number}"
         with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log lines on stdout
-            ours.append(run_chatkit(data, workdir / f"round{round_number}", args.batch_size))
+            ours.append(run_chatkit(data, where, args.batch_size, args.checkpointing))
+            for name, runs in variants.items():
+                runs.append(run_chatkit(data, where, args.batch_size, args.checkpointing, name))
             if compare:
-                theirs.append(run_trl(data, workdir / f"round{round_number}", args.batch_size, args.steps))
+                theirs.append(run_trl(data, where, args.batch_size, args.steps, args.checkpointing))
     chatkit = max(ours, key=lambda r: r["tokens_per_second"])
     result["chatkit"] = {k: chatkit[k] for k in ("tokens_seen", "train_runtime_s", "tokens_per_second")}
     result["chatkit"]["every_round_tokens_per_second"] = [r["tokens_per_second"] for r in ours]
+    for name, runs in variants.items():
+        best = max(runs, key=lambda r: r["tokens_per_second"])
+        result[f"chatkit_{name}"] = {"tokens_per_second": best["tokens_per_second"],
+                                     "every_round_tokens_per_second": [r["tokens_per_second"] for r in runs],
+                                     "chatkit_over_this": round(chatkit["tokens_per_second"] / best["tokens_per_second"], 2)}
     achieved = chatkit["tokens_per_second"] * 4 * params / 1e9
     if theirs:
         trl = max(theirs, key=lambda r: r["tokens_per_second"])
-        result["trl_sft_fp32_no_checkpointing"] = dict(trl, every_round_tokens_per_second=[
+        result["trl_sft_fp32"] = dict(trl, every_round_tokens_per_second=[
             r["tokens_per_second"] for r in theirs])
         result["chatkit_over_trl"] = round(chatkit["tokens_per_second"] / trl["tokens_per_second"], 2)
     # The machine's rate is the best of two measurements, before and after the training runs.

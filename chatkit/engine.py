@@ -25,6 +25,7 @@ from .formatting import IGNORE_INDEX, pad_token_id
 from .kernels import linear_cross_entropy
 from .models import causal_lm_parts
 from .output import Progress, quiet_transformers, say
+from .plan import LOGITS_CHUNK
 from .rehearsal import teacher_loss
 
 # transformers renamed gradient checkpointing to activation checkpointing (the old name warns).
@@ -62,7 +63,8 @@ class ChatTrainer(Trainer):
 
     The output layer (hidden size x vocabulary, 49k wide for the starter model) and the softmax over
     it are the largest single cost per token; prompt tokens and padding have no label, so their logits
-    are never needed. Models with logit soft-capping or scaling, and distributed runs (where the
+    are never needed, and the labelled ones are computed a chunk at a time with their gradient
+    (kernels.linear_cross_entropy), never all kept at once. Models with logit soft-capping or scaling, and distributed runs (where the
     forward must go through the DDP wrapper), take the model's full forward instead.
 
     Rehearsal positions (a batch's `teacher_index`, with the table in `self.teacher`) are trained
@@ -149,7 +151,7 @@ def cross_entropy_sum(features, head, targets):
     given (no vocabulary-wide logits kept), else of the logits `features`."""
     if head is None:
         return torch.nn.functional.cross_entropy(features, targets, reduction="sum")
-    return linear_cross_entropy(features, head, targets)
+    return linear_cross_entropy(features, head, targets, LOGITS_CHUNK)
 
 
 # ---------------------------------------------------------------------------------------------

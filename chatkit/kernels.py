@@ -20,9 +20,6 @@ import types
 import torch
 import torch.nn.functional as F
 
-CHUNK = 1024  # positions per chunk: 1024 x a 49k vocabulary is 200 MB of float32 logits
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
@@ -61,10 +58,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 scaled(weight_grad, ctx.weight_dtype), scaled(bias_grad, ctx.weight_dtype), None, None)
 
 
-def linear_cross_entropy(hidden, head, targets, chunk: int = CHUNK):
+def linear_cross_entropy(hidden, head, targets, chunk: int):
     """The summed cross-entropy of `head(hidden)` against `targets`, without keeping the logits.
 
-    `hidden` is (positions, width), `head` the output layer (an nn.Linear), `targets` the token ids.
+    `hidden` is (positions, width), `head` the output layer (an nn.Linear), `targets` the token ids;
+    the logits of `chunk` positions exist at a time (the plan's LOGITS_CHUNK).
     The same value and gradients as `F.cross_entropy(head(hidden).float(), targets, reduction="sum")`.
     """
     if hidden.shape[0] == 0:

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .errors import ChatkitError
 from .output import duration
 
-EFFICIENCY = {"cpu": 0.45, "cuda": 0.35, "mps": 0.25}  # measured on CPU; GPU and MPS figures are guesses
+EFFICIENCY = {"cpu": 0.55, "cuda": 0.35, "mps": 0.25}  # measured on CPU (0.45 before the fused loss and LoRA); GPU and MPS figures are guesses
 # Python, torch, transformers, the tokenized data and what the C heap keeps between steps of varying
 # shapes: 0.75 GiB before any weights, and about as much again in the real runs of docs/PERFORMANCE.md.
 PROCESS_BYTES = 1.5 * 2**30
@@ -29,6 +29,10 @@ SAVE_S = 3.0
 STEP_OVERHEAD_S = 0.02  # optimizer step and bookkeeping
 REHEARSAL_S = (2.0, 0.6)  # fixed, then per answer generated (64 tokens, batches of 16)
 REPORT_S = 0.21  # per report answer (32 tokens; base and trained answers share batches)
+# The fused loss (chatkit/kernels.py) holds the logits of LOGITS_CHUNK positions at a time: LOGITS_BYTES
+# per position and vocabulary entry (float32 logits turned into their gradient in place, and a copy).
+LOGITS_CHUNK = 1024
+LOGITS_BYTES = 8
 MEMORY_TARGET_BYTES = 3.5 * 2**30  # default CPU training stays under 4 GB; above it, gradient checkpointing
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(min|sec|h|m|s)?", re.I)
 
@@ -121,6 +125,7 @@ class Shape:
     hidden: int
     intermediate: int
     vocab: int
+    logits_kept: bool = False  # soft-capped or scaled logits: the model's own forward, all logits kept
 
     @classmethod
     def from_config(cls, config) -> "Shape":
@@ -134,16 +139,22 @@ class Shape:
         kv_share = (getattr(config, "num_key_value_heads", None) or heads) / heads
         mlp = 3 if getattr(config, "hidden_act", "") in ("silu", "swish") else 2
         params = layers * ((2 + 2 * kv_share) * hidden * hidden + mlp * hidden * intermediate) + vocab * hidden
-        return cls(params, layers, hidden, intermediate, vocab)
+        kept = any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
+        return cls(params, layers, hidden, intermediate, vocab, kept)
 
     def flops_per_token(self, sequence: float, trained_share: float, lora: bool) -> float:
         body = self.params - self.vocab * self.hidden  # the embedding lookup costs nothing
         return ((4 if lora else 6) * body + 12 * self.layers * self.hidden * sequence
                 + 6 * self.hidden * self.vocab * trained_share)
 
-    def bytes_per_token(self, checkpointing: bool, trained_share: float) -> float:
+    def step_bytes(self, tokens: int, checkpointing: bool, trained_share: float) -> float:
+        """Memory one step of `tokens` padded tokens needs on top of the weights."""
         kept = 2 if checkpointing else 6  # activations per layer and width, kept for the backward pass
-        return kept * self.layers * (self.hidden + self.intermediate) * 4 + 6 * self.vocab * 4 * trained_share
+        activations = tokens * kept * self.layers * (self.hidden + self.intermediate) * 4
+        trained = tokens * trained_share
+        if self.logits_kept:  # logits, their softmax and its gradient, at every trained position
+            return activations + 6 * self.vocab * 4 * trained
+        return activations + LOGITS_BYTES * self.vocab * min(trained, LOGITS_CHUNK)  # one chunk at a time
 
     def fixed_bytes(self, lora: bool) -> float:
         return PROCESS_BYTES + self.params * 4 * (1 if lora else 4)  # full fine-tuning: gradients and Adam
@@ -326,7 +337,7 @@ def _epoch(request: Request, kept: Sequence[Kept], rows: int, shape: Shape, mach
     batches = token_batches(lengths, rows, request.max_batch_tokens or 10**9, request.seed)
     widths = batch_widths(lengths, batches)
     seconds = training_seconds(widths, [len(b) for b in batches], shape, machine, share, request.lora)
-    peak = shape.fixed_bytes(request.lora) + max(widths, default=0) * shape.bytes_per_token(checkpointing, share)
+    peak = shape.fixed_bytes(request.lora) + shape.step_bytes(max(widths, default=0), checkpointing, share)
     return batches, seconds, peak
 
 

@@ -102,6 +102,22 @@ def test_gradient_checkpointing_turns_on_only_when_memory_needs_it():
     assert long.plan.estimated_peak_bytes < 0.8 * without.plan.estimated_peak_bytes
 
 
+def test_the_output_layer_holds_one_chunk_of_logits_unless_the_model_keeps_them_all():
+    import dataclasses
+    from types import SimpleNamespace
+
+    activations = 2048 * 6 * SHAPE.layers * (SHAPE.hidden + SHAPE.intermediate) * 4
+    fused = SHAPE.step_bytes(4096, False, 1.0) - SHAPE.step_bytes(2048, False, 1.0)
+    assert fused == activations  # past one chunk, only the activations grow
+    assert SHAPE.step_bytes(512, False, 1.0) - SHAPE.step_bytes(256, False, 1.0) > activations / 8
+    kept = dataclasses.replace(SHAPE, logits_kept=True)
+    assert kept.step_bytes(4096, False, 1.0) - kept.step_bytes(2048, False, 1.0) == activations + 6 * 4 * SHAPE.vocab * 2048
+    config = SimpleNamespace(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=100,
+                             num_attention_heads=4, hidden_act="gelu")
+    assert not plan.Shape.from_config(config).logits_kept
+    assert plan.Shape.from_config(SimpleNamespace(**vars(config), final_logit_softcapping=30.0)).logits_kept
+
+
 def run(tmp_path, model, *flags, data=None, output="out"):
     if data is None:
         data = tmp_path / "data.json"
