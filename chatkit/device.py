@@ -26,6 +26,21 @@ class Placement:
     def describe(self) -> str:
         return f"{self.device} ({self.dtype})"
 
+    def warning(self) -> Optional[str]:
+        """One line when the choice will be far slower than the default: bf16 on a CPU without bf16 units."""
+        if self.device == "cpu" and self.dtype == "bfloat16" and not cpu_bf16_units():
+            return ("--dtype bfloat16: this CPU has no bf16 matrix units (AMX or AVX512-BF16), so bf16 runs "
+                    "far slower than float32 here; leave --dtype out for float32")
+        return None
+
+
+def cpu_bf16_units() -> bool:
+    """Whether this CPU has bf16 matrix units (AMX tiles or AVX512-BF16), as torch detects them."""
+    import torch
+
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
 
 def _mps_available() -> bool:
     import torch
@@ -38,7 +53,8 @@ def choose_placement(device: Optional[str] = None, dtype: Optional[str] = None) 
     """Pick device and dtype: CUDA (bf16 where supported, else fp16), then Apple MPS, else CPU in fp32.
 
     bf16 is never the CPU default: on CPUs without native bf16 matrix units it runs hundreds of
-    times slower than fp32. `device`/`dtype` override the choice; an impossible one is an error.
+    times slower than fp32 (asked for there, `Placement.warning` says so); on CPUs with them it has
+    not been measured against fp32 yet. `device`/`dtype` override the choice; an impossible one is an error.
     """
     import torch
 

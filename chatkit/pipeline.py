@@ -535,6 +535,8 @@ def train(options: TrainOptions) -> dict:
 def _train(options: TrainOptions) -> dict:
     checkpoint = resume_checkpoint(options)
     placement = choose_placement(options.device, options.dtype)
+    if placement.warning():
+        say(placement.warning())
     source = resolve_model(options.model)
     quantization_config(options, placement)  # fail before loading anything when QLoRA cannot run
     options, data, plan, tokenizer = plan_run(options, source, placement)

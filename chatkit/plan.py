@@ -4,8 +4,9 @@ Time comes from a quick calibration of this machine (a fp32 matrix product on th
 under half a second) and the work per token: 4 x the transformer's parameters for LoRA (6 x for full
 fine-tuning), attention (12 x layers x width x sequence length), and the output layer at the trained
 positions only. EFFICIENCY, the share of the calibrated rate a training step reaches, was measured with
-bench/train_memory.py and bench/quality.py (docs/PERFORMANCE.md). Memory comes from the same probe:
-the weights, plus per token in the largest batch the activations kept for the backward pass.
+bench/train_memory.py, bench/quality.py and bench/time_budget.py (docs/PERFORMANCE.md). Memory comes
+from the same probe: the weights, plus per token in the largest batch the activations kept for the
+backward pass, plus one chunk of the output layer's logits (all of them for a model that keeps them).
 """
 
 from __future__ import annotations

@@ -34,6 +34,20 @@ def test_overrides(monkeypatch):
     assert choose_placement("cpu", "bfloat16").dtype == "bfloat16"  # asked for explicitly: allowed
 
 
+def test_bf16_on_a_cpu_without_bf16_units_is_allowed_with_a_warning(monkeypatch):
+    from chatkit import device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("chatkit.device._mps_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert not device.cpu_bf16_units()
+    assert "no bf16 matrix units" in choose_placement("cpu", "bfloat16").warning()
+    assert choose_placement().dtype == "float32" and choose_placement().warning() is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # a CPU with AMX
+    assert device.cpu_bf16_units() and choose_placement("cpu", "bfloat16").warning() is None
+
+
 def test_impossible_choices_are_clear_errors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("chatkit.device._mps_available", lambda: False)

@@ -152,6 +152,18 @@ def test_the_plan_is_saved_and_matches_the_run(tmp_path, tiny_llama, capsys):
     assert saved["max_batch_tokens"] == budget and saved["batch_size"] == 4
 
 
+def test_bf16_on_a_cpu_without_bf16_units_is_named_before_the_plan(tmp_path, tiny_llama, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert run(tmp_path, tiny_llama, "--dry-run", "--rehearsal", "0", "--device", "cpu", "--dtype", "bfloat16") == 0
+    err = capsys.readouterr().err
+    assert "this CPU has no bf16 matrix units" in err and err.index("no bf16 matrix units") < err.index("plan:")
+    assert run(tmp_path, tiny_llama, "--dry-run", "--rehearsal", "0") == 0
+    assert "bf16" not in capsys.readouterr().err
+
+
 def test_a_time_budget_run_saves_a_model_trained_on_the_sample(tmp_path, tiny_llama, capsys, monkeypatch):
     monkeypatch.setattr(plan, "STARTUP_S", 0.0)
     monkeypatch.setattr(plan, "SAVE_S", 0.0)
