@@ -20,6 +20,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
