@@ -41,7 +41,16 @@ class InterruptingOutput(io.StringIO):
         return super().write(text)
 
 
-def test_ctrl_c_during_an_answer_stops_it_and_the_chat_goes_on(tiny_llama):
+@pytest.fixture()
+def ctrl_c_raises():
+    """Python's own Ctrl-C (KeyboardInterrupt), even where the suite runs as a background job, which
+    starts with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_an_answer_stops_it_and_the_chat_goes_on(tiny_llama, ctrl_c_raises):
     session = ChatSession(str(tiny_llama), settings=LONG)
     out = InterruptingOutput()
     before = set(threading.enumerate())
