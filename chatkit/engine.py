@@ -25,7 +25,7 @@ from .formatting import IGNORE_INDEX, pad_token_id
 from .kernels import linear_cross_entropy
 from .models import causal_lm_parts
 from .output import Progress, quiet_transformers, say
-from .plan import LOGITS_CHUNK
+from .plan import LOGITS_CHUNK, keeps_logits
 from .rehearsal import teacher_loss
 
 # transformers renamed gradient checkpointing to activation checkpointing (the old name warns).
@@ -64,8 +64,9 @@ class ChatTrainer(Trainer):
     The output layer (hidden size x vocabulary, 49k wide for the starter model) and the softmax over
     it are the largest single cost per token; prompt tokens and padding have no label, so their logits
     are never needed, and the labelled ones are computed a chunk at a time with their gradient
-    (kernels.linear_cross_entropy), never all kept at once. Models with logit soft-capping or scaling, and distributed runs (where the
-    forward must go through the DDP wrapper), take the model's full forward instead.
+    (kernels.linear_cross_entropy), never all kept at once. Models with logit soft-capping or scaling,
+    and distributed runs (where the forward must go through the DDP wrapper), take the model's full
+    forward instead.
 
     Rehearsal positions (a batch's `teacher_index`, with the table in `self.teacher`) are trained
     towards the model's own earlier distribution (KL divergence) instead of the token in the text.
@@ -107,8 +108,7 @@ class ChatTrainer(Trainer):
         """The labelled positions' hidden states and the output layer, for the fused loss; or, where the
         output layer is not a plain matrix product, their float logits and None."""
         causal_lm, inner = causal_lm_parts(model)
-        config = causal_lm.config
-        plain = not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
+        plain = not keeps_logits(causal_lm.config)
         head = causal_lm.get_output_embeddings()
         if plain and inner is not None and head is not None and self.args.world_size == 1:
             # PaddingCollator pads on the right, so in a causal model no real token can see padding:

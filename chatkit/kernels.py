@@ -52,11 +52,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         hidden_grad, weight_grad, bias_grad = ctx.saved_tensors
 
-        def scaled(grad, dtype):
-            return None if grad is None else (grad * grad_output).to(dtype)
+        def scaled(grad):  # the weight's and bias's were accumulated in float32
+            return None if grad is None else (grad * grad_output).to(ctx.weight_dtype)
 
-        return (scaled(hidden_grad, hidden_grad.dtype if hidden_grad is not None else None),
-                scaled(weight_grad, ctx.weight_dtype), scaled(bias_grad, ctx.weight_dtype), None, None)
+        hidden = None if hidden_grad is None else hidden_grad * grad_output
+        return hidden, scaled(weight_grad), scaled(bias_grad), None, None
 
 
 def linear_cross_entropy(hidden, head, targets, chunk: int):

@@ -76,6 +76,12 @@ BUSY_SHARE = 0.25  # other programs' CPU share above which the plan says the mac
 CALIBRATION_ROUNDS = 7  # short measurements; their median does not follow one moment's load
 
 
+def keeps_logits(config) -> bool:
+    """Whether a model's logits are soft-capped or scaled: its own forward then computes them all, and the
+    output layer is not one plain matrix product the fused loss can take."""
+    return any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
+
+
 def calibrate(device: str) -> Machine:
     """This machine's matrix-product rate: the median of several short measurements (well under a second in
     all), with how busy the machine was while it was measured (the other programs' share of the CPU)."""
@@ -140,8 +146,7 @@ class Shape:
         kv_share = (getattr(config, "num_key_value_heads", None) or heads) / heads
         mlp = 3 if getattr(config, "hidden_act", "") in ("silu", "swish") else 2
         params = layers * ((2 + 2 * kv_share) * hidden * hidden + mlp * hidden * intermediate) + vocab * hidden
-        kept = any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
-        return cls(params, layers, hidden, intermediate, vocab, kept)
+        return cls(params, layers, hidden, intermediate, vocab, keeps_logits(config))
 
     def flops_per_token(self, sequence: float, trained_share: float, lora: bool) -> float:
         body = self.params - self.vocab * self.hidden  # the embedding lookup costs nothing
