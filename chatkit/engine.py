@@ -115,7 +115,7 @@ class ChatTrainer(Trainer):
             # without the mask, attention takes its plain causal path instead of a materialised mask.
             forward = {k: v for k, v in inputs.items() if k not in ("labels", "attention_mask")}
             hidden = inner(**forward).last_hidden_state[:, :-1][keep]
-            if isinstance(head, torch.nn.Linear):
+            if type(head) is torch.nn.Linear:  # not a quantized subclass: the fused loss reads its weight
                 return hidden, head
             return head(hidden).float(), None
         forward = {k: v for k, v in inputs.items() if k != "labels"}

@@ -135,8 +135,8 @@ class Lora:
     lora_dropout: float = option(0.0, "(default: %(default)s; 0.05 costs 20%% of CPU throughput)", check="fraction")
     lora_target_modules: str = option("all-linear", "comma-separated module names, or all-linear "
                                                     "(default: %(default)s)")
-    load_in_4bit: bool = option(False, "QLoRA: 4-bit base model (CUDA GPU only)")
-    load_in_8bit: bool = option(False, "8-bit base model (CUDA GPU only)")
+    load_in_4bit: bool = option(False, "QLoRA: the base model in 4-bit NF4 (bitsandbytes; a CUDA GPU or the CPU)")
+    load_in_8bit: bool = option(False, "the base model in 8-bit (bitsandbytes; a CUDA GPU or the CPU)")
     merge: bool = option(False, "also write a standalone merged model to OUTPUT/merged")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .datasets import default_val_split, read_conversations, split_train_val
-from .device import Placement, choose_placement
+from .device import Placement, choose_placement, training_paths
 from .errors import ChatkitError
 from .examples import ExampleReport, pack_examples, tokenize_examples, trained_tokens
 from .families import family_of
@@ -100,23 +100,48 @@ def clear_old_run(options: TrainOptions) -> None:
             shutil.rmtree(Path(options.output) / folder, ignore_errors=True)
 
 
+BNB_CPU_VERSION = "0.47"  # bnb_runs_on_cpu passes from 0.47 (0.45 has no CPU kernels); training measured with 0.50
+
+
 def quantization_config(options: TrainOptions, placement: Placement):
+    """bitsandbytes' settings for --load-in-4bit (nf4, QLoRA) or --load-in-8bit; None without either.
+
+    On the CPU the layers compute in float32 (the CPU's fast precision) through bitsandbytes' CPU backend;
+    on a GPU in the run's precision."""
     if not (options.load_in_4bit or options.load_in_8bit):
         return None
-    if not placement.device.startswith("cuda"):
-        raise ChatkitError(
-            "--load-in-4bit/--load-in-8bit (QLoRA) need an NVIDIA GPU with CUDA (bitsandbytes); "
-            f"this run is on {placement.device}. Drop the flag to train LoRA in full precision"
-        )
+    if placement.device == "mps":
+        raise ChatkitError("--load-in-4bit/--load-in-8bit: bitsandbytes has no Apple MPS backend; train on "
+                           "the CPU (--device cpu) or drop the flag to train LoRA in float16 on MPS")
     try:
-        import bitsandbytes  # noqa: F401  (imported to fail here, with the fix, when it is missing)
+        import bitsandbytes
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
-        raise ChatkitError(f"QLoRA needs bitsandbytes: pip install bitsandbytes ({exc})") from None
+        raise ChatkitError(f"--load-in-4bit/--load-in-8bit need bitsandbytes: pip install "
+                           f"'bitsandbytes>={BNB_CPU_VERSION}' ({exc})") from None
+    if placement.device == "cpu" and not bnb_runs_on_cpu():
+        raise ChatkitError(
+            f"--load-in-4bit/--load-in-8bit on the CPU need bitsandbytes {BNB_CPU_VERSION} or newer with its CPU "
+            f"backend; this is bitsandbytes {getattr(bitsandbytes, '__version__', '?')}: pip install -U "
+            f"'bitsandbytes>={BNB_CPU_VERSION}', or drop the flag to train LoRA in float32")
     if options.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=placement.torch_dtype)
+
+
+def bnb_runs_on_cpu() -> bool:
+    """Whether this bitsandbytes quantizes and dequantizes CPU tensors (a round trip of a few numbers)."""
+    import torch
+
+    try:
+        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+        values = torch.linspace(-1, 1, 64).reshape(8, 8)
+        packed, state = quantize_4bit(values, quant_type="nf4")
+        return bool((dequantize_4bit(packed, state) - values).abs().max() < 0.2)
+    except Exception:  # noqa: BLE001 - a build without CPU kernels refuses in its own ways
+        return False
 
 
 def prepare_model(options: TrainOptions, source: ModelSource, placement: Placement, tokenizer=None):
@@ -139,6 +164,8 @@ def prepare_model(options: TrainOptions, source: ModelSource, placement: Placeme
 
     if options.load_in_4bit or options.load_in_8bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=options.gradient_checkpointing)
+        keep_4bit_layout(model)
+        release_weights_file(model)
     targets = lora_targets(options.lora_target_modules, family)
     config = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                         target_modules=targets, task_type="CAUSAL_LM")
@@ -148,6 +175,31 @@ def prepare_model(options: TrainOptions, source: ModelSource, placement: Placeme
         raise ChatkitError(f"--lora-target-modules {options.lora_target_modules}: {exc}") from None
     fuse_lora(model)
     return model, tokenizer
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep every 4-bit layer in the one layout that trains.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for its inference kernel the first time
+    it runs in eval mode without gradients (a validation pass between steps, the report), and keeps it so.
+    That kernel has no backward: the steps after it would train the adapter with wrong gradients, silently
+    (and a layer narrower than a quantization block fails to repack at all)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def release_weights_file(model) -> None:
+    """Copy a quantized model's full-precision tensors (embeddings, norms) out of the weights file.
+
+    Loading reads every weight of the memory-mapped file to quantize it, and a tensor left as a view of
+    the file keeps all of its pages resident: for the starter 0.4 GiB more than the 4-bit model needs."""
+    import gc
+
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.clone()
+    gc.collect()
 
 
 def lora_targets(option: str, family):
@@ -294,7 +346,8 @@ def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, 
         report_prompt_tokens=2 * prompt_tokens(questions),
         preference_tokens=data.preferences.pair_tokens() if data.preferences else [],
         preference_epochs=options.dpo_epochs)
-    return choose(request, Shape.from_config(load_config(source)), calibrate(placement.device))
+    bits = 4 if options.load_in_4bit else 8 if options.load_in_8bit else 32
+    return choose(request, Shape.from_config(load_config(source), bits), calibrate(placement.device))
 
 
 DEADLINE_SHARE = 0.95  # of a time budget: the rest is for exiting and what no estimate sees
@@ -502,6 +555,8 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement):
                                   report=options.report if choice.report_answers else "none")
     data = data.keep(choice.kept, choice.val_examples)
     say(choice.plan.describe())
+    if training_paths(placement):
+        say(training_paths(placement))
     if data.report.dropped:
         say("  " + "; ".join(f"left out {count} {why}" for why, count in data.report.dropped.items())
             + " (raise --max-length to keep them)")
@@ -534,7 +589,7 @@ def train(options: TrainOptions) -> dict:
 
 def _train(options: TrainOptions) -> dict:
     checkpoint = resume_checkpoint(options)
-    placement = choose_placement(options.device, options.dtype)
+    placement = choose_placement(options.device, options.dtype, training=True)
     if placement.warning():
         say(placement.warning())
     source = resolve_model(options.model)

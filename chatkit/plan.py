@@ -34,6 +34,11 @@ REPORT_S = 0.21  # per report answer (32 tokens; base and trained answers share 
 # per position and vocabulary entry (float32 logits turned into their gradient in place, and a copy).
 LOGITS_CHUNK = 1024
 LOGITS_BYTES = 8
+# bitsandbytes' storage per parameter: nf4 with double quantization (4 bits, an 8-bit scale per 64 and a
+# float32 one per 256 blocks), and int8 (with one float32 scale per row, negligible).
+QUANTIZED_BYTES = {4: 0.5 + 1 / 64 + 4 / (64 * 256), 8: 1.0}
+# A quantized CPU step against the float32 one, measured with bench/train_memory.py (docs/PERFORMANCE.md).
+QUANTIZED_SLOWDOWN = {4: 1.2, 8: 1.2}
 MEMORY_TARGET_BYTES = 3.5 * 2**30  # default CPU training stays under 4 GB; above it, gradient checkpointing
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(min|sec|h|m|s)?", re.I)
 
@@ -64,7 +69,7 @@ class Machine:
 
     @property
     def how(self) -> str:
-        kind = "fp32" if self.device == "cpu" else "bf16"
+        kind = "bf16" if self.device.startswith("cuda") else "fp32"
         text = f"calibrated on this machine: {kind} matrix product at {self.gflops:.0f} GFLOP/s"
         if self.busy >= BUSY_SHARE:
             text += (f"; the machine looks busy (other programs use {self.busy:.0%} of the CPU), so this may change"
@@ -90,7 +95,7 @@ def calibrate(device: str) -> Machine:
     import torch
 
     size, repeats = 1024, 3
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # what training runs in there
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
@@ -98,15 +103,22 @@ def calibrate(device: str) -> Machine:
     busy = other_load()
     rates = []
     for _ in range(CALIBRATION_ROUNDS):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         started = time.perf_counter()
         for _ in range(repeats):
             a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)  # a GPU's products run after the call returns
         rates.append(2 * size**3 * repeats / (time.perf_counter() - started) / 1e9)
     return Machine(device, statistics.median(rates), busy=busy if device == "cpu" else 0.0)
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
 
 
 def other_load() -> float:
@@ -133,9 +145,10 @@ class Shape:
     intermediate: int
     vocab: int
     logits_kept: bool = False  # soft-capped or scaled logits: the model's own forward, all logits kept
+    weight_bits: int = 32  # the frozen transformer layers' storage: 32, or 8 and 4 through bitsandbytes
 
     @classmethod
-    def from_config(cls, config) -> "Shape":
+    def from_config(cls, config, weight_bits: int = 32) -> "Shape":
         hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 768)
         layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 12)
         intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
@@ -146,7 +159,17 @@ class Shape:
         kv_share = (getattr(config, "num_key_value_heads", None) or heads) / heads
         mlp = 3 if getattr(config, "hidden_act", "") in ("silu", "swish") else 2
         params = layers * ((2 + 2 * kv_share) * hidden * hidden + mlp * hidden * intermediate) + vocab * hidden
-        return cls(params, layers, hidden, intermediate, vocab, keeps_logits(config))
+        return cls(params, layers, hidden, intermediate, vocab, keeps_logits(config), weight_bits)
+
+    @property
+    def slowdown(self) -> float:
+        """How much longer a step takes than in full precision: quantized layers are unpacked as they run."""
+        return QUANTIZED_SLOWDOWN.get(self.weight_bits, 1.0)
+
+    def weight_bytes(self) -> float:
+        """The weights' memory: the layers at their storage size, the embeddings in float32."""
+        body = self.params - self.vocab * self.hidden
+        return body * QUANTIZED_BYTES.get(self.weight_bits, 4.0) + self.vocab * self.hidden * 4
 
     def flops_per_token(self, sequence: float, trained_share: float, lora: bool) -> float:
         body = self.params - self.vocab * self.hidden  # the embedding lookup costs nothing
@@ -163,7 +186,9 @@ class Shape:
         return activations + LOGITS_BYTES * self.vocab * min(trained, LOGITS_CHUNK)  # one chunk at a time
 
     def fixed_bytes(self, lora: bool) -> float:
-        return PROCESS_BYTES + self.params * 4 * (1 if lora else 4)  # full fine-tuning: gradients and Adam
+        if not lora:  # full fine-tuning: float32 weights, their gradients and Adam's two moments
+            return PROCESS_BYTES + self.params * 4 * 4
+        return PROCESS_BYTES + self.weight_bytes()
 
 
 @dataclass
@@ -183,6 +208,7 @@ class Plan:
     parts: Dict[str, float] = field(default_factory=dict)  # seconds: start, rehearsal, training, evaluation, saving
     selection: Optional[str] = None  # which conversations, when a time budget left some out
     of_conversations: Optional[int] = None
+    weights: Optional[str] = None  # what the weights take, when they are quantized
 
     def describe(self) -> str:
         kept = f"{self.conversations} of {self.of_conversations}" if self.selection else f"{self.conversations}"
@@ -194,8 +220,11 @@ class Plan:
             lines.append(f"  time budget: {self.selection}")
         parts = ", ".join(f"{name} {duration(seconds)}" for name, seconds in self.parts.items() if seconds >= 1)
         lines.append(f"  about {duration(self.estimated_seconds)} in all ({parts}; {self.estimate})")
+        notes = [self.weights] if self.weights else []
+        if self.gradient_checkpointing:
+            notes.append("gradient checkpointing on to stay low")
         lines.append(f"  peak memory about {self.estimated_peak_bytes / 2**30:.1f} GiB"
-                     + (" (gradient checkpointing on to stay low)" if self.gradient_checkpointing else ""))
+                     + (f" ({'; '.join(notes)})" if notes else ""))
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -210,12 +239,13 @@ def batch_widths(lengths: Sequence[int], batches: List[List[int]]) -> List[int]:
 def training_seconds(widths: Sequence[int], rows: Sequence[int], shape: Shape, machine: Machine,
                      trained_share: float, lora: bool) -> float:
     """Seconds for one pass over batches of the given padded widths (tokens) and row counts."""
-    return sum(width * shape.flops_per_token(width / count, trained_share, lora) / machine.rate + STEP_OVERHEAD_S
-               for width, count in zip(widths, rows))
+    return sum(width * shape.flops_per_token(width / count, trained_share, lora) * shape.slowdown / machine.rate
+               + STEP_OVERHEAD_S for width, count in zip(widths, rows))
 
 
 def evaluation_seconds(val_tokens: int, shape: Shape, machine: Machine, evaluations: int) -> float:
-    return evaluations * val_tokens * shape.flops_per_token(512, 1.0, True) / 2 / machine.rate  # forward only
+    forward = shape.flops_per_token(512, 1.0, True) / 2 * shape.slowdown  # forward only
+    return evaluations * val_tokens * forward / machine.rate
 
 
 def rehearsal_seconds(count: int, ranking_tokens: int = 0, shape: Optional[Shape] = None,
@@ -486,4 +516,12 @@ def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, va
                 max_batch_tokens=request.max_batch_tokens, gradient_checkpointing=checkpointing,
                 estimated_seconds=round(sum(parts.values()), 1), estimated_peak_bytes=int(peak),
                 estimate=machine.how, parts={k: round(v, 1) for k, v in parts.items()}, selection=selection,
-                of_conversations=len(request.lengths))
+                of_conversations=len(request.lengths), weights=_weights_text(shape))
+
+
+def _weights_text(shape: Shape) -> Optional[str]:
+    if shape.weight_bits == 32:
+        return None
+    full = Shape(**{**asdict(shape), "weight_bits": 32})
+    return (f"weights {shape.weight_bytes() / 2**30:.2f} GiB with the layers in {shape.weight_bits}-bit, "
+            f"{full.weight_bytes() / 2**30:.2f} GiB in float32")

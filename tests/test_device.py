@@ -26,7 +26,46 @@ def test_cuda_prefers_bf16_then_fp16(monkeypatch):
 def test_mps(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr("chatkit.device._mps_available", lambda: True)
-    assert (choose_placement().device, choose_placement().dtype) == ("mps", "float16")
+    assert (choose_placement().device, choose_placement().dtype) == ("mps", "float16")  # chatting
+
+
+def test_mps_training_takes_float32_and_says_what_it_uses(monkeypatch):
+    """Training on MPS: float32 (no loss scaler outside CUDA), bfloat16 only where macOS has it; the plan's
+    line names the precision, autocast and the fused paths."""
+    from chatkit.device import training_paths
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("chatkit.device._mps_available", lambda: True)
+    monkeypatch.setattr("chatkit.device._mps_bf16", lambda: False)
+    placement = choose_placement(training=True)
+    assert (placement.device, placement.dtype) == ("mps", "float32")
+    assert training_paths(placement) == ("  Apple MPS: float32 weights and adapters; no autocast; the fused LoRA "
+                                         "and the fused loss (plain matrix products); no QLoRA (bitsandbytes has "
+                                         "no MPS backend)")
+    assert "no loss scaling" in training_paths(choose_placement("mps", "float16", training=True))
+    with pytest.raises(ChatkitError, match="--dtype bfloat16 on Apple MPS needs macOS 14"):
+        choose_placement("mps", "bfloat16", training=True)
+    monkeypatch.setattr("chatkit.device._mps_bf16", lambda: True)
+    assert choose_placement("mps", "bfloat16", training=True).dtype == "bfloat16"
+    assert training_paths(choose_placement("cpu", training=True)) is None
+
+
+def test_mps_training_arguments_use_no_mixed_precision_and_the_fused_lora_takes_its_layers(tiny_llama):
+    """What the Trainer is given for MPS (built here on the CPU): no fp16/bf16 autocast, no pinned memory;
+    a float32 LoRA layer (MPS's training precision) takes the fused forward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from chatkit.engine import EngineSettings, training_arguments
+    from chatkit.kernels import fuse_lora
+
+    arguments = training_arguments(EngineSettings(checkpoints_dir="/tmp/x", epochs=1, batch_size=1,
+                                                  learning_rate=1e-3), "mps", "float32", has_val=False)
+    assert (arguments.fp16, arguments.bf16, arguments.use_cpu, arguments.dataloader_pin_memory) == (
+        False, False, False, False)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert fuse_lora(model) == 4
 
 
 def test_overrides(monkeypatch):

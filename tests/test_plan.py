@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -346,3 +347,22 @@ def test_ctrl_c_during_dpo_keeps_the_trained_model(tmp_path, tiny_llama, monkeyp
     metrics = json.loads((tmp_path / "out" / "chatkit.json").read_text())["metrics"]
     assert metrics["dpo_stopped"] == "Ctrl-C" and metrics["dpo_steps"] == 3 and metrics["dpo_planned_steps"] == 24
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_a_quantized_base_counts_its_weights_at_their_stored_size():
+    """The starter's layers (107M parameters) in 4-bit take about 0.52 bytes each and 1 byte in 8-bit; the
+    embeddings stay float32. The plan names both sizes and prices the slower unpacking steps."""
+    full = plan.choose(request(gradient_checkpointing=False), SHAPE, MACHINE).plan
+    embeddings = 49152 * 576 * 4
+    body = 135_000_000 - 49152 * 576
+    for bits, per_parameter in ((4, 0.5159), (8, 1.0)):
+        shape = dataclasses.replace(SHAPE, weight_bits=bits)
+        assert shape.weight_bytes() == pytest.approx(body * per_parameter + embeddings, rel=1e-3)
+        quantized = plan.choose(request(gradient_checkpointing=False), shape, MACHINE).plan
+        saved = full.estimated_peak_bytes - quantized.estimated_peak_bytes
+        assert saved == pytest.approx(body * (4 - per_parameter), rel=1e-3)
+        assert quantized.parts["training"] == pytest.approx(full.parts["training"] * plan.QUANTIZED_SLOWDOWN[bits],
+                                                            rel=0.02)
+        assert f"weights {shape.weight_bytes() / 2**30:.2f} GiB with the layers in {bits}-bit, " \
+               f"{SHAPE.weight_bytes() / 2**30:.2f} GiB in float32" in quantized.describe()
+    assert "weights" not in full.describe().split("peak memory")[1]

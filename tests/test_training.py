@@ -236,12 +236,6 @@ def test_bad_data_is_a_clear_error(tmp_path, tiny_llama, capsys, content, fragme
     assert err.startswith(f"error: {data}") and fragment in err and "Traceback" not in err
 
 
-def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_llama, capsys):
-    assert run(tmp_path, tiny_llama, "--load-in-4bit", "--device", "cpu") == 1
-    assert "need an NVIDIA GPU with CUDA" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
 def test_existing_output_needs_overwrite(tmp_path, tiny_llama, capsys):
     assert run(tmp_path, tiny_llama, "--epochs", "1") == 0
     assert run(tmp_path, tiny_llama, "--epochs", "1") == 1
