@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fine-tune a chat model on your conversations (LoRA by default; QLoRA on a GPU; full on request).
+"""Fine-tune a chat model on your conversations (LoRA by default; QLoRA on a GPU or CPU; full on request).
 
 Examples:
     python train_chatgpt_model.py --data my-conversations.jsonl

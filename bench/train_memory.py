@@ -55,6 +55,13 @@ def model_source(name: str):
     return resolve_model(str(folder))
 
 
+def current_rss() -> int:
+    """Resident memory now (the peak above includes the weights file read while loading)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
 def one(shape: str, steps: int, checkpointing: bool, load_in: str = "none", config: str = "starter") -> dict:
     import torch
 
@@ -70,6 +77,7 @@ def one(shape: str, steps: int, checkpointing: bool, load_in: str = "none", conf
     options = TrainOptions(data=[], gradient_checkpointing=checkpointing, load_in_4bit=load_in == "4bit",
                            load_in_8bit=load_in == "8bit")
     model, tokenizer = prepare_model(options, model_source(config), placement)
+    loaded = current_rss()
     generator = torch.Generator().manual_seed(0)
     examples = [{"input_ids": ids, "labels": ids, "length": length}
                 for ids in torch.randint(100, 40000, (rows * steps, length), generator=generator).tolist()]
@@ -82,6 +90,7 @@ def one(shape: str, steps: int, checkpointing: bool, load_in: str = "none", conf
     seconds = (time.perf_counter() - started) / steps
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"shape": shape, "tokens": rows * length, "checkpointing": checkpointing, "peak_bytes": peak,
+            "loaded_bytes": loaded, "after_training_bytes": current_rss(),
             "seconds_per_step": round(seconds, 2), "load_in": load_in, "model": config}
 
 
@@ -105,6 +114,7 @@ def main() -> None:
         command += ["--load-in", args.load_in, "--model-config", args.model_config]
         result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         print(f"{result['shape']:>8}  {result['tokens']:>5} tokens  peak {result['peak_bytes'] / 2**30:5.2f} GiB  "
+              f"(loaded {result['loaded_bytes'] / 2**30:.2f}, after training {result['after_training_bytes'] / 2**30:.2f})  "
               f"{result['seconds_per_step']:6.2f} s/step  {result['model']}, base {result['load_in']}"
               + ("  (checkpointing)" if result["checkpointing"] else ""),
               flush=True)

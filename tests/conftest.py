@@ -159,3 +159,7 @@ def train_replies(work: Path, model: Path, replies: dict, *extra: str) -> Path:
                                      "--epochs", "30", "--learning-rate", "1e-2", "--batch-size", "4",
                                      "--val-split", "0", *extra]) == 0
     return work / "m"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bench/gpu_check.py runs them where one is)")
