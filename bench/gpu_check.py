@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 STEPS = 12  # optimizer steps per throughput run
 BATCH = 8
@@ -56,7 +55,7 @@ def plan() -> list:
 
 
 def make_data(path: Path) -> None:
-    from bench.train_throughput import make_data as generated
+    from train_throughput import make_data as generated  # bench/, this script's folder
 
     if not path.exists():
         generated(path, STEPS * BATCH)
@@ -84,7 +83,7 @@ def child(side: str, kind: str, work: Path) -> dict:
         metrics = train(options)
         tokens, seconds = metrics["tokens_seen"], metrics["train_runtime_s"]
     else:
-        from bench.train_throughput import run_trl_on
+        from train_throughput import run_trl_on
 
         tokens, seconds = run_trl_on(data, work / f"trl-{kind}", BATCH, STEPS, device="cuda", quantized=quantized)
     return {"side": side, "kind": kind, "tokens": tokens, "train_seconds": round(seconds, 2),
