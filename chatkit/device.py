@@ -55,7 +55,7 @@ def choose_placement(device: Optional[str] = None, dtype: Optional[str] = None, 
     bf16 is never the CPU default: on CPUs without native bf16 matrix units it runs hundreds of
     times slower than fp32 (asked for there, `Placement.warning` says so); on CPUs with them it has
     not been measured against fp32 yet. `device`/`dtype` override the choice; an impossible one is an error.
-    `training`: the precision a training run takes (on MPS, see `mps_dtype`).
+    `training`: the precision a training run takes (on MPS float32, not float16).
     """
     import torch
 
@@ -86,37 +86,30 @@ def choose_placement(device: Optional[str] = None, dtype: Optional[str] = None, 
         if device.startswith("cuda"):
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         elif device == "mps":
+            # Training in float32: the Trainer's mixed precision (autocast, a loss scaler) is switched on for
+            # CUDA only, float16 weights trained without a scaler lose small gradients, and Apple GPUs run
+            # float32 products at about their float16 rate (it costs memory, not speed). Chatting in float16.
             dtype = "float32" if training else "float16"
         else:
             dtype = "float32"
     elif dtype == "float16" and device == "cpu":
         raise ChatkitError("--dtype float16 is not supported on the CPU; use float32 (the CPU default)")
-    if device == "mps":
-        dtype = mps_dtype(dtype, _mps_bf16())
-    return Placement(device=device, dtype=dtype)
-
-
-def mps_dtype(dtype: str, bf16_supported: bool) -> str:
-    """The precision on Apple MPS, chosen (float32 to train, float16 to chat) or asked for.
-
-    Training takes float32: the Trainer's mixed precision (autocast with a loss scaler) is switched on for
-    CUDA only, float16 weights trained without a scaler lose small gradients, and Apple GPUs run float32
-    matrix products at about their float16 rate, so float32 costs memory (twice the weights), not speed.
-    bfloat16 needs macOS 14: before it, an error naming the fix."""
-    if dtype == "bfloat16" and not bf16_supported:
+    if device == "mps" and dtype == "bfloat16" and not _mps_bf16():
         raise ChatkitError("--dtype bfloat16 on Apple MPS needs macOS 14 or newer; use --dtype float32 (the "
                            "training default) or float16")
-    return dtype
+    return Placement(device=device, dtype=dtype)
 
 
 def training_paths(placement: Placement) -> Optional[str]:
     """What a training run on Apple MPS uses, in a line under the plan (None elsewhere: nothing to add)."""
     if placement.device != "mps":
         return None
-    weights = ("float32 weights and adapters" if placement.dtype == "float32"
-               else f"{placement.dtype} weights, float32 adapters and no loss scaling (small gradients may be lost)")
-    return (f"  Apple MPS: {weights}; no autocast; the fused LoRA and the fused loss (plain matrix products); "
-            f"no QLoRA (bitsandbytes has no MPS backend)")
+    if placement.dtype == "float32":
+        paths = "float32 weights and adapters; no autocast; the fused LoRA and the fused loss (plain matrix products)"
+    else:  # float32 adapters on narrower weights: the fused LoRA needs one dtype, so peft's own path runs
+        paths = (f"{placement.dtype} weights, float32 adapters and no loss scaling (small gradients may be lost); "
+                 f"no autocast; peft's LoRA path and the fused loss")
+    return f"  Apple MPS: {paths}; no QLoRA (bitsandbytes has no MPS backend)"
 
 
 def _mps_bf16() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections import Counter
@@ -112,7 +113,7 @@ def quantization_config(options: TrainOptions, placement: Placement):
         return None
     if placement.device == "mps":
         raise ChatkitError("--load-in-4bit/--load-in-8bit: bitsandbytes has no Apple MPS backend; train on "
-                           "the CPU (--device cpu) or drop the flag to train LoRA in float16 on MPS")
+                           "the CPU (--device cpu) or drop the flag to train LoRA in float32 on MPS")
     try:
         import bitsandbytes
         from transformers import BitsAndBytesConfig
@@ -130,6 +131,7 @@ def quantization_config(options: TrainOptions, placement: Placement):
                               bnb_4bit_compute_dtype=placement.torch_dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def bnb_runs_on_cpu() -> bool:
     """Whether this bitsandbytes quantizes and dequantizes CPU tensors (a round trip of a few numbers)."""
     import torch
@@ -193,7 +195,7 @@ def release_weights_file(model) -> None:
     """Copy a quantized model's full-precision tensors (embeddings, norms) out of the weights file.
 
     Loading reads every weight of the memory-mapped file to quantize it, and a tensor left as a view of
-    the file keeps all of its pages resident: for the starter 0.4 GiB more than the 4-bit model needs."""
+    the file keeps all of its pages resident: for the starter about 0.5 GiB more than the 4-bit model needs."""
     import gc
 
     for tensor in list(model.parameters()) + list(model.buffers()):
@@ -555,8 +557,9 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement):
                                   report=options.report if choice.report_answers else "none")
     data = data.keep(choice.kept, choice.val_examples)
     say(choice.plan.describe())
-    if training_paths(placement):
-        say(training_paths(placement))
+    paths = training_paths(placement)
+    if paths:
+        say(paths)
     if data.report.dropped:
         say("  " + "; ".join(f"left out {count} {why}" for why, count in data.report.dropped.items())
             + " (raise --max-length to keep them)")

@@ -15,7 +15,7 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import ChatkitError
@@ -166,14 +166,18 @@ class Shape:
         """How much longer a step takes than in full precision: quantized layers are unpacked as they run."""
         return QUANTIZED_SLOWDOWN.get(self.weight_bits, 1.0)
 
+    @property
+    def body_params(self) -> int:
+        """The transformer layers' parameters: all but the embeddings."""
+        return self.params - self.vocab * self.hidden
+
     def weight_bytes(self) -> float:
         """The weights' memory: the layers at their storage size, the embeddings in float32."""
-        body = self.params - self.vocab * self.hidden
-        return body * QUANTIZED_BYTES.get(self.weight_bits, 4.0) + self.vocab * self.hidden * 4
+        return self.body_params * QUANTIZED_BYTES.get(self.weight_bits, 4.0) + self.vocab * self.hidden * 4
 
     def flops_per_token(self, sequence: float, trained_share: float, lora: bool) -> float:
-        body = self.params - self.vocab * self.hidden  # the embedding lookup costs nothing
-        return ((4 if lora else 6) * body + 12 * self.layers * self.hidden * sequence
+        # the embedding lookup costs nothing
+        return ((4 if lora else 6) * self.body_params + 12 * self.layers * self.hidden * sequence
                 + 6 * self.hidden * self.vocab * trained_share)
 
     def step_bytes(self, tokens: int, checkpointing: bool, trained_share: float) -> float:
@@ -430,8 +434,6 @@ def _shed_to_fit(request: Request, shape: Shape, machine: Machine, rows: int, ch
     (or more than it), the optional work goes first: the report's answers, then the rehearsal, then
     validation down to 4 examples.
     (request, notes) for what is left; a budget too short even then is refused."""
-    from dataclasses import replace
-
     request = replace(request, **_fewer_val(request, BUDGET_VAL_EXAMPLES))
     shed = []
     for note, lighter in (("the report's answers left out", dict(report_answers=0, report_prompt_tokens=0)),
@@ -522,6 +524,6 @@ def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, va
 def _weights_text(shape: Shape) -> Optional[str]:
     if shape.weight_bits == 32:
         return None
-    full = Shape(**{**asdict(shape), "weight_bits": 32})
+    full = replace(shape, weight_bits=32)
     return (f"weights {shape.weight_bytes() / 2**30:.2f} GiB with the layers in {shape.weight_bits}-bit, "
             f"{full.weight_bytes() / 2**30:.2f} GiB in float32")
