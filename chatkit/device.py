@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from .errors import ChatkitError
 
@@ -120,3 +120,56 @@ def _mps_bf16() -> bool:
         return bool(check and check(14, 0))
     except Exception:  # noqa: BLE001 - a torch without the check: bfloat16 is not assumed
         return False
+
+
+def memory_available(device: str) -> Optional[Tuple[float, float]]:
+    """(free, total) bytes a run on `device` can draw on: the GPU's own memory on CUDA, the system's
+    elsewhere (Apple silicon's GPU shares it); None where the machine reports no figure."""
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            free, total = torch.cuda.mem_get_info(torch.device(device))
+            return float(free), float(total)
+        import psutil
+
+        memory = psutil.virtual_memory()
+        free, total = float(memory.available), float(memory.total)
+    except Exception:  # noqa: BLE001 - psutil missing or a driver refusing: no figure
+        return None
+    limited = _container_memory()
+    if limited and limited[1] < total:  # a container's limit, which the system's figures do not show
+        return min(free, limited[0]), limited[1]
+    return free, total
+
+
+# A container's memory limit, its use and its reclaimable cache: cgroup v2, then v1.
+CGROUP_FILES = (("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+                ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
+
+
+def _container_memory() -> Optional[Tuple[float, float]]:
+    """(free, limit) bytes under this process's cgroup memory limit (v2, then v1); None without one."""
+    for folder, limit_name, used_name, cache_name in CGROUP_FILES:
+        try:
+            with open(f"{folder}/{limit_name}") as limit_text, open(f"{folder}/{used_name}") as used_text:
+                limit, used = limit_text.read().strip(), used_text.read().strip()
+        except OSError:
+            continue
+        if not (limit.isdigit() and used.isdigit()):  # "max": no limit
+            return None
+        return max(0.0, float(limit) - float(used) + _cgroup_stat(f"{folder}/memory.stat", cache_name)), float(limit)
+    return None
+
+
+def _cgroup_stat(path: str, name: str) -> float:
+    """One figure of a cgroup's memory.stat (0 where it is missing): the cache counted as used but reclaimable."""
+    try:
+        with open(path) as stat:
+            for line in stat:
+                key, _, value = line.partition(" ")
+                if key == name and value.strip().isdigit():
+                    return float(value)
+    except OSError:
+        pass
+    return 0.0

@@ -151,7 +151,18 @@ def _duration(text: str) -> Optional[str]:
     try:
         parse_duration(text)
     except ChatkitError as exc:
-        return str(exc).split(": ", 1)[1]
+        return str(exc).split(" ", 1)[1]  # the value and the problem: the flag is named by the caller
+    return None
+
+
+def _size(text: str) -> Optional[str]:
+    from .errors import ChatkitError
+    from .plan import parse_size
+
+    try:
+        parse_size(text)
+    except ChatkitError as exc:
+        return str(exc).split(" ", 1)[1]  # the value and the problem: the flag is named by the caller
     return None
 
 
@@ -230,9 +241,13 @@ class TrainOptions(Common, Hardware, Lora):
     max_batch_tokens: Optional[int] = option(None, "padded tokens per step at most, so memory stays bounded "
                                                    "(default: 1024 on a CPU, 16384 on a GPU)", metavar="N",
                                              check="positive")
+    max_memory: Optional[str] = option(None, "memory the run may use, such as 6GB or 6GiB (default: 60%% of the "
+                                             "memory available when it starts, at most half the machine's; on a "
+                                             "GPU 90%% of its free memory); above it, gradient checkpointing, then "
+                                             "steps of fewer tokens", metavar="SIZE", check=_size)
     gradient_checkpointing: Optional[bool] = option(None, "recompute activations in the backward pass: less memory, "
-                                                          "some more compute (default: on when a batch would "
-                                                          "need over 3.5 GiB)")
+                                                          "some more compute (default: on when a step would need "
+                                                          "more than --max-memory)")
     push_to_hub: bool = option(False, "upload the result (private) after training")
     hub_name: Optional[str] = option(None, "repository to push to", metavar="USER/NAME")
 

@@ -349,7 +349,7 @@ def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, 
         preference_tokens=data.preferences.pair_tokens() if data.preferences else [],
         preference_epochs=options.dpo_epochs)
     bits = 4 if options.load_in_4bit else 8 if options.load_in_8bit else 32
-    return choose(request, Shape.from_config(load_config(source), bits), calibrate(placement.device))
+    return choose(request, Shape.from_config(load_config(source), bits), calibrate(placement.device, options.max_memory))
 
 
 DEADLINE_SHARE = 0.95  # of a time budget: the rest is for exiting and what no estimate sees
@@ -554,6 +554,7 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement):
     choice = make_plan(options, source, placement, data)
     options = dataclasses.replace(options, batch_size=choice.batch_size, epochs=choice.epochs,
                                   gradient_checkpointing=choice.gradient_checkpointing, rehearsal=choice.rehearsal,
+                                  max_batch_tokens=choice.max_batch_tokens,
                                   report=options.report if choice.report_answers else "none")
     data = data.keep(choice.kept, choice.val_examples)
     say(choice.plan.describe())

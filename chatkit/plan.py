@@ -39,8 +39,20 @@ LOGITS_BYTES = 8
 QUANTIZED_BYTES = {4: 0.5 + 1 / 64 + 4 / (64 * 256), 8: 1.0}
 # A quantized CPU step against the float32 one, measured with bench/train_memory.py (docs/PERFORMANCE.md).
 QUANTIZED_SLOWDOWN = {4: 1.2, 8: 1.2}
-MEMORY_TARGET_BYTES = 3.5 * 2**30  # default CPU training stays under 4 GB; above it, gradient checkpointing
+# What a run may use: a share of the memory available when it starts, and at most half of the machine's
+# (an 8 GB laptop's run stays under 4 GB); on a GPU most of its free memory; --max-memory sets it by hand.
+# Above it, gradient checkpointing, then steps of fewer tokens.
+MEMORY_SHARE = 0.6
+MEMORY_TOTAL_SHARE = 0.5
+GPU_MEMORY_SHARE = 0.9
+ASSUMED_MEMORY_BYTES = 3.5 * 2**30  # where the machine reports no free-memory figure
+# Recomputing the activations in the backward pass: one more forward through the layers, about 1.1x to
+# 1.2x a LoRA step on the CPU (bench/train_memory.py, docs/PERFORMANCE.md).
+CHECKPOINTING_SLOWDOWN = 1.2
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(min|sec|h|m|s)?", re.I)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(gib|mib|gb|mb|tb|tib|g|m|t)?", re.I)
+SIZE_UNITS = {"": 1e9, "g": 1e9, "gb": 1e9, "gib": 2**30, "m": 1e6, "mb": 1e6, "mib": 2**20, "t": 1e12,
+              "tb": 1e12, "tib": 2**40}
 
 
 def parse_duration(text: str) -> float:
@@ -49,11 +61,58 @@ def parse_duration(text: str) -> float:
     parts = _DURATION.findall(text)
     if not parts or _DURATION.sub("", text).strip():
         raise ChatkitError(f"--time-budget {text!r}: not a duration; give one such as 90s, 30m, 2h or 1h30m")
-    units = {"h": 3600, "m": 60, "min": 60, "s": 1, "sec": 1, "": 60}
-    seconds = sum(float(number) * units[unit] for number, unit in parts)
+    units = {"h": 3600, "m": 60, "min": 60, "s": 1, "sec": 1}
+    smaller = {"h": "m", "m": "s", "min": "s"}
+    seconds, before = 0.0, None
+    for number, unit in parts:  # a bare number is minutes, or the unit below the one before it (1h30, 1m30)
+        unit = unit or (smaller.get(before, "") if before else "m")
+        if unit not in units:
+            raise ChatkitError(f"--time-budget {text!r}: not a duration; give one such as 90s, 30m, 2h or 1h30m")
+        seconds, before = seconds + float(number) * units[unit], unit
     if seconds <= 0:
-        raise ChatkitError(f"--time-budget {text!r} must be longer than nothing")
+        raise ChatkitError(f"--time-budget {text!r}: must be longer than nothing")
     return seconds
+
+
+def parse_size(text: str) -> float:
+    """Bytes in '6GB', '6GiB', '512MB' or a bare number of GB."""
+    match = _SIZE.fullmatch(str(text).strip())
+    if not match or float(match.group(1)) <= 0:
+        raise ChatkitError(f"--max-memory {text!r}: not a size; give one such as 6GB, 6GiB or 512MB")
+    return float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").lower()]
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    """What a run may use, and where the figure came from (said under the plan)."""
+
+    bytes: float
+    how: str
+    asked: bool = False  # --max-memory: a plan that cannot keep to it is refused
+
+
+ASSUMED_MEMORY = MemoryLimit(ASSUMED_MEMORY_BYTES, "assumed: this machine reports no free-memory figure")
+
+
+def memory_limit(device: str, max_memory: Optional[str] = None) -> MemoryLimit:
+    """The memory a run on `device` may use: --max-memory, or a share of what the machine has free now."""
+    from .device import memory_available
+
+    if max_memory is not None:
+        return MemoryLimit(parse_size(max_memory), f"--max-memory {max_memory}", asked=True)
+    found = memory_available(device)
+    if not found or found[1] <= 0:
+        return ASSUMED_MEMORY
+    free, total = found
+    if device.startswith("cuda"):
+        return MemoryLimit(GPU_MEMORY_SHARE * free, f"{GPU_MEMORY_SHARE:.0%} of the GPU's {gib(free)} free")
+    if MEMORY_SHARE * free <= MEMORY_TOTAL_SHARE * total:
+        return MemoryLimit(MEMORY_SHARE * free, f"{MEMORY_SHARE:.0%} of the {gib(free)} available now")
+    return MemoryLimit(MEMORY_TOTAL_SHARE * total, f"half of this machine's {gib(total)}")
+
+
+def gib(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB"
 
 
 @dataclass
@@ -61,6 +120,7 @@ class Machine:
     device: str
     gflops: float  # calibrated matrix-product rate
     busy: float = 0.0  # the share of the CPU other programs used while it was measured
+    memory: MemoryLimit = ASSUMED_MEMORY  # what the run may use
 
     @property
     def rate(self) -> float:
@@ -87,9 +147,10 @@ def keeps_logits(config) -> bool:
     return any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
 
 
-def calibrate(device: str) -> Machine:
+def calibrate(device: str, max_memory: Optional[str] = None) -> Machine:
     """This machine's matrix-product rate: the median of several short measurements (well under a second in
-    all), with how busy the machine was while it was measured (the other programs' share of the CPU)."""
+    all), with how busy the machine was while it was measured (the other programs' share of the CPU), and
+    the memory the run may use (`memory_limit`)."""
     import statistics
 
     import torch
@@ -109,7 +170,8 @@ def calibrate(device: str) -> Machine:
             a @ b
         synchronize(device)  # a GPU's products run after the call returns
         rates.append(2 * size**3 * repeats / (time.perf_counter() - started) / 1e9)
-    return Machine(device, statistics.median(rates), busy=busy if device == "cpu" else 0.0)
+    return Machine(device, statistics.median(rates), busy=busy if device == "cpu" else 0.0,
+                   memory=memory_limit(device, max_memory))
 
 
 def synchronize(device: str) -> None:
@@ -213,6 +275,8 @@ class Plan:
     selection: Optional[str] = None  # which conversations, when a time budget left some out
     of_conversations: Optional[int] = None
     weights: Optional[str] = None  # what the weights take, when they are quantized
+    memory_limit_bytes: Optional[int] = None  # what the run may use
+    memory_limit: Optional[str] = None  # ... and where that figure came from
 
     def describe(self) -> str:
         kept = f"{self.conversations} of {self.of_conversations}" if self.selection else f"{self.conversations}"
@@ -226,9 +290,13 @@ class Plan:
         lines.append(f"  about {duration(self.estimated_seconds)} in all ({parts}; {self.estimate})")
         notes = [self.weights] if self.weights else []
         if self.gradient_checkpointing:
-            notes.append("gradient checkpointing on to stay low")
-        lines.append(f"  peak memory about {self.estimated_peak_bytes / 2**30:.1f} GiB"
-                     + (f" ({'; '.join(notes)})" if notes else ""))
+            notes.append("gradient checkpointing on")
+        line = f"  peak memory about {gib(self.estimated_peak_bytes)}"
+        if self.memory_limit_bytes:
+            over = self.estimated_peak_bytes > self.memory_limit_bytes
+            line += (f", {'more than' if over else 'within'} the {gib(self.memory_limit_bytes)} this run may use "
+                     f"({self.memory_limit}{'' if self.memory_limit.startswith('--') else '; --max-memory sets it'})")
+        lines.append(line + (f" ({'; '.join(notes)})" if notes else ""))
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -360,6 +428,7 @@ class Choice:
     rehearsal: int = 0  # rehearsal examples (a time budget may leave them out)
     report_answers: bool = True  # False: the report's answers left out to fit a time budget
     val_examples: Optional[int] = None  # validation examples kept (None: all)
+    max_batch_tokens: Optional[int] = None  # padded tokens a step, lowered where memory needs it
 
 
 def _trained(request: Request, kept: Sequence[Kept]) -> float:
@@ -377,6 +446,8 @@ def _epoch(request: Request, kept: Sequence[Kept], rows: int, shape: Shape, mach
     batches = token_batches(lengths, rows, request.max_batch_tokens or 10**9, request.seed)
     widths = batch_widths(lengths, batches)
     seconds = training_seconds(widths, [len(b) for b in batches], shape, machine, share, request.lora)
+    if checkpointing:
+        seconds *= CHECKPOINTING_SLOWDOWN
     peak = shape.fixed_bytes(request.lora) + shape.step_bytes(max(widths, default=0), checkpointing, share)
     return batches, seconds, peak
 
@@ -386,9 +457,7 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
     everything = [(i, len(examples)) for i, examples in enumerate(request.lengths)]
     kept = everything
     rows = auto_batch(sum(len(examples) for examples in request.lengths) + len(request.extra), request.batch_size)
-    checkpointing = request.gradient_checkpointing
-    if checkpointing is None:  # on only where memory needs it: it costs compute on short batches
-        checkpointing = _epoch(request, kept, rows, shape, machine, False)[2] > MEMORY_TARGET_BYTES
+    request, checkpointing = _fit_memory(request, kept, rows, shape, machine)
     batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
     planned = epochs = auto_epochs(math.ceil(len(batches) / request.gradient_accumulation_steps), request.epochs)
     selection, shed, val_kept, val_tokens = None, [], None, request.val_tokens
@@ -408,7 +477,30 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
             selection = "; ".join(shed + [_selection_text(request, kept, epochs, budget=request.budget_s)])
     return Choice(_plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, val_tokens,
                         math.ceil(epochs), shape, machine, selection), kept, rows, epochs, checkpointing,
-                  rehearsal=request.rehearsal, report_answers=request.report_answers > 0, val_examples=val_kept)
+                  rehearsal=request.rehearsal, report_answers=request.report_answers > 0, val_examples=val_kept,
+                  max_batch_tokens=request.max_batch_tokens)
+
+
+def _fit_memory(request: Request, kept: Sequence[Kept], rows: int, shape: Shape, machine: Machine):
+    """(request, checkpointing) within the memory the run may use: gradient checkpointing where the steps
+    need it (unless asked for or refused), then fewer tokens a step, down to the longest example alone.
+    A --max-memory below that is refused with the minimum; a machine's own figure is only said."""
+    limit = machine.memory.bytes
+    checkpointing = request.gradient_checkpointing
+    if checkpointing is None:  # on only where memory needs it: it costs compute
+        checkpointing = _epoch(request, kept, rows, shape, machine, False)[2] > limit
+    longest = max((length for i, n in kept for length in request.lengths[i][:n]), default=1)
+    cap = request.max_batch_tokens or longest * rows
+    while _epoch(request, kept, rows, shape, machine, checkpointing)[2] > limit and cap > longest:
+        cap = max(longest, cap // 2)
+        request = replace(request, max_batch_tokens=cap)
+    peak = _epoch(request, kept, rows, shape, machine, checkpointing)[2]
+    if peak > limit and machine.memory.asked:
+        raise ChatkitError(
+            f"{machine.memory.how} is below what one step needs: at least {gib(peak)} (the weights and the "
+            f"longest example, {longest} tokens{', with gradient checkpointing' if checkpointing else ''}); "
+            f"raise --max-memory to {math.ceil(peak / 1e8) / 10:g}GB or more, or lower --max-length")
+    return request, checkpointing
 
 
 def _fixed_seconds(request: Request, shape: Shape, machine: Machine) -> float:
@@ -518,7 +610,8 @@ def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, va
                 max_batch_tokens=request.max_batch_tokens, gradient_checkpointing=checkpointing,
                 estimated_seconds=round(sum(parts.values()), 1), estimated_peak_bytes=int(peak),
                 estimate=machine.how, parts={k: round(v, 1) for k, v in parts.items()}, selection=selection,
-                of_conversations=len(request.lengths), weights=_weights_text(shape))
+                of_conversations=len(request.lengths), weights=_weights_text(shape),
+                memory_limit_bytes=int(machine.memory.bytes), memory_limit=machine.memory.how)
 
 
 def _weights_text(shape: Shape) -> Optional[str]:

@@ -20,12 +20,13 @@ FACT = {"messages": [{"role": "user", "content": "What is the secret code?"},
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400), ("5", 300),
-                                           ("1.5h", 5400), ("45 min", 2700)])
+                                           ("1.5h", 5400), ("45 min", 2700),
+                                           ("1m30", 90), ("1h30", 5400), ("2h 15", 8100)])
 def test_durations(text, seconds):
     assert plan.parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["soon", "", "0s", "5 parsecs", "-3m"])
+@pytest.mark.parametrize("text", ["soon", "", "0s", "0", "5 parsecs", "-3m", "30s 5"])
 def test_bad_durations(text):
     with pytest.raises(ChatkitError, match="--time-budget"):
         plan.parse_duration(text)
@@ -53,6 +54,7 @@ def test_the_sampler_keeps_its_batches_and_reorders_them_each_pass():
 
 
 MACHINE = plan.Machine("cpu", 100.0)
+ROOMY = dataclasses.replace(MACHINE, memory=plan.MemoryLimit(64 * 2**30, "64 GiB for the test"))
 SHAPE = plan.Shape(params=135_000_000, layers=30, hidden=576, intermediate=1536, vocab=49152)
 
 
@@ -352,13 +354,13 @@ def test_ctrl_c_during_dpo_keeps_the_trained_model(tmp_path, tiny_llama, monkeyp
 def test_a_quantized_base_counts_its_weights_at_their_stored_size():
     """The starter's layers (107M parameters) in 4-bit take about 0.52 bytes each and 1 byte in 8-bit; the
     embeddings stay float32. The plan names both sizes and prices the slower unpacking steps."""
-    full = plan.choose(request(gradient_checkpointing=False), SHAPE, MACHINE).plan
+    full = plan.choose(request(gradient_checkpointing=False), SHAPE, ROOMY).plan
     embeddings = 49152 * 576 * 4
     body = 135_000_000 - 49152 * 576
     for bits, per_parameter in ((4, 0.5159), (8, 1.0)):
         shape = dataclasses.replace(SHAPE, weight_bits=bits)
         assert shape.weight_bytes() == pytest.approx(body * per_parameter + embeddings, rel=1e-3)
-        quantized = plan.choose(request(gradient_checkpointing=False), shape, MACHINE).plan
+        quantized = plan.choose(request(gradient_checkpointing=False), shape, ROOMY).plan
         saved = full.estimated_peak_bytes - quantized.estimated_peak_bytes
         assert saved == pytest.approx(body * (4 - per_parameter), rel=1e-3)
         assert quantized.parts["training"] == pytest.approx(full.parts["training"] * plan.QUANTIZED_SLOWDOWN[bits],
@@ -366,3 +368,90 @@ def test_a_quantized_base_counts_its_weights_at_their_stored_size():
         assert f"weights {shape.weight_bytes() / 2**30:.2f} GiB with the layers in {bits}-bit, " \
                f"{SHAPE.weight_bytes() / 2**30:.2f} GiB in float32" in quantized.describe()
     assert "weights" not in full.describe().split("peak memory")[1]
+
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize("found, device, limit, says", [
+    ((22 * GiB, 24 * GiB), "cpu", 12 * GiB, "half of this machine's 24.0 GiB"),
+    ((5 * GiB, 8 * GiB), "cpu", 3 * GiB, "60% of the 5.0 GiB available now"),
+    ((7.6e9, 8e9), "cpu", 4e9, "half of this machine's 7.5 GiB"),  # an idle 8 GB laptop: under 4 GB
+    ((40 * GiB, 80 * GiB), "cuda", 36 * GiB, "90% of the GPU's 40.0 GiB free"),
+    (None, "cpu", 3.5 * GiB, "assumed: this machine reports no free-memory figure"),
+])
+def test_the_memory_a_run_may_use_comes_from_the_machine(monkeypatch, found, device, limit, says):
+    from chatkit import device as devices
+
+    monkeypatch.setattr(devices, "memory_available", lambda name: found)
+    memory = plan.memory_limit(device)
+    assert memory.bytes == pytest.approx(limit) and memory.how == says and not memory.asked
+    asked = plan.memory_limit(device, "6GB")
+    assert asked.bytes == 6e9 and asked.how == "--max-memory 6GB" and asked.asked
+    assert plan.memory_limit(device, "6GiB").bytes == 6 * GiB and plan.memory_limit(device, "512MB").bytes == 512e6
+
+
+@pytest.mark.parametrize("text", ["lots", "0", "-2GB", "6 parsecs"])
+def test_a_memory_size_that_is_not_one_is_named(text):
+    with pytest.raises(ChatkitError, match=r"--max-memory .*give one such as 6GB"):
+        plan.parse_size(text)
+
+
+def test_a_container_limit_is_read_below_the_machine_figure(tmp_path, monkeypatch):
+    from chatkit import device as devices
+
+    (tmp_path / "memory.max").write_text(f"{4 * GiB}\n")
+    (tmp_path / "memory.current").write_text(f"{3 * GiB}\n")
+    (tmp_path / "memory.stat").write_text(f"anon 100\ninactive_file {GiB}\n")
+    monkeypatch.setattr(devices, "CGROUP_FILES", ((str(tmp_path),) + devices.CGROUP_FILES[0][1:],))
+    assert devices.memory_available("cpu") == (2 * GiB, 4 * GiB)  # the reclaimable cache counted as free
+    (tmp_path / "memory.max").write_text("max\n")
+    free, total = devices.memory_available("cpu")
+    assert total > 4 * GiB  # no limit: the machine's own figures
+
+
+def test_gradient_checkpointing_turns_on_only_where_the_memory_limit_needs_it():
+    long = request(lengths=[[1000]] * 50, trained=[900] * 50)
+    roomy = plan.choose(long, SHAPE, ROOMY)
+    tight = plan.choose(long, SHAPE, MACHINE)  # 3.5 GiB
+    assert not roomy.gradient_checkpointing and tight.gradient_checkpointing
+    assert roomy.plan.estimated_peak_bytes > 3.5 * GiB >= tight.plan.estimated_peak_bytes
+    assert roomy.plan.parts["training"] * plan.CHECKPOINTING_SLOWDOWN == pytest.approx(tight.plan.parts["training"],
+                                                                                         abs=0.2)
+    text = roomy.plan.describe()
+    assert "within the 64.0 GiB this run may use (64 GiB for the test; --max-memory sets it)" in text
+    assert "gradient checkpointing on" in tight.plan.describe() and "gradient checkpointing" not in text
+
+
+def test_a_small_memory_limit_takes_fewer_tokens_a_step_down_to_the_longest_example():
+    long = request(lengths=[[1000]] * 50, trained=[900] * 50, max_batch_tokens=4096)
+    one = plan.Shape.fixed_bytes(SHAPE, True) + SHAPE.step_bytes(1000, True, 0.9)
+    machine = dataclasses.replace(MACHINE, memory=plan.MemoryLimit(one + 0.05 * GiB, "a small machine"))
+    choice = plan.choose(long, SHAPE, machine)
+    cap = choice.max_batch_tokens
+    assert choice.gradient_checkpointing and cap == choice.plan.max_batch_tokens and 1000 <= cap < 2000
+    assert choice.plan.estimated_peak_bytes <= machine.memory.bytes  # one long example a step
+    assert choice.plan.steps == 3 * len(token_batches([1000] * 50 + [90] * 8, choice.batch_size, cap, 42))
+
+
+def test_max_memory_below_one_step_is_refused_naming_the_minimum():
+    asked = dataclasses.replace(MACHINE, memory=plan.MemoryLimit(1e9, "--max-memory 1GB", asked=True))
+    with pytest.raises(ChatkitError) as error:
+        plan.choose(request(lengths=[[1000]] * 50, trained=[900] * 50), SHAPE, asked)
+    one = plan.Shape.fixed_bytes(SHAPE, True) + SHAPE.step_bytes(1000, True, 0.9)
+    assert str(error.value) == (
+        f"--max-memory 1GB is below what one step needs: at least {one / GiB:.1f} GiB (the weights and the longest "
+        f"example, 1000 tokens, with gradient checkpointing); raise --max-memory to "
+        f"{-(-one // 1e8) / 10:g}GB or more, or lower --max-length")
+    unasked = dataclasses.replace(asked, memory=plan.MemoryLimit(1e9, "60% of the 1.7 GiB available now"))
+    choice = plan.choose(request(lengths=[[1000]] * 50, trained=[900] * 50), SHAPE, unasked)
+    assert "more than the 0.9 GiB this run may use (60% of the 1.7 GiB available now" in choice.plan.describe()
+
+
+def test_max_memory_reaches_the_plan_and_a_bad_one_is_a_usage_error(tmp_path, tiny_llama, capsys):
+    assert run(tmp_path, tiny_llama, "--dry-run", "--rehearsal", "0", "--max-memory", "6GiB") == 0
+    assert "this run may use (--max-memory 6GiB)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_code:
+        run(tmp_path, tiny_llama, "--dry-run", "--max-memory", "lots")
+    assert exit_code.value.code == 2
+    assert "--max-memory 'lots': not a size; give one such as 6GB, 6GiB or 512MB" in capsys.readouterr().err
