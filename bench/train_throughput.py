@@ -2,16 +2,23 @@
 """Benchmark: training tokens per second on the starter model with LoRA, against this machine's matmul rate.
 
     python bench/train_throughput.py [--steps 12] [--batch-size 8] [--rounds 2] [--no-trl]
-        [--variant unfused-loss --variant unfused-lora ...] [--checkpointing]
+        [--variant unfused-loss --variant unfused-lora ...] [--same-batches [--checkpointing]]
 
-Measures (1) this machine's fp32 matrix-multiply rate (2048x2048, all threads), (2) train_chatgpt_model's
-tokens/s with its default settings (LoRA r16 on all linear layers, fp32 on CPU, dynamic padding) on
-generated conversations of a few hundred tokens, excluding model loading, and reports the share of the
-matmul rate reached when each token costs 4 x parameters FLOPs (LoRA: forward 2N, backward to the
-activations 2N, no weight gradients for the frozen base). When TRL is installed (`pip install trl`) it
-also runs TRL's SFTTrainer on the same data with bf16 turned off, alternating with ours for --rounds
-rounds, and reports the best round of each. Gradient checkpointing is off on both sides (on with
---checkpointing); neither side's rehearsal nor report runs.
+Measures (1) this machine's fp32 matrix-multiply rate, at 2048x2048 and at the starter model's own
+shapes (a step's token count times each layer's weight), (2) train_chatgpt_model's tokens/s on generated
+conversations of a few hundred tokens, excluding model loading, and reports the share of each rate the
+training step reaches: counting 4 x parameters FLOPs per token (LoRA: forward 2N, backward to the
+activations 2N, no weight gradients for the frozen base), and counting the plan's work per token
+(attention and the output layer included) against the rate at the model's shapes.
+
+Our trainer runs with its default flags, as a user gets it: the plan chooses the batch, the tokens a
+step and gradient checkpointing (from the memory this machine has free). Only the stages that are not
+training are left out (validation, rehearsal, the report) and it makes one pass. --same-batches gives
+it TRL's batches instead (--batch-size conversations a step, checkpointing off unless --checkpointing).
+When TRL is installed (`pip install trl`) it also runs TRL's SFTTrainer on the same data (LoRA r16 on
+all linear layers, fp32, batches of --batch-size, gradient checkpointing off: TRL's fastest setting
+here; its own default turns it on), alternating with ours for --rounds rounds, and reports the best
+round of each.
 
 Each --variant is our trainer with one of its speed-ups taken out (or one tried), run in the same rounds:
   unfused-loss   the output layer's logits kept whole and cross-entropy taken on them
@@ -66,9 +73,9 @@ def variant(name: str):
     """Our trainer with one speed-up taken out (or torch.compile tried) for the length of one run."""
     import torch
 
-    from chatkit import engine, kernels
+    from chatkit import engine, forward, kernels
 
-    saved = (engine.cross_entropy_sum, kernels.fuse_lora, engine.causal_lm_parts)
+    saved = (engine.cross_entropy_sum, kernels.fuse_lora, forward.causal_lm_parts)
     if name in ("unfused-loss", "unfused"):
         def unfused_loss(features, head, targets):
             logits = features if head is None else head(features).float()
@@ -86,23 +93,54 @@ def variant(name: str):
                 compiled[id(inner)] = torch.compile(inner, dynamic=True)
             return causal_lm, compiled.get(id(inner), inner)
 
-        engine.causal_lm_parts = compiled_parts
+        forward.causal_lm_parts = compiled_parts
     try:
         yield
     finally:
-        engine.cross_entropy_sum, kernels.fuse_lora, engine.causal_lm_parts = saved
+        engine.cross_entropy_sum, kernels.fuse_lora, forward.causal_lm_parts = saved
 
 
-def run_chatkit(data: Path, workdir: Path, batch: int, checkpointing: bool, name: str = "") -> dict:
+def run_chatkit(data: Path, workdir: Path, batch: int, checkpointing: bool, name: str = "",
+                same_batches: bool = False) -> dict:
     from chatkit.options import TrainOptions
     from chatkit.pipeline import train
 
-    # The same batches as TRL's (8 conversations whatever their tokens), so the two are compared on equal work.
-    options = TrainOptions(data=[str(data)], output=str(workdir / f"chatkit{name}"), epochs=1, batch_size=batch,
-                           val_split=0, logging_steps=1000, max_batch_tokens=batch * 1024, rehearsal=0,
-                           report="none", gradient_checkpointing=checkpointing)
+    # One pass, training only; everything else as the plan chooses it (or TRL's batches: 8 conversations
+    # whatever their tokens).
+    chosen = (dict(batch_size=batch, max_batch_tokens=batch * 1024, gradient_checkpointing=checkpointing)
+              if same_batches else {})
+    options = TrainOptions(data=[str(data)], output=str(workdir / f"chatkit{name}"), epochs=1, val_split=0,
+                           logging_steps=1000, rehearsal=0, report="none", **chosen)
     with variant(name) if name else contextlib.nullcontext():
-        return train(options)
+        result = train(options)
+    plan = json.loads((workdir / f"chatkit{name}" / "chatkit.json").read_text())["plan"]
+    result["plan"] = {key: plan[key] for key in ("batch_size", "max_batch_tokens", "gradient_checkpointing",
+                                                 "steps", "memory_limit", "tokens", "trained_tokens", "examples")}
+    return result
+
+
+def shapes_gflops(config, tokens: int, repeats: int = 3) -> float:
+    """The fp32 matrix-product rate at a model's own shapes: `tokens` rows times each weight of one layer
+    (attention's four, the MLP's three) and one chunk of the output layer, weighted by their FLOPs."""
+    import torch
+
+    from chatkit.plan import LOGITS_CHUNK
+
+    hidden, inner = config.hidden_size, config.intermediate_size
+    kv = hidden * config.num_key_value_heads // config.num_attention_heads
+    products = [(tokens, hidden, hidden), (tokens, hidden, kv), (tokens, hidden, kv), (tokens, hidden, hidden),
+                (tokens, hidden, inner), (tokens, hidden, inner), (tokens, inner, hidden),
+                (min(tokens, LOGITS_CHUNK), hidden, config.vocab_size)]
+    flops = seconds = 0.0
+    for rows, inside, cols in products:
+        a, b = torch.randn(rows, inside), torch.randn(inside, cols)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        seconds += (time.perf_counter() - start) / repeats
+        flops += 2 * rows * inside * cols
+    return flops / seconds / 1e9
 
 
 def run_trl(data: Path, workdir: Path, batch: int, steps: int, checkpointing: bool) -> dict:
@@ -162,7 +200,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of chatkit then TRL")
     parser.add_argument("--variant", action="append", default=[], choices=VARIANTS,
                         help="also run our trainer with this speed-up taken out (or tried), in the same rounds")
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
+    parser.add_argument("--same-batches", action="store_true",
+                        help="our trainer on TRL's batches (--batch-size conversations a step) instead of its plan's")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing on both sides (with --same-batches)")
     args = parser.parse_args()
     import importlib.util
 
@@ -177,24 +218,27 @@ def main() -> int:
     local_path(resolve_model("smollm2-135m"))  # convert the starter model first, outside the timings
     from transformers import AutoModelForCausalLM
 
-    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(local_path(resolve_model("smollm2-135m"))).parameters())
+    model = AutoModelForCausalLM.from_pretrained(local_path(resolve_model("smollm2-135m")))
+    params, config = sum(p.numel() for p in model.parameters()), model.config
+    del model
     workdir = Path(tempfile.mkdtemp(prefix="chatkit-throughput-"))
     data = workdir / "data.json"
     make_data(data, args.steps * args.batch_size)
     before = matmul_gflops()
     result = {"threads": torch.get_num_threads(), "parameters": params}
-    result["gradient_checkpointing"] = args.checkpointing
+    result["ours"] = "TRL's batches" if args.same_batches else "default flags (the plan's batch, tokens and checkpointing)"
+    result["trl_gradient_checkpointing"] = args.checkpointing
     ours, theirs, variants = [], [], {name: [] for name in args.variant}
     for round_number in range(args.rounds):  # alternating, so a slower moment of the machine hits both
         where = workdir / f"round{round_number}"
         with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log lines on stdout
-            ours.append(run_chatkit(data, where, args.batch_size, args.checkpointing))
+            ours.append(run_chatkit(data, where, args.batch_size, args.checkpointing, same_batches=args.same_batches))
             for name, runs in variants.items():
-                runs.append(run_chatkit(data, where, args.batch_size, args.checkpointing, name))
+                runs.append(run_chatkit(data, where, args.batch_size, args.checkpointing, name, args.same_batches))
             if compare:
                 theirs.append(run_trl(data, where, args.batch_size, args.steps, args.checkpointing))
     chatkit = max(ours, key=lambda r: r["tokens_per_second"])
-    result["chatkit"] = {k: chatkit[k] for k in ("tokens_seen", "train_runtime_s", "tokens_per_second")}
+    result["chatkit"] = {k: chatkit[k] for k in ("tokens_seen", "train_runtime_s", "tokens_per_second", "plan")}
     result["chatkit"]["every_round_tokens_per_second"] = [r["tokens_per_second"] for r in ours]
     for name, runs in variants.items():
         best = max(runs, key=lambda r: r["tokens_per_second"])
@@ -212,6 +256,18 @@ def main() -> int:
     result["matmul_gflops_fp32"] = round(gflops, 1)
     result["chatkit"]["gflops_at_4N_per_token"] = round(achieved, 1)
     result["chatkit"]["share_of_matmul_rate"] = round(achieved / gflops, 3)
+    # The plan's work per token (attention and the output layer too) against the rate at the model's shapes,
+    # for a step of the plan's tokens.
+    from chatkit.plan import Shape
+
+    chosen = chatkit["plan"]
+    at_shapes = shapes_gflops(config, int(chosen["tokens"] / max(1, chosen["steps"])))
+    work = Shape.from_config(config).flops_per_token(chosen["tokens"] / chosen["examples"],
+                                                     chosen["trained_tokens"] / chosen["tokens"], True)
+    done = chatkit["tokens_per_second"] * work / 1e9
+    result["matmul_gflops_at_model_shapes"] = round(at_shapes, 1)
+    result["chatkit"]["gflops_at_plan_work_per_token"] = round(done, 1)
+    result["chatkit"]["share_of_rate_at_model_shapes"] = round(done / at_shapes, 3)
     print(json.dumps(result, indent=2))
     return 0
 

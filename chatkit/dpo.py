@@ -125,16 +125,13 @@ def answer_tokens(labels: List[int]) -> int:
 
 
 def sequence_logps(model, ids: List[int], labels: List[int]):
-    """The summed log-probability of the labelled tokens (the answer and its end of turn)."""
-    import torch
+    """The summed log-probability of the labelled tokens (the answer and its end of turn), through the
+    fused output layer: no vocabulary-wide logits at the prompt's positions, none kept for the backward."""
+    from .forward import labelled_loss_sum, padded_batch
 
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
-    target = torch.tensor([labels[1:]], device=device)
-    logits = model(input_ids=input_ids).logits[:, :-1].float()
-    mask = target != IGNORE_INDEX
-    picked = torch.gather(logits.log_softmax(-1), 2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)[0]
+    loss, _ = labelled_loss_sum(model, *padded_batch([{"input_ids": ids, "labels": labels}],
+                                                     next(model.parameters()).device))
+    return -loss
 
 
 def pair_logps(model, examples: List[dict]) -> List[Tuple[float, float]]:

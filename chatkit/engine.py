@@ -22,10 +22,8 @@ from .errors import ChatkitError
 from .examples import PaddingCollator, TokenBudgetSampler
 from .files import latest_checkpoint
 from .formatting import IGNORE_INDEX, pad_token_id
-from .kernels import linear_cross_entropy
-from .models import causal_lm_parts
+from .forward import cross_entropy_sum, labelled_features
 from .output import Progress, quiet_transformers, say
-from .plan import LOGITS_CHUNK, keeps_logits
 from .rehearsal import teacher_loss
 
 # transformers renamed gradient checkpointing to activation checkpointing (the old name warns).
@@ -59,14 +57,8 @@ class EngineSettings:
 
 
 class ChatTrainer(Trainer):
-    """transformers' Trainer, computing the output layer only at positions that carry a label.
-
-    The output layer (hidden size x vocabulary, 49k wide for the starter model) and the softmax over
-    it are the largest single cost per token; prompt tokens and padding have no label, so their logits
-    are never needed, and the labelled ones are computed a chunk at a time with their gradient
-    (kernels.linear_cross_entropy), never all kept at once. Models with logit soft-capping or scaling,
-    and distributed runs (where the forward must go through the DDP wrapper), take the model's full
-    forward instead.
+    """transformers' Trainer, computing the output layer only at positions that carry a label
+    (chatkit/forward.py: the fused output layer and loss, the path validation, the report and DPO take too).
 
     Rehearsal positions (a batch's `teacher_index`, with the table in `self.teacher`) are trained
     towards the model's own earlier distribution (KL divergence) instead of the token in the text.
@@ -104,30 +96,15 @@ class ChatTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def _labelled_features(self, model, inputs, keep):
-        """The labelled positions' hidden states and the output layer, for the fused loss; or, where the
-        output layer is not a plain matrix product, their float logits and None."""
-        causal_lm, inner = causal_lm_parts(model)
-        plain = not keeps_logits(causal_lm.config)
-        head = causal_lm.get_output_embeddings()
-        if plain and inner is not None and head is not None and self.args.world_size == 1:
-            # PaddingCollator pads on the right, so in a causal model no real token can see padding:
-            # without the mask, attention takes its plain causal path instead of a materialised mask.
-            forward = {k: v for k, v in inputs.items() if k not in ("labels", "attention_mask")}
-            hidden = inner(**forward).last_hidden_state[:, :-1][keep]
-            if type(head) is torch.nn.Linear:  # not a quantized subclass: the fused loss reads its weight
-                return hidden, head
-            return head(hidden).float(), None
-        forward = {k: v for k, v in inputs.items() if k != "labels"}
-        return model(**forward).logits[:, :-1][keep].float(), None
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher_index = inputs.pop("teacher_index", None)
         if return_outputs or (self.args.world_size > 1 and teacher_index is None):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         targets = inputs["labels"][:, 1:]
         keep = targets != IGNORE_INDEX
-        features, head = self._labelled_features(model, inputs, keep)
+        # The fused path needs the body and the head alone; the ranks of a distributed run go through DDP.
+        features, head = labelled_features(model, {k: v for k, v in inputs.items() if k != "labels"}, keep,
+                                           fused=self.args.world_size == 1)
         targets = targets[keep]
         rows = teacher_index[:, 1:][keep] if teacher_index is not None else None
         taught = rows >= 0 if rows is not None and bool((rows >= 0).any()) else None
@@ -144,14 +121,6 @@ class ChatTrainer(Trainer):
         if self.args.world_size > 1 and self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: the count is global
         return loss
-
-
-def cross_entropy_sum(features, head, targets):
-    """The summed cross-entropy of the labelled positions: fused with the output layer when `head` is
-    given (no vocabulary-wide logits kept), else of the logits `features`."""
-    if head is None:
-        return torch.nn.functional.cross_entropy(features, targets, reduction="sum")
-    return linear_cross_entropy(features, head, targets, LOGITS_CHUNK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,8 +502,8 @@ def run_trainer(model, tokenizer, train_examples: List[dict], val_examples: List
         except torch.cuda.OutOfMemoryError:
             raise ChatkitError(
                 "the GPU ran out of memory; lower --batch-size (and raise --gradient-accumulation-steps to "
-                "keep the effective batch), lower --max-length, add --gradient-checkpointing, or use "
-                "--load-in-4bit"
+                "keep the effective batch), lower --max-length, give a --max-memory below the plan's (it then "
+                "checkpoints and takes fewer tokens a step), or use --load-in-4bit"
             ) from None
         if stop.requested:
             return RunResult(trainer, metrics, interrupted=True,

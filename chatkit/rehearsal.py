@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from .formatting import pad_token_id, render, stop_token_ids, with_system_prompt
-from .models import causal_lm_parts
 
 # Varied everyday requests: facts, arithmetic, language, how-to, short writing. A run takes those most
 # like the user's prompts (closest_prompts); without user prompts, the first ones, so the order mixes
@@ -173,17 +172,9 @@ def answer_states(model, tokenizer, prompts: List[str], system_prompt: Optional[
     """
     import torch
 
+    from .forward import body_states as run
+
     pad = pad_token_id(tokenizer)
-    causal_lm, inner = causal_lm_parts(model)
-
-    def run(**kwargs):
-        """Last hidden states and cache, from the body alone where the model has one."""
-        if inner is not None:
-            output = inner(**kwargs)
-            return output.last_hidden_state, output.past_key_values
-        output = causal_lm(output_hidden_states=True, **kwargs)
-        return output.hidden_states[-1], output.past_key_values
-
     device = next(model.parameters()).device
     encoded = _prompt_ids(tokenizer, prompts, system_prompt)
     shared = 0  # tokens every prompt starts with, leaving each at least one of its own
@@ -197,10 +188,10 @@ def answer_states(model, tokenizer, prompts: List[str], system_prompt: Optional[
             input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in rest], device=device)
             cache = None
             if shared:
-                _, cache = run(input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True)
+                _, cache = run(model, input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True)
                 cache.batch_repeat_interleave(len(rest))
             positions = torch.arange(shared, shared + width, device=device).expand(len(rest), -1)
-            hidden, _ = run(input_ids=input_ids, position_ids=positions, past_key_values=cache,
+            hidden, _ = run(model, input_ids=input_ids, position_ids=positions, past_key_values=cache,
                             use_cache=cache is not None)
             ends = torch.tensor([len(ids) - 1 for ids in rest], device=device)
             states.append(hidden[torch.arange(len(rest), device=device), ends].float())

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .files import atomic_output, atomic_path
-from .models import causal_lm_parts
 from .output import duration
 from .rehearsal import own_answers
 
@@ -89,6 +88,8 @@ def mean_loss(model, examples: Sequence[dict]) -> Optional[float]:
     label, so a batch gives each example's loss as it would be alone."""
     import torch
 
+    from .forward import labelled_loss_sum, padded_batch
+
     total, count = 0.0, 0
     device = next(model.parameters()).device
     was_training = model.training
@@ -96,20 +97,9 @@ def mean_loss(model, examples: Sequence[dict]) -> Optional[float]:
     try:
         with torch.no_grad():
             for start in range(0, len(examples), LOSS_BATCH):
-                chunk = examples[start : start + LOSS_BATCH]
-                width = max(len(e["input_ids"]) for e in chunk)
-                ids = torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in chunk], device=device)
-                labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in chunk], device=device)
-                targets = labels[:, 1:]
-                keep = targets != -100
-                causal_lm, inner = causal_lm_parts(model)
-                head = causal_lm.get_output_embeddings()
-                if inner is not None and head is not None:  # the vocabulary-wide head at labelled positions only
-                    logits = head(inner(input_ids=ids).last_hidden_state[:, :-1][keep]).float()
-                else:
-                    logits = model(input_ids=ids).logits[:, :-1][keep].float()
-                total += float(torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum"))
-                count += int(keep.sum())
+                loss, labelled = labelled_loss_sum(model, *padded_batch(examples[start:start + LOSS_BATCH], device))
+                total += float(loss)
+                count += int(labelled)
     finally:
         model.train(was_training)
     return round(total / count, 4) if count else None

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_chatgpt_model as cli
-from chatkit import rehearsal
+from chatkit import forward, rehearsal
 from chatkit import report  # noqa: F401  (imported before a test replaces rehearsal.own_answers: the report keeps the real one)
 from chatkit.engine import ChatTrainer
 from chatkit.examples import PaddingCollator, tokenize_examples
@@ -78,7 +78,7 @@ def test_answer_states_of_a_model_without_a_separate_body(tiny_llama, monkeypatc
     model, tokenizer = load(tiny_llama)
     prompts = rehearsal.GENERAL_PROMPTS[:3]
     expected = rehearsal.answer_states(model, tokenizer, prompts)
-    monkeypatch.setattr(rehearsal, "causal_lm_parts", lambda m: (m, None))
+    monkeypatch.setattr(forward, "causal_lm_parts", lambda m: (m, None))
     assert torch.allclose(rehearsal.answer_states(model, tokenizer, prompts), expected, atol=1e-4)
 
 

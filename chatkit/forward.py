@@ -1,0 +1,72 @@
+"""The model's loss and log-probabilities at labelled positions: one path for training, validation,
+the report and DPO.
+
+Prompt tokens and padding carry no label, so their logits are never needed. The body runs alone and the
+output layer (hidden size x vocabulary: 49k wide for the starter model, the largest single cost per
+token) is applied only at labelled positions, a chunk at a time with its gradient
+(`kernels.linear_cross_entropy`), never all kept at once. Models with soft-capped or scaled logits,
+models without a separate body, and distributed runs (where the forward must go through the DDP
+wrapper) take the model's full forward instead.
+
+Imported only when a model runs: it imports torch at the top.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formatting import IGNORE_INDEX
+from .kernels import linear_cross_entropy
+from .models import causal_lm_parts
+from .plan import LOGITS_CHUNK, keeps_logits
+
+
+def body_states(model, **inputs):
+    """(last hidden states, cache) from the transformer body alone where the model has one, else from
+    its full forward."""
+    causal_lm, inner = causal_lm_parts(model)
+    if inner is not None:
+        output = inner(**inputs)
+        return output.last_hidden_state, output.past_key_values
+    output = causal_lm(output_hidden_states=True, **inputs)
+    return output.hidden_states[-1], output.past_key_values
+
+
+def labelled_features(model, inputs: dict, keep, fused: bool = True):
+    """The hidden states at the positions `keep` marks (one before each labelled token) and the output
+    layer, for the fused loss; or, where the output layer is not one plain matrix product (or `fused` is
+    off), their float logits and None. `inputs` are the model's (no labels); padding on the right, so in a
+    causal model no real token sees it and the body needs no attention mask."""
+    causal_lm, inner = causal_lm_parts(model)
+    head = causal_lm.get_output_embeddings()
+    if fused and not keeps_logits(causal_lm.config) and inner is not None and head is not None:
+        forward = {k: v for k, v in inputs.items() if k != "attention_mask"}
+        hidden = inner(**forward).last_hidden_state[:, :-1][keep]
+        if type(head) is torch.nn.Linear:  # not a quantized subclass: the fused loss reads its weight
+            return hidden, head
+        return head(hidden).float(), None
+    return model(**inputs).logits[:, :-1][keep].float(), None
+
+
+def cross_entropy_sum(features, head, targets):
+    """The summed cross-entropy of the labelled positions: fused with the output layer when `head` is
+    given (no vocabulary-wide logits kept), else of the logits `features`."""
+    if head is None:
+        return torch.nn.functional.cross_entropy(features, targets, reduction="sum")
+    return linear_cross_entropy(features, head, targets, LOGITS_CHUNK)
+
+
+def labelled_loss_sum(model, input_ids, labels):
+    """(summed loss, labelled tokens) of a batch padded on the right, `labels` IGNORE_INDEX where none."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    features, head = labelled_features(model, {"input_ids": input_ids}, keep)
+    return cross_entropy_sum(features, head, targets[keep]), keep.sum()
+
+
+def padded_batch(examples, device, pad: int = 0):
+    """(input_ids, labels) of tokenized examples, padded on the right (labels with IGNORE_INDEX)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = [e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples]
+    labels = [e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples]
+    return torch.tensor(ids, device=device), torch.tensor(labels, device=device)
