@@ -310,11 +310,12 @@ class Guard:
         if origin is not None and urlparse(origin).netloc.lower() != host.lower():
             return RequestError(f"cross-site requests are refused (Origin {origin})", status=403,
                                 kind="permission_error", code="cross_site_request")
-        if scope["method"] == "POST" and headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        # Media types and auth schemes are case-insensitive (RFC 9110, 8.3.1 and 11.1).
+        if scope["method"] == "POST" and headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             return RequestError("the request body must be sent as Content-Type: application/json", status=415)
         if self.api_key is not None:
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
                 return RequestError("a valid API key is needed: Authorization: Bearer KEY (the --api-key the "
                                     "server was started with)", status=401, kind="invalid_request_error",
                                     code="invalid_api_key")

@@ -209,6 +209,8 @@ HELLO = {"messages": [{"role": "user", "content": "Hello"}]}
     ({"Origin": "null"}, 403, "cross_site_request"),
     ({"Authorization": "Bearer wrong"}, 401, "invalid_api_key"),
     ({"Authorization": ""}, 401, "invalid_api_key"),  # no key at all
+    ({"Authorization": "Basic s3cret"}, 401, "invalid_api_key"),  # the key, but not as a bearer token
+    ({"Authorization": "Bearer s3cret2"}, 401, "invalid_api_key"),
 ])
 def test_a_web_page_or_a_stranger_can_neither_run_nor_read_the_model(guarded, headers, status, code):
     address, port = guarded
@@ -224,6 +226,16 @@ def test_a_form_post_without_json_content_type_is_refused(guarded):
     response = httpx.post(f"{address}/v1/chat/completions", content=json.dumps(HELLO),
                           headers={"Authorization": "Bearer s3cret", "Content-Type": "text/plain"})
     assert response.status_code == 415 and response.json()["error"]["message"].endswith("application/json")
+
+
+@pytest.mark.parametrize("authorization, content_type", [("bearer s3cret", "Application/JSON"),
+                                                          ("BEARER  s3cret", "application/json; charset=UTF-8")])
+def test_the_auth_scheme_and_the_media_type_are_read_case_insensitively(guarded, authorization, content_type):
+    address, _ = guarded
+    response = httpx.post(f"{address}/v1/chat/completions", content=json.dumps(HELLO),
+                          headers={"Authorization": authorization, "Content-Type": content_type})
+    assert response.status_code == 200, response.text
+    assert REPLIES["Hello"].startswith(response.json()["choices"][0]["message"]["content"])
 
 
 def test_its_own_user_with_the_key_is_answered(guarded):
