@@ -157,6 +157,8 @@ def train_dpo(model, examples: List[dict], epochs: int, beta: float, learning_ra
     of steps."""
     import torch
 
+    from .forward import finite
+
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
     rng = random.Random(seed)
     order = []
@@ -170,6 +172,7 @@ def train_dpo(model, examples: List[dict], epochs: int, beta: float, learning_ra
             ref_chosen, ref_rejected = (torch.tensor(v, device=chosen.device) for v in reference[index])
             tokens = torch.tensor(answer_tokens(examples[index]["chosen"][1]), device=chosen.device)
             loss, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, sft_weight, tokens)
+            finite(loss, f"preference step {len(losses) + 1}")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

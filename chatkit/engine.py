@@ -22,7 +22,7 @@ from .errors import ChatkitError
 from .examples import PaddingCollator, TokenBudgetSampler
 from .files import latest_checkpoint
 from .formatting import IGNORE_INDEX, pad_token_id
-from .forward import cross_entropy_sum, labelled_features
+from .forward import cross_entropy_sum, finite, labelled_features
 from .output import Progress, quiet_transformers, say
 from .rehearsal import teacher_loss
 
@@ -120,7 +120,7 @@ class ChatTrainer(Trainer):
         loss = loss / count
         if self.args.world_size > 1 and self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: the count is global
-        return loss
+        return finite(loss, f"step {self.state.global_step + 1}" if model.training else "validation")
 
 
 # ---------------------------------------------------------------------------------------------

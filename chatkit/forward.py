@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ChatkitError
 from .formatting import IGNORE_INDEX
 from .kernels import linear_cross_entropy
 from .models import causal_lm_parts
@@ -70,3 +71,14 @@ def padded_batch(examples, device, pad: int = 0):
     ids = [e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in examples]
     labels = [e["labels"] + [IGNORE_INDEX] * (width - len(e["labels"])) for e in examples]
     return torch.tensor(ids, device=device), torch.tensor(labels, device=device)
+
+
+def finite(loss, where: str):
+    """`loss`, or one error line where it is NaN or infinite: a step on it would make every weight
+    non-finite, and a model saved after it answers with nothing."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise ChatkitError(f"the loss became {float(loss.detach().float().reshape(-1)[0])} at {where}, so training "
+                           "stopped before the weights took it and the model was not saved; lower "
+                           "--learning-rate (or --dpo-learning-rate, --dpo-beta for preferences) and check that "
+                           "the data's answers have text to learn")
+    return loss

@@ -89,3 +89,40 @@ def test_a_model_that_keeps_its_logits_takes_its_own_forward(tiny_llama):
     assert calls == [torch.Size([1, len(example["input_ids"])])]  # the model's own forward, every position
     with torch.no_grad():
         assert float(ours) == pytest.approx(float(full_logps(model, example)), rel=1e-5)
+
+
+def test_a_loss_that_becomes_nan_stops_the_run_with_one_line_and_saves_no_model(tmp_path, tiny_llama, capsys,
+                                                                                 monkeypatch):
+    import json
+
+    import train_chatgpt_model as cli
+    from chatkit import engine
+
+    real, calls = engine.cross_entropy_sum, []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(engine, "cross_entropy_sum", poisoned)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"messages": [{"role": "user", "content": f"Question {i}?"},
+                                              {"role": "assistant", "content": f"Answer number {i}."}]}
+                                for i in range(8)]))
+    code = cli.main(["--data", str(data), "--model", str(tiny_llama), "--output", str(tmp_path / "out"),
+                     "--rehearsal", "0", "--batch-size", "1", "--epochs", "1", "--val-split", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: the loss became nan at step 3, so training stopped")
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and p.name != "data.json")
+    assert not [name for name in left if name.endswith(".safetensors") or name.endswith("chatkit.json")], left
+
+
+def test_a_non_finite_loss_is_named_where_it_happened():
+    from chatkit.errors import ChatkitError
+
+    assert float(forward.finite(torch.tensor(2.5), "step 1")) == 2.5
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ChatkitError, match=f"the loss became {bad} at preference step 4"):
+            forward.finite(torch.tensor(bad), "preference step 4")
