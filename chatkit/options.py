@@ -144,26 +144,20 @@ class Lora:
 # train_chatgpt_model.py
 
 
-def _duration(text: str) -> Optional[str]:
-    from .errors import ChatkitError
-    from .plan import parse_duration
+def _parsed_by(parser: str):
+    """A check that runs plan.`parser` on a flag's text: the value and the problem, the flag being named by
+    `problems()`. The parser is imported when a value is checked, so --help stays light."""
+    def check(text: str) -> Optional[str]:
+        from . import plan
+        from .errors import ChatkitError
 
-    try:
-        parse_duration(text)
-    except ChatkitError as exc:
-        return str(exc).split(" ", 1)[1]  # the value and the problem: the flag is named by the caller
-    return None
+        try:
+            getattr(plan, parser)(text)
+        except ChatkitError as exc:
+            return str(exc).split(" ", 1)[1]
+        return None
 
-
-def _size(text: str) -> Optional[str]:
-    from .errors import ChatkitError
-    from .plan import parse_size
-
-    try:
-        parse_size(text)
-    except ChatkitError as exc:
-        return str(exc).split(" ", 1)[1]  # the value and the problem: the flag is named by the caller
-    return None
+    return check
 
 
 @dataclass
@@ -220,7 +214,7 @@ class TrainOptions(Common, Hardware, Lora):
     packing: bool = option(False, "pack several conversations per sequence (no cross-attention)")
     time_budget: Optional[str] = option(None, "finish the whole run, saved model included, within DURATION (90s, "
                                               "30m, 2h): trains on what fits, with a schedule for that many steps",
-                                        metavar="DURATION", check=_duration)
+                                        metavar="DURATION", check=_parsed_by("parse_duration"))
     dry_run: bool = option(False, "print the plan (size, steps, time, memory) and exit without training")
     preferences: Optional[str] = option(None, "after the supervised training, learn from preference pairs "
                                               "(convert_chatgpt_export.py --preferences): DPO on the LoRA adapter",
@@ -244,7 +238,7 @@ class TrainOptions(Common, Hardware, Lora):
     max_memory: Optional[str] = option(None, "memory the run may use, such as 6GB or 6GiB (default: 60%% of the "
                                              "memory available when it starts, at most half the machine's; on a "
                                              "GPU 90%% of its free memory); above it, gradient checkpointing, then "
-                                             "steps of fewer tokens", metavar="SIZE", check=_size)
+                                             "steps of fewer tokens", metavar="SIZE", check=_parsed_by("parse_size"))
     gradient_checkpointing: Optional[bool] = option(None, "recompute activations in the backward pass: less memory, "
                                                           "some more compute (default: on when a step would need "
                                                           "more than --max-memory)")

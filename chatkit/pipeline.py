@@ -349,7 +349,8 @@ def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, 
         preference_tokens=data.preferences.pair_tokens() if data.preferences else [],
         preference_epochs=options.dpo_epochs)
     bits = 4 if options.load_in_4bit else 8 if options.load_in_8bit else 32
-    return choose(request, Shape.from_config(load_config(source), bits), calibrate(placement.device, options.max_memory))
+    machine = calibrate(placement.device, options.max_memory)
+    return choose(request, Shape.from_config(load_config(source), bits), machine)
 
 
 DEADLINE_SHARE = 0.95  # of a time budget: the rest is for exiting and what no estimate sees

@@ -59,15 +59,16 @@ def parse_duration(text: str) -> float:
     """Seconds in '90s', '30m', '2h', '1h30m' or a bare number of minutes."""
     text = text.strip().lower()
     parts = _DURATION.findall(text)
+    not_one = ChatkitError(f"--time-budget {text!r}: not a duration; give one such as 90s, 30m, 2h or 1h30m")
     if not parts or _DURATION.sub("", text).strip():
-        raise ChatkitError(f"--time-budget {text!r}: not a duration; give one such as 90s, 30m, 2h or 1h30m")
+        raise not_one
     units = {"h": 3600, "m": 60, "min": 60, "s": 1, "sec": 1}
     smaller = {"h": "m", "m": "s", "min": "s"}
     seconds, before = 0.0, None
     for number, unit in parts:  # a bare number is minutes, or the unit below the one before it (1h30, 1m30)
         unit = unit or (smaller.get(before, "") if before else "m")
         if unit not in units:
-            raise ChatkitError(f"--time-budget {text!r}: not a duration; give one such as 90s, 30m, 2h or 1h30m")
+            raise not_one
         seconds, before = seconds + float(number) * units[unit], unit
     if seconds <= 0:
         raise ChatkitError(f"--time-budget {text!r}: must be longer than nothing")
@@ -276,7 +277,7 @@ class Plan:
     of_conversations: Optional[int] = None
     weights: Optional[str] = None  # what the weights take, when they are quantized
     memory_limit_bytes: Optional[int] = None  # what the run may use
-    memory_limit: Optional[str] = None  # ... and where that figure came from
+    memory_limit: Optional[str] = None  # ... where that figure came from, and how to set it
 
     def describe(self) -> str:
         kept = f"{self.conversations} of {self.of_conversations}" if self.selection else f"{self.conversations}"
@@ -295,7 +296,7 @@ class Plan:
         if self.memory_limit_bytes:
             over = self.estimated_peak_bytes > self.memory_limit_bytes
             line += (f", {'more than' if over else 'within'} the {gib(self.memory_limit_bytes)} this run may use "
-                     f"({self.memory_limit}{'' if self.memory_limit.startswith('--') else '; --max-memory sets it'})")
+                     f"({self.memory_limit})")
         lines.append(line + (f" ({'; '.join(notes)})" if notes else ""))
         return "\n".join(lines)
 
@@ -457,8 +458,7 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
     everything = [(i, len(examples)) for i, examples in enumerate(request.lengths)]
     kept = everything
     rows = auto_batch(sum(len(examples) for examples in request.lengths) + len(request.extra), request.batch_size)
-    request, checkpointing = _fit_memory(request, kept, rows, shape, machine)
-    batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
+    request, checkpointing, (batches, epoch_s, peak) = _fit_memory(request, kept, rows, shape, machine)
     planned = epochs = auto_epochs(math.ceil(len(batches) / request.gradient_accumulation_steps), request.epochs)
     selection, shed, val_kept, val_tokens = None, [], None, request.val_tokens
     if request.budget_s is not None:
@@ -482,25 +482,28 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
 
 
 def _fit_memory(request: Request, kept: Sequence[Kept], rows: int, shape: Shape, machine: Machine):
-    """(request, checkpointing) within the memory the run may use: gradient checkpointing where the steps
-    need it (unless asked for or refused), then fewer tokens a step, down to the longest example alone.
-    A --max-memory below that is refused with the minimum; a machine's own figure is only said."""
+    """(request, checkpointing, its `_epoch`) within the memory the run may use: gradient checkpointing
+    where the steps need it (unless asked for or refused), then fewer tokens a step, down to the longest
+    example alone. A --max-memory below that is refused with the minimum; a machine's own figure is only said."""
     limit = machine.memory.bytes
-    checkpointing = request.gradient_checkpointing
-    if checkpointing is None:  # on only where memory needs it: it costs compute
-        checkpointing = _epoch(request, kept, rows, shape, machine, False)[2] > limit
+    checkpointing = bool(request.gradient_checkpointing)
+    epoch = _epoch(request, kept, rows, shape, machine, checkpointing)
+    if request.gradient_checkpointing is None and epoch[2] > limit:  # on only where memory needs it: it costs compute
+        checkpointing = True
+        epoch = _epoch(request, kept, rows, shape, machine, checkpointing)
     longest = max((length for i, n in kept for length in request.lengths[i][:n]), default=1)
     cap = request.max_batch_tokens or longest * rows
-    while _epoch(request, kept, rows, shape, machine, checkpointing)[2] > limit and cap > longest:
+    while epoch[2] > limit and cap > longest:
         cap = max(longest, cap // 2)
         request = replace(request, max_batch_tokens=cap)
-    peak = _epoch(request, kept, rows, shape, machine, checkpointing)[2]
+        epoch = _epoch(request, kept, rows, shape, machine, checkpointing)
+    peak = epoch[2]
     if peak > limit and machine.memory.asked:
         raise ChatkitError(
             f"{machine.memory.how} is below what one step needs: at least {gib(peak)} (the weights and the "
             f"longest example, {longest} tokens{', with gradient checkpointing' if checkpointing else ''}); "
             f"raise --max-memory to {math.ceil(peak / 1e8) / 10:g}GB or more, or lower --max-length")
-    return request, checkpointing
+    return request, checkpointing, epoch
 
 
 def _fixed_seconds(request: Request, shape: Shape, machine: Machine) -> float:
@@ -611,7 +614,8 @@ def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, va
                 estimated_seconds=round(sum(parts.values()), 1), estimated_peak_bytes=int(peak),
                 estimate=machine.how, parts={k: round(v, 1) for k, v in parts.items()}, selection=selection,
                 of_conversations=len(request.lengths), weights=_weights_text(shape),
-                memory_limit_bytes=int(machine.memory.bytes), memory_limit=machine.memory.how)
+                memory_limit_bytes=int(machine.memory.bytes),
+                memory_limit=machine.memory.how + ("" if machine.memory.asked else "; --max-memory sets it"))
 
 
 def _weights_text(shape: Shape) -> Optional[str]:

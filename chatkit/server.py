@@ -311,7 +311,8 @@ class Guard:
             return RequestError(f"cross-site requests are refused (Origin {origin})", status=403,
                                 kind="permission_error", code="cross_site_request")
         # Media types and auth schemes are case-insensitive (RFC 9110, 8.3.1 and 11.1).
-        if scope["method"] == "POST" and headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if scope["method"] == "POST" and media_type != "application/json":
             return RequestError("the request body must be sent as Content-Type: application/json", status=415)
         if self.api_key is not None:
             scheme, _, given = headers.get("authorization", "").strip().partition(" ")
