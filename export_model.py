@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 from chatkit.cli import make_parser as build_parser, parse, run_main
 from chatkit.errors import ChatkitError
+from chatkit.files import check_outputs
 from chatkit.options import ExportOptions
 from chatkit.output import say
 
@@ -33,18 +34,28 @@ def make_parser():
 
 def export(argv: Optional[Sequence[str]] = None) -> int:
     options = parse(ExportOptions, __doc__, argv)
-    targets = [Path(p) for p in (options.gguf, options.lora_gguf) if p]
-    modelfile = targets[0].parent / "Modelfile"
-    for path in targets + ([modelfile] if options.ollama else []):
-        if path.exists() and not options.overwrite:
-            raise ChatkitError(f"{path} exists already; pass --overwrite to replace it, or name another file")
-        if path.is_dir():
-            raise ChatkitError(f"{path} is a folder; name a file, such as {path / 'model.gguf'}")
+    outputs = {"--gguf": options.gguf} if options.gguf else {}
+    if options.lora_gguf:
+        outputs["--lora-gguf"] = options.lora_gguf
+    if options.ollama:
+        outputs["the Modelfile beside --gguf"] = str(Path(options.gguf).parent / "Modelfile")
+    check_outputs(outputs, model_files(options.model), options.overwrite, example="model.gguf")
     if options.lora_gguf:
         export_adapter(options.model, options.lora_gguf, options.type)
     if options.gguf:
         export_whole(options)
     return 0
+
+
+def model_files(spec: Optional[str]) -> list:
+    """The files an export reads: the model's own GGUF file, or the GGUF an adapter was trained on."""
+    from chatkit.models import resolve_model
+
+    source, files = resolve_model(spec), []
+    while source is not None:
+        files += [source.gguf_file] if source.gguf_file else []
+        source = source.base
+    return files
 
 
 def export_adapter(model: Optional[str], out: str, kind: str) -> None:

@@ -10,11 +10,12 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from . import export
 from .errors import ChatkitError
-from .files import atomic_output
+from .files import atomic_output, check_outputs
 from .formatting import clean_text, count_exchanges, split_exchanges
 from .options import ConvertOptions
 from .redact import Redactor
@@ -374,14 +375,23 @@ class Converter:
         return record
 
 
+class Judged(NamedTuple):
+    """One sibling answer and the user's signs about it."""
+
+    node: str
+    text: str
+    rating: Optional[str]  # "up", "down" or None
+    continued: bool  # the user went on from it
+
+
 class PreferenceWalk:
     """Preference pairs from one conversation tree (the converter's other view of the same walk).
 
     - A regenerated answer: the user went on from one of the sibling answers (it is on the path to
       `current_node`, or a user turn follows it); that one is chosen, each sibling left without a
       follow-up is rejected.
-    - A thumbs-down answer with a regenerated sibling: the sibling is chosen (one on the user's path, or
-      thumbed up, first), the thumbed-down answer rejected.
+    - Thumbs on sibling answers: a thumbed-up one is chosen, a thumbed-down one rejected (the full rule is
+      `_pairs`'s).
     - A rated answer without a sibling: a labelled example (KTO's format: completion and label).
     Edits of the user's own message (sibling user turns) give nothing: they are not a judgement of an answer.
     """
@@ -414,20 +424,37 @@ class PreferenceWalk:
         return pairs, labelled
 
     def _pairs(self, prompt: List[dict], answers: List[Tuple[str, str]]) -> List[dict]:
-        continued = [a for a in answers if a[0] in self.on_path or self._followed(a[0])]
-        liked = [a for a in answers if self._rating(a[0]) == "up"]
-        chosen = (continued + liked + [a for a in answers if self._rating(a[0]) != "down"])[:1]
-        out = []
-        for node_id, text in answers:
-            if not chosen or node_id == chosen[0][0] or text == chosen[0][1]:
+        """The preference rule, for sibling answers to one prompt (stated once here; tests/test_preferences.py
+        checks it for every combination of thumbs and branches):
+
+        - Thumbs are the user's own judgement and outrank the branch they went on from.
+        - Chosen: a thumbed-up answer; else one the user went on from that is not thumbed down; else, when an
+          answer is thumbed down, one without thumbs. Otherwise there is no sign, and no pair.
+        - Rejected: each thumbed-down answer ("thumbs"); and, when the user went on from an answer they did
+          not thumb down, each answer they left without thumbs ("regeneration").
+        - Never rejected: a thumbed-up answer, one the user went on from (unless thumbed down), or a copy of
+          the chosen text. Never chosen: a thumbed-down answer.
+        """
+        judged = [Judged(node, text, self._rating(node), node in self.on_path or self._followed(node))
+                  for node, text in answers]
+        went_on = any(a.continued and a.rating != "down" for a in judged)
+        thumbed_down = any(a.rating == "down" for a in judged)
+        candidates = ([a for a in judged if a.rating == "up"]
+                      + [a for a in judged if a.continued and a.rating != "down"]
+                      + [a for a in judged if a.rating is None and thumbed_down])
+        if not candidates:
+            return []
+        chosen, out = candidates[0], []
+        for answer in judged:
+            if answer.node == chosen.node or answer.text == chosen.text:
                 continue
-            if self._rating(node_id) == "down":
+            if answer.rating == "down":
                 source = "thumbs"
-            elif continued and node_id not in (c for c, _ in continued):
+            elif answer.rating is None and not answer.continued and went_on:
                 source = "regeneration"
             else:
-                continue  # two answers the user went on from, or no sign of which was preferred
-            out.append({"prompt": prompt, "chosen": [_assistant(chosen[0][1])], "rejected": [_assistant(text)],
+                continue
+            out.append({"prompt": prompt, "chosen": [_assistant(chosen.text)], "rejected": [_assistant(answer.text)],
                         "source": source})
         return out
 
@@ -508,16 +535,22 @@ def _cut_at_exchange(messages: List[dict], limit: int, measure) -> Optional[List
 # The whole run
 
 
-def check_output(output: str, inputs: Sequence[str], overwrite: bool) -> None:
-    """OUTPUT must be a new file (or, with --overwrite, an old one), and never one of the inputs."""
-    if os.path.isdir(output):
-        raise ChatkitError(f"{output}: OUTPUT is a folder; name a file such as {os.path.join(output, 'data.jsonl')}")
-    if not os.path.exists(output):
-        return
-    if any(os.path.exists(path) and os.path.samefile(path, output) for path in inputs):
-        raise ChatkitError(f"{output}: OUTPUT is also an INPUT; name a new file for the output")
-    if not overwrite:
-        raise ChatkitError(f"{output} exists already; pass --overwrite to replace it, or name another OUTPUT")
+def outputs_of(options: ConvertOptions, output: bool = True) -> Dict[str, str]:
+    """Every file this conversion may write, by how the user named it."""
+    named = {"OUTPUT": options.output} if output else {}
+    if options.preferences:
+        named["--preferences"] = options.preferences
+        named["the rated answers' file beside --preferences"] = labelled_path(options.preferences)
+    return named
+
+
+def inputs_of(options: ConvertOptions, sources) -> List[str]:
+    """Every file this conversion reads: the conversations' files and the thumbs beside them."""
+    files = [source.file for source in sources]
+    for raw in options.inputs:
+        folder = Path(raw) if Path(raw).is_dir() else Path(raw).parent
+        files.append(str(folder / export.FEEDBACK_FILE))
+    return files
 
 
 def stage(options: ConvertOptions, converter: Converter, staging, output: bool = True) -> set:
@@ -527,8 +560,7 @@ def stage(options: ConvertOptions, converter: Converter, staging, output: bool =
     stats = converter.stats
     read_stats = export.ReadStats()
     sources = export.find_sources(options.inputs, read_stats)
-    if output:
-        check_output(options.output, [source.file for source in sources], options.overwrite)
+    check_outputs(outputs_of(options, output), inputs_of(options, sources), options.overwrite)
     stats.warnings += [f"skipped zip member with an unsafe path: {member}" for member in read_stats.unsafe_members]
     newest: Dict[str, Tuple[float, int]] = {}  # conversation id -> (update_time, copy number)
     ratings = export.read_feedback(options.inputs) if options.preferences else {}

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import __version__
 from .errors import ChatkitError
@@ -56,6 +56,37 @@ def atomic_output(path: str | os.PathLike, encoding: str = "utf-8"):
     with atomic_path(path) as temporary:
         with open(temporary, "w", encoding=encoding) as handle:
             yield handle
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
+def check_outputs(outputs: Dict[str, str], inputs: Sequence[str], overwrite: bool,
+                  example: str = "data.jsonl") -> None:
+    """The one rule for every file a command writes: its named output and each file it writes beside it.
+
+    `outputs` maps how the user named each file ("OUTPUT", "--preferences", ...) to its path. No output is
+    written over one of the command's inputs (not even with --overwrite), no two outputs share a path, a
+    folder is never taken for a file, and a file that exists already is replaced only with --overwrite.
+    Checked before any work starts, so a refusal costs nothing."""
+    seen: List[Tuple[str, str]] = []
+    for label, path in outputs.items():
+        if os.path.isdir(path):
+            raise ChatkitError(f"{path}: {label} is a folder; name a file, such as {os.path.join(path, example)}")
+        for source in inputs:
+            if source and _same_file(source, path):
+                raise ChatkitError(f"{path}: {label} is also an INPUT of this command; name a new file for it")
+        for other_label, other in seen:
+            if _same_file(other, path):
+                raise ChatkitError(f"{path}: {label} and {other_label} name the same file; give each its own")
+        seen.append((label, path))
+    for label, path in outputs.items():
+        if os.path.lexists(path) and not overwrite:
+            raise ChatkitError(f"{path} ({label}) exists already; pass --overwrite to replace it, or name "
+                               "another file")
 
 
 LOCK_FILE = ".chatkit.lock"

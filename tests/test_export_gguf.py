@@ -173,3 +173,23 @@ def test_a_modelfile_never_ends_its_system_block_early():
     for prompt in ('Use """ for docstrings.', 'End with "quoted"', '"Start" quoted'):
         lines = system_lines(prompt)
         assert not any(line.startswith("SYSTEM") for line in lines) and "/set system" in " ".join(lines)
+
+
+def test_an_export_never_writes_over_its_own_input_or_twice_to_one_path(tmp_path, tiny_llama, capsys):
+    base = tmp_path / "base.gguf"
+    base.write_bytes(b"GGUF the base model")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base), "r": 8,
+                                                             "lora_alpha": 16, "peft_type": "LORA"}))
+    assert export_model.main([str(adapter), "--lora-gguf", str(base), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert f"{base}: --lora-gguf is also an INPUT" in err and base.read_bytes() == b"GGUF the base model"
+    same = tmp_path / "same.gguf"
+    assert export_model.main([str(tiny_llama), "--gguf", str(same), "--lora-gguf", str(tmp_path / "." / "same.gguf")
+                              ]) == 1
+    assert "--lora-gguf and --gguf name the same file" in capsys.readouterr().err and not same.exists()
+    (tmp_path / "Modelfile").write_text("FROM mine")
+    assert export_model.main([str(tiny_llama), "--gguf", str(tmp_path / "new.gguf"), "--ollama"]) == 1
+    assert "Modelfile (the Modelfile beside --gguf) exists already" in capsys.readouterr().err
+    assert (tmp_path / "Modelfile").read_text() == "FROM mine" and not (tmp_path / "new.gguf").exists()

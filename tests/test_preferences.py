@@ -122,3 +122,102 @@ def test_preferences_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main([str(source), str(tmp_path / "out.jsonl"), "--preferences", str(tmp_path / "out.jsonl")])
     assert "names OUTPUT itself" in capsys.readouterr().err
+
+
+# The preference rule, for every combination of thumbs on two sibling answers and of the branch the user
+# went on from. Expected pairs, as (chosen, rejected, source); A and B are the two answers.
+RULE = {
+    # (A's thumbs, B's thumbs, went on from): pairs
+    (None, None, "A"): [("A", "B", "regeneration")],
+    (None, None, "B"): [("B", "A", "regeneration")],
+    (None, None, "neither"): [],
+    (None, None, "both"): [],
+    ("up", None, "A"): [("A", "B", "regeneration")],
+    ("up", None, "B"): [],  # liked A, went on from B: no answer is judged worse
+    ("up", None, "neither"): [],
+    ("up", None, "both"): [],
+    ("down", None, "A"): [("B", "A", "thumbs")],  # went on from A but disliked it
+    ("down", None, "B"): [("B", "A", "thumbs")],
+    ("down", None, "neither"): [("B", "A", "thumbs")],
+    ("down", None, "both"): [("B", "A", "thumbs")],
+    ("up", "up", "A"): [],
+    ("up", "up", "B"): [],
+    ("up", "up", "neither"): [],
+    ("up", "up", "both"): [],
+    ("up", "down", "A"): [("A", "B", "thumbs")],
+    ("up", "down", "B"): [("A", "B", "thumbs")],
+    ("up", "down", "neither"): [("A", "B", "thumbs")],
+    ("up", "down", "both"): [("A", "B", "thumbs")],
+    ("down", "down", "A"): [],
+    ("down", "down", "B"): [],
+    ("down", "down", "neither"): [],
+    ("down", "down", "both"): [],
+}
+
+
+def _mirror(rating_a, rating_b, went):
+    """The same case with the answers' names swapped."""
+    swap = {"A": "B", "B": "A"}
+    pairs = RULE[(rating_b, rating_a, swap.get(went, went))]
+    return [(swap[c], swap[r], source) for c, r, source in pairs]
+
+
+def rule_case(rating_a, rating_b, went):
+    """Q -> A, B (each followed by a user turn when the user went on from it); an edit of Q ends elsewhere."""
+    tree = Tree()
+    q = tree.add(message("user", "Name a colour."))
+    answers = {"A": message("assistant", "Blue."), "B": message("assistant", "Green.")}
+    keys = {name: tree.add(msg, parent=q) for name, msg in answers.items()}
+    ends = {name: tree.chain(("user", f"Why {name}?"), ("assistant", "Because."), parent=keys[name])
+            for name in "AB" if went in (name, "both")}
+    elsewhere = tree.chain(("user", "Name a number."), ("assistant", "Seven."), parent=tree.root)
+    current = ends.get("A") or ends.get("B") or elsewhere
+    feedback = [{"conversation_id": "rule", "message_id": answers[name]["id"],
+                 "rating": {"up": "thumbsUp", "down": "thumbsDown"}[rating]}
+                for name, rating in (("A", rating_a), ("B", rating_b)) if rating]
+    return tree.conversation("rule", current=current), feedback
+
+
+@pytest.mark.parametrize("rating_a", [None, "up", "down"])
+@pytest.mark.parametrize("rating_b", [None, "up", "down"])
+@pytest.mark.parametrize("went", ["A", "B", "neither", "both"])
+def test_the_preference_rule_for_every_combination_of_thumbs_and_branches(tmp_path, rating_a, rating_b, went):
+    expected = RULE.get((rating_a, rating_b, went))
+    if expected is None:
+        expected = _mirror(rating_a, rating_b, went)
+    conversation, feedback = rule_case(rating_a, rating_b, went)
+    pairs, _ = convert(tmp_path, [conversation], feedback=feedback)
+    text = {"Blue.": "A", "Green.": "B"}
+    got = [(text[p["chosen"][0]["content"]], text[p["rejected"][0]["content"]]) for p in pairs
+           if p["prompt"] == [{"role": "user", "content": "Name a colour."}]]
+    assert got == [(c, r) for c, r, _ in expected]
+    # what the rule promises whatever the case: never a thumbed-down answer chosen, never a thumbed-up one
+    # rejected, never an answer the user went on from (and did not thumb down) rejected
+    rating = {"A": rating_a, "B": rating_b}
+    for chosen, rejected in got:
+        assert rating[chosen] != "down" and rating[rejected] != "up"
+        assert not (went in (rejected, "both") and rating[rejected] != "down")
+
+
+
+def test_the_files_beside_the_output_follow_the_output_rule(tmp_path, capsys):
+    """The rated answers' file is never written over a file of the user's, nor OUTPUT over it, nor any output
+    over the export being read, --overwrite or not."""
+    conversation, down, up = thumbs_tree()
+    source = write_json(tmp_path / "conversations.json", [conversation])
+    write_json(tmp_path / "message_feedback.json", [{"message_id": up, "rating": "thumbsUp"}])
+    mine = tmp_path / "prefs-labelled.jsonl"
+    mine.write_text("my own notes\n")
+    args = [str(source), str(tmp_path / "out.jsonl"), "--preferences", str(tmp_path / "prefs.jsonl")]
+    assert cli.main(args) == 1
+    assert "prefs-labelled.jsonl (the rated answers' file beside --preferences) exists already" in \
+        capsys.readouterr().err
+    assert mine.read_text() == "my own notes\n" and not (tmp_path / "out.jsonl").exists()
+    assert cli.main([str(source), str(mine), "--preferences", str(tmp_path / "prefs.jsonl"), "--overwrite"]) == 1
+    assert "name the same file" in capsys.readouterr().err and mine.read_text() == "my own notes\n"
+    for named in (source, tmp_path / "message_feedback.json"):
+        before = named.read_bytes()
+        assert cli.main([str(source), str(tmp_path / "o.jsonl"), "--preferences", str(named), "--overwrite"]) == 1
+        assert "--preferences is also an INPUT" in capsys.readouterr().err and named.read_bytes() == before
+    assert cli.main(args + ["--overwrite"]) == 0
+    assert json.loads(mine.read_text())["label"] is True
