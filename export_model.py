@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from chatkit.cli import make_parser as build_parser, parse, run_main
-from chatkit.errors import ChatkitError
 from chatkit.files import check_outputs
 from chatkit.options import ExportOptions
 from chatkit.output import say

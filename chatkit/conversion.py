@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 from . import export
 from .errors import ChatkitError
 from .files import atomic_output, check_outputs
-from .formatting import clean_text, count_exchanges, split_exchanges
+from .formatting import MAX_MESSAGE_CHARS, clean_text, count_exchanges, split_exchanges
 from .options import ConvertOptions
 from .redact import Redactor
 
@@ -131,17 +131,23 @@ def _role_and_text(node: dict, options: ConvertOptions, stats: Stats) -> Optiona
             label = label or message.get("recipient") or "tool"
         else:
             label = f"{(message.get('author') or {}).get('name') or 'tool'} output"
-        text = _tool_text(message)
+        text = _checked_length(_tool_text(message))
         return ("assistant", TOOL_BLOCK.format(label=label, text=text)) if text else None
     if role not in ("user", "assistant"):
         stats.skipped_content[f"role:{role}"] += 1
         return None
-    if kind == "text":
-        return role, _text_of_parts(content.get("parts"), options, stats)
-    if kind == "multimodal_text":
-        return role, _text_of_parts(content.get("parts"), options, stats)
+    if kind in ("text", "multimodal_text"):
+        return role, _checked_length(_text_of_parts(content.get("parts"), options, stats))
     stats.skipped_content[kind] += 1
     return None
+
+
+def _checked_length(text: str) -> str:
+    """A message's text, unless it is longer than any model could read: then the conversation is left out
+    (training on its other turns would answer a question it never saw)."""
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise export.SkipConversation(f"a message over {MAX_MESSAGE_CHARS:,} characters")
+    return text
 
 
 def custom_instructions(conversation: dict) -> Optional[str]:
@@ -285,7 +291,11 @@ class Converter:
             stats.branches += 1
         records = []
         for path in paths:
-            messages = self._messages(conversation, path)
+            try:
+                messages = self._messages(conversation, path)
+            except export.SkipConversation as exc:
+                stats.dropped[str(exc)] += 1
+                return []
             if messages is None:
                 continue
             if any(_is_prefix(messages, other["messages"]) for other in records):
@@ -463,7 +473,10 @@ class PreferenceWalk:
         return list(dict.fromkeys(c for c in children if isinstance(c, str) and c in self.mapping))
 
     def _turn(self, node_id: str):
-        return message_turn(self.mapping[node_id], self.converter.options, Stats())
+        try:
+            return message_turn(self.mapping[node_id], self.converter.options, Stats())
+        except export.SkipConversation:  # a message too long to learn from: that branch gives no pair
+            return None
 
     def _answer(self, node_id: str) -> Optional[str]:
         turn = self._turn(node_id)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .errors import ChatkitError
-from .formatting import ROLES
+from .formatting import MAX_MESSAGE_CHARS, ROLES
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bot": "assistant", "model": "assistant", "system": "system"}
@@ -180,6 +180,8 @@ def add_records(records: Sequence, label: str, report: DataReport, conversations
         kind, messages = normalise_record(record, f"{label} record {index}")
         messages = [m for m in messages if m["content"].strip() or m["role"] == "assistant"]
         problem = order_problem(messages) if messages else "empty"
+        if any(len(m["content"]) > MAX_MESSAGE_CHARS for m in messages):
+            problem = f"with a message over {MAX_MESSAGE_CHARS:,} characters"
         if problem:
             report.skipped[f"conversations {problem}"] += 1
             continue

@@ -76,6 +76,9 @@ def read_pairs(path: str) -> List[dict]:
         if prompt[-1]["role"] != "user":
             raise ChatkitError(f"{where}: the prompt should end with the user's message")
         for name, answer in (("chosen", chosen), ("rejected", rejected)):
+            if answer[-1]["role"] != "assistant":
+                raise ChatkitError(f"{where}: '{name}' ends with a {answer[-1]['role']} message; it should be the "
+                                   "assistant's answer to the prompt")
             if not "".join(m["content"] for m in answer).strip():
                 raise ChatkitError(f"{where}: '{name}' is empty; remove the pair or give the answer")
         if chosen == rejected:
@@ -96,6 +99,10 @@ def pair_examples(pairs: Sequence[dict], tokenizer, max_length: int, system_prom
             messages = with_system_prompt(pair["prompt"] + pair[name], system_prompt)
             ids, labels = tokenize_conversation(messages, tokenizer)
             sides[name] = (ids, labels)
+        if any(not any(label != IGNORE_INDEX for label in labels) for _, labels in sides.values()):
+            raise ChatkitError("--preferences: the chat template leaves no answer token to learn in a pair (its "
+                               f"prompt starts {pair['prompt'][-1]['content'][:40]!r}); check the model's chat "
+                               "template with demo_chatbot.py, or pass another --model")
         if max(len(ids) for ids, _ in sides.values()) > max_length:
             report.dropped["pairs longer than --max-length"] = report.dropped.get("pairs longer than --max-length",
                                                                                  0) + 1

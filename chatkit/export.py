@@ -22,7 +22,10 @@ from .errors import ChatkitError
 
 CONVERSATION_FILE = re.compile(r"(^|/)conversations(-\d+)?\.json$")
 CHUNK_CHARS = 4 * 1024 * 1024  # text decoded per read; bounds memory together with the largest conversation
-MAX_PENDING_CHARS = 512 * 1024 * 1024  # one conversation larger than this is treated as broken JSON
+# Limits that keep a damaged or hostile file from taking the machine: a real conversation is at most a few
+# MB of JSON (images are separate files), and the thumbs file a few MB for years of use.
+MAX_CONVERSATION_CHARS = 64 * 1024 * 1024
+MAX_FEEDBACK_BYTES = 64 * 1024 * 1024
 
 _replaced_bytes = [0]
 
@@ -124,17 +127,26 @@ def _feedback_files(path: Path):
     try:
         if path.is_file() and zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                for name in archive.namelist():
-                    if name.replace("\\", "/").split("/")[-1] == FEEDBACK_FILE:
-                        yield json.loads(archive.read(name).decode("utf-8-sig"))
+                for info in archive.infolist():
+                    if info.filename.replace("\\", "/").split("/")[-1] == FEEDBACK_FILE:
+                        _check_feedback_size(f"{path}:{info.filename}", info.file_size)
+                        yield json.loads(archive.read(info).decode("utf-8-sig"))
             return
         folder = path if path.is_dir() else path.parent
         for file in ([folder / FEEDBACK_FILE] if not path.is_dir() else sorted(folder.rglob(FEEDBACK_FILE))):
             if file.is_file():
+                _check_feedback_size(str(file), file.stat().st_size)
                 yield json.loads(file.read_text(encoding="utf-8-sig"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, zipfile.BadZipFile, zlib.error) as exc:
         raise ChatkitError(f"{path}: its {FEEDBACK_FILE} cannot be read ({exc}); leave out --preferences, or "
                            "download the export again") from None
+
+
+def _check_feedback_size(label: str, size: int) -> None:
+    if size > MAX_FEEDBACK_BYTES:
+        raise ChatkitError(f"{label}: {size / 1e6:,.0f} MB, far more than thumbs up and down take (a few MB for "
+                           "years of use); the file is damaged: leave out --preferences, or download the export "
+                           "again")
 
 
 def find_sources(inputs: Sequence[str], stats: ReadStats) -> List[Source]:
@@ -253,10 +265,11 @@ def iter_json_values(source: Source, on_bytes: Callable[[int], None]) -> Iterato
                         f"{source.label}: {where} conversation {index} (character {consumed_chars + exc.pos}: "
                         f"{exc.msg}); the export is damaged or truncated: download it again"
                     ) from None
-                if len(buffer) - pos > MAX_PENDING_CHARS:
+                if len(buffer) - pos > MAX_CONVERSATION_CHARS:
                     raise ChatkitError(
-                        f"{source.label}: invalid JSON in conversation {index} "
-                        f"(character {consumed_chars + exc.pos}: {exc.msg})"
+                        f"{source.label}: conversation {index} (from character {consumed_chars + pos}) is over "
+                        f"{MAX_CONVERSATION_CHARS >> 20} MB of JSON, far more than a ChatGPT conversation holds; the "
+                        "file is damaged or not an export: download it again"
                     ) from None
                 consumed_chars += pos
                 buffer = buffer[pos:] + stream.read()

@@ -43,6 +43,7 @@ class Family:
     norm_plus_one: bool = False  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by w, so 1 is added on export
     local_attention: bool = False  # some layers attend to a sliding window (Gemma 2/3): its width goes in the GGUF
     training_template: Optional[str] = None  # used for training when the model's own rewrites older turns
+    absolute_positions: bool = False  # learned position embeddings end at the config's count (GPT-2); rotary ones do not
     limits: str = ""
 
 
@@ -86,7 +87,7 @@ FAMILIES: Tuple[Family, ...] = (
     Family("gpt2", ("gpt2",),
            ("openai-community/gpt2", "microsoft/DialoGPT-medium"),
            "no template of its own: the toolkit's <|user|>/<|assistant|> lines, answers closed by <|endoftext|>",
-           "<|endoftext|>", ("c_attn", "c_proj", "c_fc"), gguf_arch="GPT2"),
+           "<|endoftext|>", ("c_attn", "c_proj", "c_fc"), gguf_arch="GPT2", absolute_positions=True),
 )
 
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}

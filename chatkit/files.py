@@ -128,6 +128,41 @@ def output_lock(folder: str | os.PathLike):
         handle.close()
 
 
+RECORDED_LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "trl")
+
+
+def reproducibility(inputs: Sequence[str], seed: int, conversations: Optional[dict] = None) -> dict:
+    """What repeating a run takes: the versions of the libraries it ran on, each input's SHA-256 and size (a
+    folder's files in order), how many conversations it trained and validated on, and the seed."""
+    import platform
+    from importlib import metadata
+
+    versions = {"chatkit": __version__, "python": platform.python_version()}
+    for name in RECORDED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"versions": versions, "seed": seed, "conversations": conversations,
+            "data": [file_identity(path) for path in inputs]}
+
+
+def file_identity(path: str | os.PathLike) -> dict:
+    """A file's (or a folder's) SHA-256 and size in bytes: what tells one data set from another."""
+    import hashlib
+
+    root, digest, size = Path(path), hashlib.sha256(), 0
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for file in files:
+        if root.is_dir():
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+    return {"file": str(path), "sha256": digest.hexdigest(), "bytes": size}
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     with atomic_output(path) as handle:
         json.dump(data, handle, indent=2, ensure_ascii=False)

@@ -37,6 +37,8 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: no cha
 IGNORE_INDEX = -100  # label value the loss skips
 
 
+MAX_MESSAGE_CHARS = 1_000_000  # one message's text: far more than any model's context; longer is damaged data
+
 def clean_text(text: str) -> Tuple[str, int]:
     """`text` with every lone surrogate (from a broken `\\ud800` escape or an undecodable byte) replaced by
     U+FFFD, and how many there were."""
@@ -53,11 +55,44 @@ def ensure_chat_template(tokenizer, family=None) -> str:
     For training (`family` given): a template that renders older answers differently once the
     conversation grows (Qwen3's drops their thinking block) is replaced by the family's training
     template, so that every answer is trained exactly as chat will later show it."""
+    if isinstance(getattr(tokenizer, "chat_template", None), dict):  # named templates: chat uses "default"
+        named = tokenizer.chat_template
+        tokenizer.chat_template = named.get("default") or next(iter(named.values()), None)
     if not has_own_template(tokenizer):
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     elif family is not None and family.training_template and not _extends_cleanly(tokenizer):
         tokenizer.chat_template = family.training_template
+    check_template(tokenizer)
     return tokenizer.chat_template
+
+
+_PROBE = [{"role": "user", "content": "chatkit probe question"}, {"role": "assistant", "content": "chatkit probe answer"}]
+_CHECKED: set = set()
+
+
+def check_template(tokenizer) -> None:
+    """Refuse a chat template that would train on nothing or chat garbage: one that leaves out the messages'
+    text; one whose generation prompt adds nothing where a conversation opens an answer with more (the
+    assistant's header), so the model could not tell where its answer starts (Mistral's [/INST] closes the
+    user's turn and opens the answer at once: nothing is left out there); one that gives no token to end an
+    answer with."""
+    key = (tokenizer.chat_template, tokenizer.eos_token, len(tokenizer))
+    if key in _CHECKED:
+        return
+    text = render(_PROBE, tokenizer)
+    if any(message["content"] not in text for message in _PROBE):
+        raise ChatkitError(f"{template_file(tokenizer)}: its chat template leaves out the messages' text, so "
+                           "nothing would be learned or answered; fix the template there, or use another model")
+    prompt, answer_at = render(_PROBE[:1], tokenizer, add_generation_prompt=True), text.index(_PROBE[1]["content"])
+    if prompt == render(_PROBE[:1], tokenizer) and text.startswith(prompt) and text[len(prompt):answer_at].strip():
+        raise ChatkitError(f"{template_file(tokenizer)}: its chat template has no generation prompt "
+                           "(add_generation_prompt leaves out the assistant's header), so the model could not tell "
+                           "where its answer starts; add one to the template there, or use another model")
+    if not stop_token_ids(tokenizer):
+        raise ChatkitError(f"{template_file(tokenizer)}: the tokenizer has no end-of-sequence token and its chat "
+                           "template ends an answer with no special token, so a model could never end its answers; "
+                           "set \"eos_token\" in the tokenizer's tokenizer_config.json")
+    _CHECKED.add(key)
 
 
 def _extends_cleanly(tokenizer) -> bool:

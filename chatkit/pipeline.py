@@ -17,9 +17,9 @@ from .errors import ChatkitError
 from .examples import ExampleReport, pack_examples, tokenize_examples, trained_tokens
 from .families import family_of
 from .files import (LOCK_FILE, TRAINING_INFO_FILE, is_complete, latest_checkpoint, output_lock, read_json_object,
-                    read_training_info, training_info, write_json, write_training_info)
+                    read_training_info, reproducibility, training_info, write_json, write_training_info)
 from .formatting import ensure_chat_template, ensure_pad_token
-from .models import ModelSource, load_config, load_model, load_tokenizer, public_name, resolve_model
+from .models import ModelSource, check_model, load_config, load_model, load_tokenizer, public_name, resolve_model
 from .options import TrainOptions, problems
 from .output import Progress, duration, say
 from .plan import BUDGET_VAL_EXAMPLES, CHARS_PER_TOKEN, Choice, Request, Shape, calibrate, choose, parse_duration
@@ -466,7 +466,7 @@ def publish(staging: Path, output: Path, stale: Sequence[Path]) -> None:
 
 
 def save_model(model, tokenizer, options: TrainOptions, source: ModelSource, metrics: dict,
-               rehearsed: Sequence[List[dict]] = (), plan=None) -> None:
+               rehearsed: Sequence[List[dict]] = (), plan=None, conversations: Optional[dict] = None) -> None:
     import shutil
     import tempfile
 
@@ -478,6 +478,8 @@ def save_model(model, tokenizer, options: TrainOptions, source: ModelSource, met
         options=dataclasses.asdict(options) | {"learning_rate": options.effective_learning_rate},
         metrics=metrics, rehearsal=list(rehearsed),  # the general prompts and own answers trained alongside
         plan=plan.to_json() if plan is not None else None,
+        reproducibility=reproducibility([*options.data, *([options.preferences] if options.preferences else [])],
+                                        options.seed, conversations),
     )
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output))
     try:
@@ -547,8 +549,12 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement):
         options = dataclasses.replace(options, rehearsal=auto_count(len(conversations)))
     if options.max_batch_tokens is None:
         options = dataclasses.replace(options, max_batch_tokens=default_batch_tokens(placement))
-    tokenizer = load_tokenizer(source, trust_remote_code=options.trust_remote_code)
-    ensure_chat_template(tokenizer, family_of(load_config(source)))
+    tokenizer, config = load_tokenizer(source, trust_remote_code=options.trust_remote_code), load_config(source)
+    max_length = check_model(source, config, tokenizer, options.max_length,
+                             asked=options.max_length != TrainOptions.max_length)
+    if max_length != options.max_length:
+        options = dataclasses.replace(options, max_length=max_length)
+    ensure_chat_template(tokenizer, family_of(config))
     data = tokenize_data(options, tokenizer, train_convs, val_convs)
     if options.preferences:
         data.preferences = tokenize_preferences(options, tokenizer)
@@ -784,7 +790,8 @@ class ReportRun:
                          loss_on=self.loss_on, measured_examples=len(self.examples),
                          budget=(metrics.get("time_budget") or {}).get("summary"),
                          preferences=preference_summary(metrics),
-                         system_prompts=system_prompts(self.data.conversations, self.options.system_prompt))
+                         system_prompts=system_prompts(self.data.conversations, self.options.system_prompt),
+                         record=read_training_info(output).get("reproducibility"))
         write_texts(output, facts, self.base, trained, self.chosen, adapter=self.options.lora)
         metrics.update(report_s=round(self.seconds, 1), loss_before=self.base.loss, loss_after=trained.loss)
         write_training_info(output, read_training_info(output) | {"metrics": metrics})  # the figures, kept
@@ -802,7 +809,9 @@ def finish(run, tokenizer, options: TrainOptions, source: ModelSource, rehearsal
         metrics.update(rehearsal_examples=len(rehearsal.conversations), rehearsal_s=round(rehearsal.seconds, 1))
     if not run.trainer.is_world_process_zero():
         return metrics
-    save_model(run.trainer.model, tokenizer, options, source, metrics, rehearsal.conversations, plan)
+    save_model(run.trainer.model, tokenizer, options, source, metrics, rehearsal.conversations, plan,
+               {"trained": len(report.data.conversations), "validation": len(report.data.val_conversations)}
+               if report else None)
     reported = report.write(run.trainer.model, tokenizer, source, metrics, run.trainer.state) if report else ""
     summary = f"train loss {metrics['train_loss']} (perplexity {perplexity(metrics['train_loss'])})"
     if "eval_loss" in metrics:

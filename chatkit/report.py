@@ -254,6 +254,7 @@ class RunFacts:
     budget: Optional[str] = None  # under --time-budget: what was planned, what was trained, and why it changed
     preferences: Optional[str] = None  # with --preferences: the DPO stage and its margin before and after
     system_prompts: List[Tuple[str, int]] = field(default_factory=list)  # each one trained, and in how many conversations
+    record: Optional[dict] = None  # chatkit.json's "reproducibility": versions, the data's hashes, the seed
 
 
 def _cell(text: str, limit: int = 300) -> str:
@@ -379,10 +380,23 @@ def card_text(facts: RunFacts, before: Side, after: Side, adapter: bool) -> str:
                      "## Use it elsewhere", "", "```bash",
                      f"python export_model.py {name} --gguf {name}.gguf --ollama   # llama.cpp, Ollama, LM Studio",
                      "```", ""]
+    if facts.record:
+        lines += reproduce_lines(facts.record)
     if adapter:
         lines += ["This folder holds a LoRA adapter: the scripts find the base model by themselves (`chatkit.json`). "
                   "`train_chatgpt_model.py --merge` also writes a standalone merged model.", ""]
     return "\n".join(lines)
+
+
+def reproduce_lines(record: dict) -> List[str]:
+    """The model card's "Reproduce" section: the seed, the library versions and each data file's SHA-256."""
+    versions = ", ".join(f"{name} {version}" for name, version in record.get("versions", {}).items())
+    lines = ["## Reproduce", "", f"Seed {record.get('seed')}; {versions}.", "", "| data | SHA-256 | bytes |",
+             "| --- | --- | --- |"]
+    lines += [f"| {_cell(Path(item['file']).name)} | `{item['sha256']}` | {item['bytes']:,} |"
+              for item in record.get("data", [])]
+    return lines + ["", "The same command with the same versions and data repeats the run on a CPU bit for bit "
+                        "(docs/RELIABILITY.md, \"A run repeated\").", ""]
 
 
 def write_texts(folder: str | Path, facts: RunFacts, before: Side, after: Side, chosen: Sequence[Tuple[str, str]],

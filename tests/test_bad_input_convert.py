@@ -235,3 +235,45 @@ def test_a_utf16_export_says_what_it_is(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"error: {source} is UTF-16 text") and "save it as UTF-8" in error
     assert not (tmp_path / "o.json").exists()
+
+
+def test_an_export_too_large_to_be_one_is_refused_before_it_takes_the_machine(tmp_path, capsys):
+    """A small zip that unpacks to one 80 MB string, and a thumbs file of 70 MB of spaces: one line each,
+    read no further than the limits (docs/RELIABILITY.md); a message past a million characters leaves its
+    conversation out and keeps the rest."""
+    import zipfile
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("conversations.json", '[{"title": "' + "a" * (80 << 20) + '"}]')
+    assert bomb.stat().st_size < 1 << 20
+    assert run(bomb, tmp_path / "out.jsonl") == 1
+    err = capsys.readouterr().err
+    assert "conversation 0 (from character 1) is over 64 MB of JSON" in err and "Traceback" not in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+    export = tmp_path / "export.zip"
+    with zipfile.ZipFile(export, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("conversations.json", json.dumps([simple("a", ("user", "Q"), ("assistant", "A"))]))
+        archive.writestr("message_feedback.json", "[" + " " * (70 << 20) + "]")
+    assert run(export, tmp_path / "out.jsonl", "--preferences", tmp_path / "p.jsonl") == 1
+    err = capsys.readouterr().err
+    assert f"{export}:message_feedback.json: 73 MB, far more than thumbs up and down take" in err
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "p.jsonl").exists()
+
+    long = simple("long", ("user", "x" * 1_000_001), ("assistant", "A"))
+    source = write_json(tmp_path / "conversations.json", [long, simple("b", ("user", "Q"), ("assistant", "A"))])
+    assert run(source, tmp_path / "out.jsonl") == 0
+    assert [pairs(r) for r in read_records(tmp_path / "out.jsonl")] == [[("user", "Q"), ("assistant", "A")]]
+    assert "a message over 1,000,000 characters" in capsys.readouterr().err
+
+
+def test_training_data_with_a_message_past_a_million_characters_leaves_that_conversation_out():
+    from chatkit.datasets import DataReport, add_records
+
+    report, conversations = DataReport(), []
+    records = [{"messages": [{"role": "user", "content": "x" * 1_000_001}, {"role": "assistant", "content": "A"}]},
+               {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]
+    add_records(records, "data.json", report, conversations)
+    assert conversations == [records[1]["messages"]]
+    assert report.skipped == {"conversations with a message over 1,000,000 characters": 1}
