@@ -46,10 +46,14 @@ def chat(argv: Optional[Sequence[str]] = None) -> int:
     from chatkit.chat import ChatSession, base_session
     from chatkit.console import Console
 
+    host = bare_host(options.host)  # "[::1]", as a URL writes it, is the address ::1
+    api_key = (options.api_key or os.environ.get("CHATKIT_API_KEY") or "").strip() or None
+    if options.serve and api_key is None and os.environ.get("CHATKIT_API_KEY"):
+        raise ChatkitError("CHATKIT_API_KEY holds only spaces; set a key there, or unset it to serve without one")
     if options.web or options.serve:
         from chatkit.web import check_port
 
-        check_port(options.host, options.served_port)
+        check_port(host, options.served_port)
 
     if query is None:
         print("Loading the model...", file=sys.stderr)
@@ -63,28 +67,35 @@ def chat(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         print(f"[Base model]\n{base.reply(query)}\n\n[Trained]\n{session.reply(query)}")
         return 0
-    address = f"http://{options.host}:{options.served_port}"
+    address = f"http://{url_host(host)}:{options.served_port}"
     if options.serve:
         from chatkit.server import serve
 
-        api_key = options.api_key or os.environ.get("CHATKIT_API_KEY") or None
         print(f"Serving {session.describe()} as an OpenAI-compatible API at {address}/v1 (model "
               f"{served_name(options.model)!r}{'; API key required' if api_key else ''}; Ctrl-C stops)",
               file=sys.stderr)
-        if options.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: serving on {options.host}: anyone who can reach this machine can use the model"
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: serving on {host}: anyone who can reach this machine can use the model"
                   + ("" if api_key else "; set --api-key KEY (or CHATKIT_API_KEY) so only you can"),
                   file=sys.stderr)
-        serve(session, served_name(options.model), host=options.host, port=options.served_port,
+        serve(session, served_name(options.model), host=host, port=options.served_port,
               queue=options.queue, verbose=options.verbose, api_key=api_key)
         return 0
     if options.web:
         from chatkit.web import serve
 
         print(f"Serving {session.describe()} at {address} (Ctrl-C stops)", file=sys.stderr)
-        serve(session, host=options.host, port=options.served_port, share=options.share, base=base)
+        serve(session, host=host, port=options.served_port, share=options.share, base=base)
         return 0
     return Console(session, base=base).run()
+
+
+def bare_host(host: str) -> str:
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def served_name(model: Optional[str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 import threading
@@ -60,6 +61,7 @@ class ChatSession:
         self.on_notice: Callable[[str], None] = lambda text: print(text, file=sys.stderr)
         self._cache = None
         self._cache_ids: List[int] = []
+        self.generating = threading.RLock()  # held while an answer is generated: the cache has one writer
         self.usage = (0, 0)  # the last answer's (prompt tokens, answer tokens)
         self.adapter = adapter  # False: a LoRA model answers as its base model, with the adapter switched off
         self.loaded = loaded
@@ -176,8 +178,13 @@ class ChatSession:
         """Yield the answer piece by piece as it is generated; history is updated at the end.
 
         Stopped early (Ctrl-C, or the caller closing the generator), generation ends at the next token
-        and the part of the answer given so far is kept in the history.
+        and the part of the answer given so far is kept in the history. One generation at a time uses the
+        session's key/value cache: a second waits until the first has ended (the server's worker threads).
         """
+        with self.generating:
+            yield from self._stream(user_text)
+
+    def _stream(self, user_text: str) -> Iterator[str]:
         import torch
         from transformers import TextIteratorStreamer
 
@@ -188,12 +195,12 @@ class ChatSession:
                       eos_token_id=self.stop_ids, pad_token_id=pad_token_id(self.tokenizer),
                       **(self.settings.generate_kwargs() | {"max_new_tokens": self.new_tokens}))
         cache = self._reusable_cache(ids)
-        if cache is not None:
-            kwargs["past_key_values"] = cache
-        elif self.reuse_cache:
+        if cache is None and self.reuse_cache:
             from transformers import DynamicCache
 
-            kwargs["past_key_values"] = DynamicCache(config=self.model.config)
+            cache = DynamicCache(config=self.model.config)
+        if cache is not None:
+            kwargs[generate_cache_name()] = cache
         if self.settings.seed is not None:
             torch.manual_seed(self.settings.seed)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -218,7 +225,7 @@ class ChatSession:
             stop.set()  # a no-op when generation has finished; otherwise it ends at the next token
             thread.join()
             if "output" in result:
-                self._keep(user_text, ids, result["output"][0].tolist(), kwargs.get("past_key_values"))
+                self._keep(user_text, ids, result["output"][0].tolist(), cache)
         if "error" in result:
             raise result["error"]
 
@@ -268,6 +275,15 @@ class ChatSession:
             raise ChatkitError(f"{path} exists already and was kept; /save! {path} replaces it, or name another file")
         write_json(path, [{"messages": copy.deepcopy(messages)}])
         return len(messages)
+
+
+@functools.lru_cache(maxsize=None)
+def generate_cache_name() -> str:
+    """The name `generate` takes a key/value cache by: `cache` in newer transformers (`past_key_values` is
+    deprecated there and goes in 6.0), `past_key_values` before."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 def base_session(session: ChatSession) -> ChatSession:

@@ -21,6 +21,15 @@ from .chat import ChatSession
 from .errors import ChatkitError
 
 MAX_STOPS = 4  # as OpenAI's API allows
+MAX_STOP_CHARS = 1000  # a stop string is a few characters; a long one would be rescanned with every piece
+MAX_BODY_BYTES = 8 << 20  # far more than any context this serves; a larger body is refused before it is read
+# OpenAI's fields this server does not serve: refused with a 400 naming them, not silently ignored.
+UNSUPPORTED = {"logprobs": "token log-probabilities", "top_logprobs": "token log-probabilities",
+               "tools": "tool calls", "tool_choice": "tool calls", "functions": "function calls",
+               "function_call": "function calls", "response_format": "structured output (JSON mode, schemas)",
+               "logit_bias": "logit bias", "audio": "audio output", "prediction": "predicted outputs"}
+ACCEPTED_DEFAULTS = {"tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
+                     "response_format": ({"type": "text"},)}
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -104,6 +113,11 @@ class ChatRequest:
         stop = [stop] if isinstance(stop, str) else stop or []
         if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
             raise RequestError(f"'stop' must be a string or a list of up to {MAX_STOPS} strings", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise RequestError(f"each 'stop' string must be at most {MAX_STOP_CHARS:,} characters", "stop")
+        for name, what in UNSUPPORTED.items():
+            if body.get(name) not in (None, False, [], {}) and body.get(name) not in ACCEPTED_DEFAULTS.get(name, ()):
+                raise RequestError(f"'{name}' is not supported by this server ({what}); leave it out", name)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError("'stream' must be true or false", "stream")
@@ -132,8 +146,9 @@ class StopScanner:
             self.stopped = True
             text, self.pending = self.pending[:min(found)].rstrip(), ""
             return text
-        keep = max((n for s in self.stops for n in range(len(s) - 1, 0, -1) if self.pending.endswith(s[:n])),
-                   default=0)
+        # only as much of a stop string as there is text to hold back: a long stop string costs little
+        keep = max((n for s in self.stops for n in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                    if self.pending.endswith(s[:n])), default=0)
         text = self.pending[:len(self.pending) - keep]
         text = text.rstrip()  # trailing spaces wait: the answer's own end has none
         self.pending = self.pending[len(text):]
@@ -193,16 +208,19 @@ class Generator:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
-        self.configure(request)
 
         def work():
             try:
-                stream = self.session.stream(request.prompt)
-                for piece in stream:
-                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
-                    if stop.is_set():
-                        stream.close()  # generation ends at the next token
-                        break
+                # Under the session's own lock: a request cancelled while its worker still runs (a client
+                # that hung up) cannot let the next one configure and generate into the same cache.
+                with self.session.generating:
+                    self.configure(request)
+                    stream = self.session.stream(request.prompt)
+                    for piece in stream:
+                        loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+                        if stop.is_set():
+                            stream.close()  # generation ends at the next token
+                            break
             except Exception as exc:  # handed to the request, which answers with an error
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
             finally:
@@ -360,6 +378,21 @@ def build_app(session: ChatSession, model_id: str, queue: int = 8, hosts: Option
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
+    class Stream(StreamingResponse):
+        """A streamed answer that gives its queue place back however it ends, even when the client hangs up
+        before the first event (the events' own `finally` never runs then)."""
+
+        def __init__(self, content, on_end, **kwargs):
+            super().__init__(content, **kwargs)
+            self.on_end = on_end
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                await self.body_iterator.aclose()
+                self.on_end()
+
     generator = Generator(session, queue)
 
     def error(exc: RequestError) -> JSONResponse:
@@ -371,7 +404,9 @@ def build_app(session: ChatSession, model_id: str, queue: int = 8, hosts: Option
 
     async def completions(request):
         try:
-            body = json.loads(await request.body() or b"null")
+            body = json.loads(await _body(request) or b"null")
+        except RequestError as exc:
+            return error(exc)
         except (ValueError, UnicodeDecodeError):
             return error(RequestError("the request body is not valid JSON"))
         except RecursionError:
@@ -384,8 +419,8 @@ def build_app(session: ChatSession, model_id: str, queue: int = 8, hosts: Option
         completion, scanner = Completion(model_id), StopScanner(parsed.stop)
         pieces = generator.pieces(parsed, ticket)
         if parsed.stream:
-            return StreamingResponse(_events(pieces, ticket, parsed, completion, scanner),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return Stream(_events(pieces, ticket, parsed, completion, scanner), on_end=ticket.release,
+                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         text = ""
         try:
             async for piece in pieces:
@@ -404,6 +439,23 @@ def build_app(session: ChatSession, model_id: str, queue: int = 8, hosts: Option
               Route("/v1/chat/completions", completions, methods=["POST"])]
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error})
     return Guard(app, hosts, api_key) if guard else app
+
+
+async def _body(request) -> bytes:
+    """The request body, read no further than MAX_BODY_BYTES (HTTP 413 past it)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestError(_TOO_LARGE, status=413)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_BODY_BYTES:
+            raise RequestError(_TOO_LARGE, status=413)
+    return bytes(data)
+
+
+_TOO_LARGE = (f"the request body is over {MAX_BODY_BYTES >> 20} MB; a conversation this server can answer is far "
+              "smaller (the model's context is a few thousand tokens)")
 
 
 def _sse(data) -> str:

@@ -263,3 +263,96 @@ def test_allowed_hosts():
     assert allowed_hosts("127.0.0.1", 8000) == {"127.0.0.1:8000", "localhost:8000", "::1:8000", "[::1]:8000"}
     assert allowed_hosts("0.0.0.0", 8000) is None  # every address: the API key is what protects it
     assert allowed_hosts("192.168.1.5", 80) == {"192.168.1.5:80", "192.168.1.5"}
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", True), ("top_logprobs", 3),
+                                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                          ("tool_choice", "required"), ("response_format", {"type": "json_object"}),
+                                          ("logit_bias", {"50": 10})])
+def test_fields_this_server_does_not_serve_are_a_400_naming_them(api, field, value):
+    response = httpx.post(f"{api}/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "Hello"}], field: value})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == field and f"'{field}' is not supported by this server" in error["message"]
+
+
+def test_the_same_fields_left_at_their_defaults_are_answered(api):
+    answer = client(api).chat.completions.create(model="m", messages=[{"role": "user", "content": "Hello"}],
+                                                 logprobs=False, tools=[], tool_choice="none",
+                                                 response_format={"type": "text"}, temperature=0)
+    assert answer.choices[0].message.content == REPLIES["Hello"]
+
+
+def test_long_stop_strings_and_huge_bodies_are_refused_and_a_long_stop_is_cheap(api):
+    response = httpx.post(f"{api}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hello"}],
+                                                              "stop": ["x" * 150_000] * 4})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stop"
+    assert "at most 1,000 characters" in response.json()["error"]["message"]
+    body = b'{"messages": [{"role": "user", "content": "' + b"a" * (9 << 20) + b'"}]}'
+    response = httpx.post(f"{api}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "over 8 MB" in response.json()["error"]["message"]
+    # the scanner looks back only as far as the text it holds: a piece at a time, never the whole stop string
+    scanner = StopScanner(["ab" * 500])
+    assert scanner.feed("hello a") == "hello" and scanner.pending == " a"
+    assert scanner.feed("b" + "ab" * 498 + "a") == "" and scanner.feed("b!") == "" and scanner.stopped
+
+
+def test_one_generation_at_a_time_uses_the_sessions_cache(taught):
+    """A second stream waits for the first to end: two never write into one key/value cache."""
+    session = ChatSession(str(taught), settings=GenerationSettings(temperature=0, max_new_tokens=24))
+    first = session.stream("Hello")
+    next(first)
+    pieces, second = [], threading.Thread(target=lambda: pieces.extend(session.stream("What is the secret code?")))
+    second.start()
+    time.sleep(1.0)
+    assert pieces == [] and second.is_alive()  # waiting for the first
+    assert ("".join(first)).strip()  # the first answer ends; then the second runs
+    second.join(60)
+    alone = ChatSession(str(taught), settings=GenerationSettings(temperature=0, max_new_tokens=24))
+    alone.reply("Hello")  # the same two turns, one after the other
+    assert "".join(pieces).strip() == alone.reply("What is the secret code?") == session.history[-1]["content"]
+    assert session.history[-2:] == alone.history[-2:] and len(session.history) == 4
+
+
+def test_clients_that_hang_up_at_once_leave_the_server_answering(taught):
+    """Streaming clients that close right after sending, then another request at once, many times: every
+    answer is right and the queue's places come back (queue 0: a place not given back is a 429)."""
+    session = ChatSession(str(taught), settings=GenerationSettings(temperature=0, max_new_tokens=24,
+                                                                   repetition_penalty=1.0))
+    server, thread, address = start(session, queue=0)
+    try:
+        for _ in range(6):
+            with httpx.Client() as hasty:
+                with hasty.stream("POST", f"{address}/v1/chat/completions",
+                                  json={"messages": [{"role": "user", "content": "Hello"}], "stream": True}):
+                    pass  # hung up before reading anything
+            for _ in range(50):  # the hung-up answer may still be ending: a 429 until its place is back
+                response = httpx.post(f"{address}/v1/chat/completions", timeout=60,
+                                      json={"messages": [{"role": "user", "content": "What is the secret code?"}],
+                                            "temperature": 0})
+                if response.status_code != 429:
+                    break
+                time.sleep(0.1)
+            assert response.status_code == 200
+            assert response.json()["choices"][0]["message"]["content"] == REPLIES["What is the secret code?"]
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def test_an_ipv6_host_in_brackets_and_a_blank_key(monkeypatch, capsys):
+    import socket
+
+    from chatkit.web import check_port
+
+    assert demo_chatbot.bare_host("[::1]") == "::1" and demo_chatbot.url_host("::1") == "[::1]"
+    assert demo_chatbot.bare_host("127.0.0.1") == "127.0.0.1"
+    if socket.has_ipv6:
+        try:
+            check_port("::1", free_port())
+        except Exception as exc:  # a machine without an IPv6 loopback says so in one line
+            assert "cannot serve on ::1" in str(exc)
+    monkeypatch.setenv("CHATKIT_API_KEY", "   ")
+    assert demo_chatbot.main(["no-such-model", "--serve"]) == 1
+    assert "CHATKIT_API_KEY holds only spaces" in capsys.readouterr().err
