@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import threading
 import time
@@ -370,18 +371,13 @@ async def server_error(request, exc):
                         status_code=500)
 
 
-def build_app(session: ChatSession, model_id: str, queue: int = 8, hosts: Optional[set] = None,
-              api_key: Optional[str] = None, guard: bool = True):
-    """The Starlette application serving one loaded model (behind its Guard unless `guard` is False)."""
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
+@functools.lru_cache(maxsize=None)
+def stream_class():
+    """Starlette's streaming response, giving its request's queue place back however it ends, even when the
+    client hangs up before the first event (the events' own `finally` never runs then)."""
+    from starlette.responses import StreamingResponse
 
     class Stream(StreamingResponse):
-        """A streamed answer that gives its queue place back however it ends, even when the client hangs up
-        before the first event (the events' own `finally` never runs then)."""
-
         def __init__(self, content, on_end, **kwargs):
             super().__init__(content, **kwargs)
             self.on_end = on_end
@@ -392,6 +388,18 @@ def build_app(session: ChatSession, model_id: str, queue: int = 8, hosts: Option
             finally:
                 await self.body_iterator.aclose()
                 self.on_end()
+
+    return Stream
+
+
+def build_app(session: ChatSession, model_id: str, queue: int = 8, hosts: Optional[set] = None,
+              api_key: Optional[str] = None, guard: bool = True):
+    """The Starlette application serving one loaded model (behind its Guard unless `guard` is False)."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
 
     generator = Generator(session, queue)
 
@@ -419,7 +427,7 @@ def build_app(session: ChatSession, model_id: str, queue: int = 8, hosts: Option
         completion, scanner = Completion(model_id), StopScanner(parsed.stop)
         pieces = generator.pieces(parsed, ticket)
         if parsed.stream:
-            return Stream(_events(pieces, ticket, parsed, completion, scanner), on_end=ticket.release,
+            return stream_class()(_events(pieces, ticket, parsed, completion, scanner), on_end=ticket.release,
                           media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         text = ""
         try:
