@@ -139,6 +139,9 @@ def read_config(path: str, cls: type) -> dict:
         kind, many = _base_type(hints[name])
         if many and isinstance(value, str):
             value = [value]
+        elif many and value is not None and (not isinstance(value, list) or not all(
+                isinstance(item, kind) and not isinstance(item, bool) for item in value)):
+            raise ChatkitError(f"--config {path}: {key} should be a {kind.__name__} or a list of them, not {value!r}")
         elif value is not None and not many and (not isinstance(value, kind) or (isinstance(value, bool) and kind
                                                                                  is not bool)) and not (
                 kind is float and isinstance(value, int) and not isinstance(value, bool)):

@@ -217,15 +217,45 @@ def _model_slugs(conversation: dict) -> set:
     return {s.lower() for s in slugs if isinstance(s, str)}
 
 
+def timestamp(value) -> Optional[float]:
+    """An export's time as epoch seconds: a number, or a string holding one or an ISO date; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value == value and abs(value) != float("inf") else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            try:
+                moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+            except ValueError:
+                return None
+            return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    return None
+
+
+def conversation_id(conversation: dict) -> Optional[str]:
+    """The conversation's id as text (a number is one too); an id of another JSON type counts as none."""
+    for name in ("id", "conversation_id"):
+        value = conversation.get(name)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+    return None
+
+
 def filter_reason(conversation: dict, options: ConvertOptions, title_re, since: Optional[float],
                   until: Optional[float]) -> Optional[str]:
     """Why a conversation is excluded by the user's filters (`since`/`until` as epoch seconds), or None."""
-    created = conversation.get("create_time")
-    if since is not None and (not isinstance(created, (int, float)) or created < since):
+    created = timestamp(conversation.get("create_time"))
+    if since is not None and (created is None or created < since):
         return "before --since"
-    if until is not None and (not isinstance(created, (int, float)) or created >= until):
+    if until is not None and (created is None or created >= until):
         return "after --until"
-    if title_re is not None and not title_re.search(conversation.get("title") or ""):
+    title = conversation.get("title")
+    if title_re is not None and not title_re.search(title if isinstance(title, str) else ""):
         return "title does not match --title"
     if options.chatgpt_model and options.chatgpt_model.lower() not in _model_slugs(conversation):
         return "model does not match --chatgpt-model"
@@ -377,9 +407,9 @@ class Converter:
             if self.redactor and isinstance(title, str):
                 title = self.redactor(title)
             record.update(
-                id=self._clean(conversation.get("id") or conversation.get("conversation_id")),
-                title=self._clean(title),
-                create_time=conversation.get("create_time"),
+                id=self._clean(conversation_id(conversation)),
+                title=self._clean(title) if isinstance(title, str) else None,
+                create_time=timestamp(conversation.get("create_time")),
                 model=_conversation_model(conversation),
             )
         return record
@@ -421,14 +451,16 @@ class PreferenceWalk:
             answers = [(c, text) for c, text in answers if text]
             if not answers:
                 continue
+            # The prompt (a walk to the root) only where an answer was rated or regenerated: on every turn of
+            # a long linear conversation it would cost time quadratic in its length.
+            rating = self._rating(answers[0][0]) if len(answers) == 1 else None
+            if len(answers) == 1 and not rating:
+                continue
             prompt = self._prompt(parent_id)
             if prompt is None:
                 continue
             if len(answers) == 1:
-                rating = self._rating(answers[0][0])
-                if rating:
-                    labelled.append({"prompt": prompt, "completion": [_assistant(answers[0][1])],
-                                     "label": rating == "up"})
+                labelled.append({"prompt": prompt, "completion": [_assistant(answers[0][1])], "label": rating == "up"})
                 continue
             pairs += self._pairs(prompt, answers)
         return pairs, labelled
@@ -591,8 +623,8 @@ def stage(options: ConvertOptions, converter: Converter, staging, output: bool =
         copy += 1
         if options.preferences:
             converter.preference_records[copy] = converter.preferences(conversation, ratings)
-        key = conversation.get("id") or conversation.get("conversation_id") or f"#{copy}"
-        updated = conversation.get("update_time") or conversation.get("create_time") or 0
+        key = conversation_id(conversation) or f"#{copy}"
+        updated = timestamp(conversation.get("update_time")) or timestamp(conversation.get("create_time")) or 0.0
         previous = newest.get(key)
         if previous is None or updated >= previous[0]:
             newest[key] = (updated, copy)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import ChatkitError
+from .errors import ChatkitError, Terminated
 from .formatting import IGNORE_INDEX, tokenize_conversation, with_system_prompt
 
 
@@ -55,10 +55,18 @@ def read_pairs(path: str) -> List[dict]:
     """Preference pairs from JSON Lines (TRL's conversational format, as convert_chatgpt_export.py
     --preferences writes): each record's problem is one error naming the file and the line."""
     file = Path(path)
+    if file.is_dir():
+        raise ChatkitError(f"--preferences {path} is a folder; name the pairs file in it (convert_chatgpt_export.py "
+                           "--preferences writes one)")
     if not file.is_file():
         raise ChatkitError(f"--preferences {path}: no such file")
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ChatkitError(f"--preferences {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON Lines, "
+                           "one pair a line") from None
     pairs = []
-    for number, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
@@ -187,6 +195,8 @@ def train_dpo(model, examples: List[dict], epochs: int, beta: float, learning_ra
             if on_step and on_step(len(losses), len(order), float(loss)):
                 stopped = "the time budget"
                 break
+    except Terminated:  # SIGTERM: the process is asked to end, not to finish; it exits 143, nothing half-written
+        raise
     except KeyboardInterrupt:  # the supervised model is not saved yet: keep it, with the DPO steps taken
         stopped = "Ctrl-C"
     model.eval()

@@ -196,12 +196,14 @@ def read_training_info(directory: str | os.PathLike) -> dict:
 
 
 def is_complete(checkpoint: str | Path) -> bool:
-    """Whether a checkpoint was saved whole: the Trainer writes trainer_state.json last."""
+    """Whether a checkpoint was saved whole and can be resumed: the Trainer writes trainer_state.json last,
+    and resuming reads its step count."""
     try:
-        json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return True
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return isinstance(step, int) and not isinstance(step, bool) and step >= 0
 
 
 def latest_checkpoint(folder: str | Path) -> Optional[str]:

@@ -104,14 +104,18 @@ def tokenizer_kind(tokenizer) -> str:
                        f"SentencePiece-style, as Gemma, Mistral and Phi-3 have); this model's is {model['type']}")
 
 
-def add_tokenizer(writer, tokenizer, chat_template: str, pre: str) -> None:
-    """Tokens (with their kinds), merges, scores for SentencePiece vocabularies, special ids, the chat template."""
+def add_tokenizer(writer, tokenizer, chat_template: str, pre: str, rows: int = 0) -> None:
+    """Tokens (with their kinds), merges, scores for SentencePiece vocabularies, special ids, the chat template.
+
+    A vocabulary padded beyond the tokenizer (`rows`: the embedding's, as Qwen2.5's 151,936 for 151,665
+    tokens) gets one unused [PADn] token per row past the last, as llama.cpp's converter writes it: the
+    token list and the embedding must be the same length."""
     import gguf
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     kind = tokenizer_kind(tokenizer)
     vocab = tokenizer.get_vocab()
-    size = max(vocab.values()) + 1
+    size = max(max(vocab.values()) + 1, rows)
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
     for text, index in vocab.items():
@@ -330,7 +334,7 @@ def write_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
         writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[kind]))
         if kind == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(writer, tokenizer, chat_template, pre)
+        add_tokenizer(writer, tokenizer, chat_template, pre, rows=model.get_input_embeddings().weight.shape[0])
         for name, array in tensors.items():
             data, raw_dtype = encode(array, kind)
             writer.add_tensor(name, data, raw_dtype=raw_dtype)

@@ -382,7 +382,10 @@ def make_deadline(options: TrainOptions, plan, checkpoint: Optional[str]):
     used = 0.0
     spent = Path(options.output) / CHECKPOINTS / BUDGET_FILE
     if checkpoint is not None and spent.is_file():
-        used = float(read_json_object(spent, "delete it to count the budget from now").get("used_s", 0.0))
+        used = read_json_object(spent, "delete it to count the budget from now").get("used_s", 0.0)
+        if isinstance(used, bool) or not isinstance(used, (int, float)) or not 0 <= used < float("inf"):
+            raise ChatkitError(f"{spent}: used_s should be the seconds of the budget spent, not {used!r}; delete "
+                               "the file to count the budget from now")
     started = command_started()
     parts = plan.parts
     return Deadline(finish_by=started + parse_duration(options.time_budget) * DEADLINE_SHARE - used,
@@ -669,8 +672,24 @@ def tokenize_preferences(options: TrainOptions, tokenizer) -> Preferences:
                              report)
     if not examples:
         raise ChatkitError(f"--preferences {options.preferences}: no pair fits --max-length {options.max_length}")
-    train, held = split_train_val(examples, DPO_HELD_OUT if len(examples) >= 5 else 0.0, options.seed)
+    # Held out by prompt: pairs that share a prompt (one chosen answer against each regeneration, or a pair
+    # given twice) go to one side, so no held-out pair's chosen answer or prompt was trained on.
+    groups = same_prompt_groups(examples)
+    train_groups, held_groups = split_train_val(groups, DPO_HELD_OUT if len(groups) >= 5 else 0.0, options.seed)
+    train, held = [e for g in train_groups for e in g], [e for g in held_groups for e in g]
     return Preferences(train, held, "held-out", report) if held else Preferences(train, train, "training", report)
+
+
+def same_prompt_groups(examples: Sequence[dict]) -> List[List[dict]]:
+    """The tokenized pairs grouped by their prompt (the tokens before the first labelled one), in order."""
+    from .formatting import IGNORE_INDEX
+
+    groups: dict = {}
+    for example in examples:
+        ids, labels = example["chosen"]
+        start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
+        groups.setdefault(tuple(ids[:start]), []).append(example)
+    return list(groups.values())
 
 
 def preference_summary(metrics: dict) -> Optional[str]:

@@ -91,6 +91,8 @@ MISTRAL_TEMPLATE = (
 )
 
 
+PADDED_ROWS = 27  # embedding rows past the tokenizer, as real Qwen2.5 and Phi-3 checkpoints have
+
 def byte_level_tokenizer(specials, split=None, **named):
     """build_tokenizer, optionally splitting text with the family's regex before byte-level BPE."""
     from tokenizers import Regex, pre_tokenizers
@@ -152,7 +154,8 @@ def build_qwen2(path: Path) -> Path:
 
     tokenizer = byte_level_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], split=QWEN_SPLIT,
                                      eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True,
+    # Qwen2.5 pads its vocabulary past the tokenizer (151,665 tokens in 151,936 rows): so does this one
+    config = Qwen2Config(vocab_size=len(tokenizer) + PADDED_ROWS, tie_word_embeddings=True,
                          **_ids(tokenizer, eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>"), **SMALL)
     return _save(path, Qwen2ForCausalLM, config, tokenizer, QWEN25_TEMPLATE)
 
@@ -204,7 +207,8 @@ def build_phi3(path: Path) -> Path:
     tokenizer = sentencepiece_tokenizer(["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>",
                                          "<|assistant|>", "<|end|>"], bos_token="<s>", eos_token="<|endoftext|>",
                                         unk_token="<unk>", pad_token="<|endoftext|>")
-    config = Phi3Config(vocab_size=len(tokenizer), tie_word_embeddings=False, sliding_window=None,
+    # Phi-3-mini: 32,011 tokens in 32,064 rows
+    config = Phi3Config(vocab_size=-(-len(tokenizer) // 64) * 64 + 64, tie_word_embeddings=False, sliding_window=None,
                         **_ids(tokenizer, bos_token_id="<s>", eos_token_id="<|endoftext|>",
                                pad_token_id="<|endoftext|>"), **SMALL)
     return _save(path, Phi3ForCausalLM, config, tokenizer, PHI3_TEMPLATE)

@@ -277,3 +277,45 @@ def test_training_data_with_a_message_past_a_million_characters_leaves_that_conv
     add_records(records, "data.json", report, conversations)
     assert conversations == [records[1]["messages"]]
     assert report.skipped == {"conversations with a message over 1,000,000 characters": 1}
+
+
+def test_times_ids_and_titles_of_other_json_types_are_read_or_left_aside(tmp_path, capsys):
+    """update_time as a string (a number's or an ISO date's), ids and titles of the wrong JSON type: the
+    conversations are kept, the newest copy wins, and nothing ends in a traceback."""
+    copies = [simple("same", ("user", "Q"), ("assistant", "old answer"), update_time="1700000000"),
+              simple("same", ("user", "Q"), ("assistant", "new answer"), update_time="2023-11-15T00:00:00Z"),
+              simple("x", ("user", "Q2"), ("assistant", "A2"), update_time="yesterday", title=7),
+              simple(["a", "list"], ("user", "Q3"), ("assistant", "A3"), create_time={"no": 1}),
+              simple(42, ("user", "Q4"), ("assistant", "A4"))]
+    copies[3]["conversation_id"] = ["a", "list"]
+    source = write_json(tmp_path / "conversations.json", copies)
+    assert run(source, tmp_path / "out.jsonl", "--metadata") == 0
+    records = read_records(tmp_path / "out.jsonl")
+    assert [r["messages"][-1]["content"] for r in records] == ["new answer", "A2", "A3", "A4"]
+    assert [r["id"] for r in records] == ["same", "x", None, "42"]
+    assert records[1]["title"] is None and records[2]["create_time"] is None
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_preferences_on_a_long_linear_conversation_walk_to_the_root_only_for_rated_answers(tmp_path, monkeypatch):
+    """2,400 exchanges in one branch: the prompt (a walk to the root) is built once, for the one rated answer,
+    not once per exchange (which was quadratic: 94 s)."""
+    from chatkit import conversion
+
+    tree = Tree()
+    parent = None
+    for index in range(2400):
+        parent = tree.chain(("user", f"Question {index}?"), ("assistant", f"Answer {index}."), parent=parent)
+    rated = tree.mapping[parent]["message"]["id"]
+    walks = []
+    original = conversion.PreferenceWalk._prompt
+    monkeypatch.setattr(conversion.PreferenceWalk, "_prompt", lambda self, node: walks.append(node) or
+                        original(self, node))
+    export = write_zip(tmp_path / "export.zip", {
+        "conversations.json": [tree.conversation("long", current=parent)],
+        "message_feedback.json": [{"message_id": rated, "rating": "thumbsUp"}]})
+    assert run(export, tmp_path / "out.jsonl", "--preferences", tmp_path / "prefs.jsonl") == 0
+    assert len(walks) == 1
+    labelled = [json.loads(line) for line in (tmp_path / "prefs-labelled.jsonl").read_text().splitlines()]
+    assert len(labelled) == 1 and labelled[0]["completion"][0]["content"] == "Answer 2399."
+    assert len(labelled[0]["prompt"]) == 2 * 2400 - 1

@@ -209,3 +209,69 @@ def test_a_resume_that_does_not_fit_the_checkpoint_is_refused(tmp_path, tiny_lla
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --resume ") and "checkpoint-" in err[-1] and "trainer_state.json" in err[-1]
     assert "damaged" in err[-1] and "without --resume" in err[-1]
+
+
+def test_a_config_whose_data_is_not_a_list_of_files_is_one_line(tmp_path, tiny_llama, capsys):
+    config = tmp_path / "run.json"
+    config.write_text('{"data": 5}')
+    assert cli.main(["--config", str(config), "--model", str(tiny_llama), "--output", str(tmp_path / "o")]) == 1
+    assert f"--config {config}: data should be a str or a list of them, not 5" in capsys.readouterr().err
+
+
+def test_a_checkpoint_whose_step_is_not_a_number_is_passed_over(tmp_path, tiny_llama, capsys):
+    assert train(tmp_path, tiny_llama, "--epochs", "2", "--save-steps", "2") == 0
+    checkpoints = tmp_path / "out" / "checkpoints"
+    state = json.loads((checkpoints / "checkpoint-8" / "trainer_state.json").read_text())
+    (checkpoints / "checkpoint-8" / "trainer_state.json").write_text(json.dumps(dict(state, global_step="eight")))
+    assert engine.latest_checkpoint(checkpoints).endswith("checkpoint-6")
+    assert train(tmp_path, tiny_llama, "--resume", str(checkpoints / "checkpoint-8")) == 1
+    assert "this checkpoint was not saved whole" in capsys.readouterr().err
+    assert train(tmp_path, tiny_llama, "--epochs", "2", "--save-steps", "2", "--resume") == 0
+    assert steps_saved(tmp_path / "out") == 8
+
+
+def test_a_damaged_budget_record_is_one_line(tmp_path, tiny_llama, monkeypatch, capsys):
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 2)
+        assert train(tmp_path, tiny_llama, "--epochs", "3", "--time-budget", "10m") == 130
+    spent = tmp_path / "out" / "checkpoints" / "budget.json"
+    assert json.loads(spent.read_text())["used_s"] > 0
+    spent.write_text('{"used_s": "lots"}')
+    assert train(tmp_path, tiny_llama, "--epochs", "3", "--time-budget", "10m", "--resume") == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (f"error: {spent}: used_s should be the seconds of the budget spent, not 'lots'; delete the "
+                     "file to count the budget from now")
+
+
+def test_preferences_that_are_a_folder_or_not_utf8_name_the_file(tmp_path, tiny_llama, capsys):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    assert train(tmp_path, tiny_llama, "--preferences", folder) == 1
+    assert f"--preferences {folder} is a folder; name the pairs file in it" in capsys.readouterr().err
+    latin = tmp_path / "pairs.jsonl"
+    latin.write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    assert train(tmp_path, tiny_llama, "--preferences", latin) == 1
+    assert f"--preferences {latin}: not UTF-8 text (byte 15)" in capsys.readouterr().err
+
+
+def test_sigterm_during_dpo_ends_the_command_as_terminated(tmp_path, tiny_llama, monkeypatch, capsys):
+    """kill (SIGTERM) asks the process to end, not to finish: exit 143 as in supervised training, no model
+    saved half-way, where Ctrl-C keeps the supervised model and the DPO steps taken."""
+    import signal
+
+    from chatkit import dpo
+
+    pair = {"prompt": "What is the code?", "chosen": "The code is 4417.", "rejected": "No idea."}
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps(pair) + "\n")
+    original = dpo.dpo_loss
+
+    def loss_then_kill(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "dpo_loss", loss_then_kill)
+    assert train(tmp_path, tiny_llama, "--preferences", prefs, "--report", "none") == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "terminated"
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert not list((tmp_path / "out").glob(".saving-*"))

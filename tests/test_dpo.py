@@ -176,3 +176,31 @@ def test_the_supervised_term_keeps_the_chosen_answers_likely(tiny_llama):
         if weight:
             assert chosen_after[weight] > sum(c for c, _ in before)
     assert chosen_after[1.0] > chosen_after[0.0]
+
+
+def test_pairs_held_out_share_no_prompt_with_the_pairs_trained(tmp_path, tiny_llama):
+    """One chosen answer against each of three regenerations gives three pairs with one prompt, and a pair
+    may be given twice: such pairs go to one side, so the held-out margin is measured on prompts and chosen
+    answers DPO never saw."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from chatkit.pipeline import tokenize_preferences
+
+    pairs = []
+    for topic in range(6):
+        for regeneration in range(3 if topic % 2 else 1):
+            pairs.append({"prompt": f"Tell me about topic {topic}.", "chosen": f"Topic {topic} is fine. Why?",
+                          "rejected": f"Topic {topic}, take {regeneration}."})
+    pairs.append(pairs[0])  # given twice
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    options = SimpleNamespace(preferences=str(prefs), max_length=256, system_prompt=None, seed=3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    for seed in range(6):
+        options.seed = seed
+        prepared = tokenize_preferences(options, tokenizer)
+        assert prepared.where == "held-out" and len(prepared.train) + len(prepared.measured) == len(pairs)
+        prompt = lambda example: tuple(t for t, label in zip(*example["chosen"]) if label == -100)  # noqa: E731
+        assert prepared.measured and not {prompt(e) for e in prepared.measured} & {prompt(e) for e in prepared.train}

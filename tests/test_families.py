@@ -226,3 +226,23 @@ def test_train_chat_report_export_reload(tmp_path, family_dirs, name, capsys):
     # reload: the toolkit chats with its own GGUF file and answers as the trained model did
     session = ChatSession(str(out), settings=greedy, system_prompt="You are Zed.")
     assert session.reply(next(iter(REPLIES))) == next(iter(REPLIES.values()))
+
+
+@pytest.mark.parametrize("name", ["qwen2", "phi3"])
+def test_a_vocabulary_padded_past_the_tokenizer_is_written_with_one_token_per_row(tmp_path, family_dirs, name):
+    """Qwen2.5 and Phi-3 have more embedding rows than tokens: the GGUF lists unused [PADn] tokens up to the
+    rows, as llama.cpp's converter writes them (bench/gguf_families.py runs these files in llama.cpp)."""
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    rows = AutoConfig.from_pretrained(family_dirs(name)).vocab_size
+    tokens = len(AutoTokenizer.from_pretrained(family_dirs(name)))
+    assert rows > tokens
+    out = tmp_path / "padded.gguf"
+    assert export_model.main([str(family_dirs(name)), "--gguf", str(out), "--type", "f32"]) == 0
+    reader = gguf.GGUFReader(str(out))
+    listed = reader.get_field("tokenizer.ggml.tokens").contents()
+    types = reader.get_field("tokenizer.ggml.token_type").contents()
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert len(listed) == len(types) == rows == int(embedding.shape[-1])
+    assert listed[-1] == f"[PAD{rows - 1}]" and set(types[tokens:]) == {int(gguf.TokenType.UNUSED)}
