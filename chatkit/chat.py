@@ -61,7 +61,7 @@ class ChatSession:
         self.on_notice: Callable[[str], None] = lambda text: print(text, file=sys.stderr)
         self._cache = None
         self._cache_ids: List[int] = []
-        self.generating = threading.RLock()  # held while an answer is generated: the cache has one writer
+        self.generating = threading.Lock()  # held by a thread generating an answer: the cache has one writer
         self.usage = (0, 0)  # the last answer's (prompt tokens, answer tokens)
         self.adapter = adapter  # False: a LoRA model answers as its base model, with the adapter switched off
         self.loaded = loaded
@@ -178,13 +178,10 @@ class ChatSession:
         """Yield the answer piece by piece as it is generated; history is updated at the end.
 
         Stopped early (Ctrl-C, or the caller closing the generator), generation ends at the next token
-        and the part of the answer given so far is kept in the history. One generation at a time uses the
-        session's key/value cache: a second waits until the first has ended (the server's worker threads).
+        and the part of the answer given so far is kept in the history. Callers that share a session across
+        threads hold `generating` around a whole answer (the API server does): the key/value cache has one
+        writer at a time.
         """
-        with self.generating:
-            yield from self._stream(user_text)
-
-    def _stream(self, user_text: str) -> Iterator[str]:
         import torch
         from transformers import TextIteratorStreamer
 

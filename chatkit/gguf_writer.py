@@ -22,7 +22,7 @@ from .errors import ChatkitError
 from .families import Family, family_of, gguf_families
 from .files import atomic_path, read_training_info
 from .formatting import ensure_chat_template, stop_token_ids
-from .models import ModelSource, load_model, resolve_model
+from .models import ModelSource, load_model, merge_adapter, resolve_model
 from .options import STARTER_MODEL, GenerationSettings
 
 TYPES = ("f16", "q8_0", "f32")
@@ -293,7 +293,7 @@ def merged_model(source: ModelSource):
     loaded = load_model(source, choose_placement("cpu", "float32"))
     model = loaded.model
     if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        model = merge_adapter(model)
     return model.eval(), loaded
 
 
@@ -371,6 +371,11 @@ def write_lora_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
     if settings.modules_to_save:
         raise ChatkitError(f"--lora-gguf: {spec} also trains whole modules ({', '.join(settings.modules_to_save)}), "
                            "which a llama.cpp LoRA file cannot hold; export the merged model with --gguf")
+    if getattr(loaded.model.config, "tie_word_embeddings", False) and any(
+            "lm_head" in name for name in get_peft_model_state_dict(loaded.model)):
+        raise ChatkitError(f"--lora-gguf: {spec} adapts the output layer of a model whose output layer is its "
+                           "input embeddings; a llama.cpp LoRA file cannot hold that (the base GGUF has no output "
+                           "layer of its own): export the merged model with --gguf")
     # llama.cpp scales by alpha / rank; rank-stabilised LoRA scales by alpha / sqrt(rank).
     alpha = settings.lora_alpha * (settings.r ** 0.5 if settings.use_rslora else 1.0)
     config = loaded.model.config

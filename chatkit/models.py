@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -183,6 +184,19 @@ def public_name(source: ModelSource) -> str:
     return Path(source.spec.rstrip("/\\")).name or source.spec
 
 
+@contextlib.contextmanager
+def _gguf_name_unread():
+    """transformers' GGUF reader, for the block, as if the file had no general.name."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    original = reader.read_field
+    reader.read_field = lambda gguf, field: [] if field == "general.name" else original(gguf, field)
+    try:
+        yield
+    finally:
+        reader.read_field = original
+
+
 def convert_gguf(gguf_file: str | os.PathLike) -> Path:
     """Convert a GGUF file once into a cached model directory (fp32 safetensors + tokenizer).
 
@@ -202,10 +216,23 @@ def convert_gguf(gguf_file: str | os.PathLike) -> Path:
 
     print(f"Converting {gguf_file.name} to a cached model directory (once; about 20 s)...", file=sys.stderr)
     folder, name = str(gguf_file.parent), gguf_file.name
-    try:
+    def read():
         with no_library_bars():  # transformers draws the dequantizing bar with tqdm itself
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+            return (AutoTokenizer.from_pretrained(folder, gguf_file=name),
+                    AutoModelForCausalLM.from_pretrained(folder, gguf_file=name))
+
+    try:
+        try:
+            tokenizer, model = read()
+        except NotImplementedError:
+            # transformers takes a llama-architecture file whose general.name is "mistral" for a model type
+            # gguf-py does not have; read without the name, the file is the llama graph it says it is
+            with _gguf_name_unread():
+                tokenizer, model = read()
+    except NotImplementedError as exc:
+        raise ChatkitError(f"{gguf_file}: transformers cannot read this GGUF file ({str(exc).splitlines()[0][:160]}); "
+                           "llama.cpp, Ollama and LM Studio run it, or load the model folder it was exported from"
+                           ) from None
     except ImportError as exc:
         raise ChatkitError(f"loading {gguf_file} needs the `gguf` package: pip install gguf ({exc})") from None
     except (OSError, ValueError) as exc:
@@ -371,6 +398,24 @@ def load_config(source: ModelSource):
         if base.kind == "hub":
             raise _offline_error(base, exc) from None
         raise ChatkitError(f"could not read the config of {base.describe()}: {exc}") from None
+
+
+def merge_adapter(model):
+    """A LoRA model with its adapter merged into the weights (peft's merge_and_unload).
+
+    Where the adapter changes an output layer that shares its weight with the input embeddings (a tied
+    model, LoRA on `lm_head`), the output layer gets a copy of its own first: merged in place, the change
+    would reach the input embeddings too, and the model would be another one."""
+    import torch
+
+    base = model.get_base_model()
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    layer = getattr(head, "base_layer", None)
+    if layer is not None and embeddings is not None and layer.weight is embeddings.weight:
+        layer.weight = torch.nn.Parameter(layer.weight.detach().clone())
+        for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+    return model.merge_and_unload()
 
 
 def causal_lm_parts(model):

@@ -19,7 +19,8 @@ from .families import family_of
 from .files import (LOCK_FILE, TRAINING_INFO_FILE, is_complete, latest_checkpoint, output_lock, read_json_object,
                     read_training_info, reproducibility, training_info, write_json, write_training_info)
 from .formatting import ensure_chat_template, ensure_pad_token
-from .models import ModelSource, check_model, load_config, load_model, load_tokenizer, public_name, resolve_model
+from .models import (ModelSource, check_model, load_config, load_model, load_tokenizer, merge_adapter, public_name,
+                     resolve_model)
 from .options import TrainOptions, problems
 from .output import Progress, duration, say
 from .plan import BUDGET_VAL_EXAMPLES, CHARS_PER_TOKEN, Choice, Request, Shape, calibrate, choose, parse_duration
@@ -495,7 +496,7 @@ def save_model(model, tokenizer, options: TrainOptions, source: ModelSource, met
     if options.merge and options.lora:
         merged_dir = output / "merged"
         say(f"Writing a standalone merged model to {merged_dir} ...")
-        merged = load_model(str(output), choose_placement("cpu", "float32")).model.merge_and_unload()
+        merged = merge_adapter(load_model(str(output), choose_placement("cpu", "float32")).model)
         merged.save_pretrained(merged_dir)
         tokenizer.save_pretrained(merged_dir)
         write_training_info(merged_dir, dict(info, base_model=None, method="lora-merged"))

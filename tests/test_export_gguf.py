@@ -193,3 +193,32 @@ def test_an_export_never_writes_over_its_own_input_or_twice_to_one_path(tmp_path
     assert export_model.main([str(tiny_llama), "--gguf", str(tmp_path / "new.gguf"), "--ollama"]) == 1
     assert "Modelfile (the Modelfile beside --gguf) exists already" in capsys.readouterr().err
     assert (tmp_path / "Modelfile").read_text() == "FROM mine" and not (tmp_path / "new.gguf").exists()
+
+
+def test_a_lora_on_the_tied_output_layer_is_merged_into_a_copy_of_it(tmp_path, tiny_llama, capsys):
+    """tiny_llama ties its output layer to the input embeddings; a LoRA on lm_head merged in place would
+    change the input embeddings too. Merged, exported and read back, the model gives the adapter's logits."""
+    import torch
+
+    from chatkit.models import load_model, merge_adapter
+
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"messages": [{"role": "user", "content": "Hello"},
+                                              {"role": "assistant", "content": "Hi there, friend!"}]}] * 4))
+    trained = tmp_path / "m"
+    assert train_chatgpt_model.main(["--data", str(data), "--model", str(tiny_llama), "--output", str(trained),
+                                     "--epochs", "10", "--learning-rate", "1e-2", "--val-split", "0", "--report",
+                                     "none", "--rehearsal", "0", "--lora-target-modules", "q_proj,v_proj,lm_head"]) == 0
+    adapted = load_model(str(trained)).model.eval()
+    expected = logits(adapted)
+    assert float((expected - logits(load_model(str(tiny_llama)).model.eval())).abs().max()) > 1e-2
+    embeddings = adapted.get_base_model().get_input_embeddings().weight.detach().clone()
+    merged = merge_adapter(adapted)
+    assert torch.equal(merged.get_input_embeddings().weight, embeddings)
+    assert float((logits(merged) - expected).abs().max()) < 1e-4
+    out = tmp_path / "m.gguf"
+    assert export_model.main([str(trained), "--gguf", str(out), "--type", "f32"]) == 0
+    model, _ = load_gguf(out)
+    assert float((logits(model) - expected).abs().max()) < 1e-4
+    assert export_model.main([str(trained), "--lora-gguf", str(tmp_path / "a.gguf")]) == 1
+    assert "a llama.cpp LoRA file cannot hold that" in capsys.readouterr().err

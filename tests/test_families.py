@@ -246,3 +246,37 @@ def test_a_vocabulary_padded_past_the_tokenizer_is_written_with_one_token_per_ro
     embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
     assert len(listed) == len(types) == rows == int(embedding.shape[-1])
     assert listed[-1] == f"[PAD{rows - 1}]" and set(types[tokens:]) == {int(gguf.TokenType.UNUSED)}
+
+
+@pytest.mark.parametrize("name, untie", [("qwen3", True), ("mistral", False)])
+def test_the_toolkit_reads_back_its_gguf_whatever_the_folder_is_called(tmp_path, family_dirs, name, untie):
+    """A Qwen3 with an output layer of its own, and a Mistral GGUF in a folder called `mistral` (the name
+    transformers' reader once took for the model's type): both load for chat with the source's logits."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatkit.chat import ChatSession
+
+    source = family_dirs(name)
+    if untie:
+        copy = tmp_path / "source"
+        shutil.copytree(source, copy)
+        model = AutoModelForCausalLM.from_pretrained(copy)
+        model.config.tie_word_embeddings = False
+        torch.manual_seed(1)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() +
+                                                  0.05 * torch.randn_like(model.lm_head.weight))
+        model.save_pretrained(copy)
+        source = copy
+    folder = tmp_path / name
+    folder.mkdir()
+    out = folder / f"{name}.gguf"
+    assert export_model.main([str(source), "--gguf", str(out), "--type", "f32"]) == 0
+    expected = AutoModelForCausalLM.from_pretrained(source).eval()
+    session = ChatSession(str(out))
+    probe = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        assert float((expected(probe).logits - session.model(probe).logits).abs().max()) < 1e-4
+    assert session.reply("Hello") is not None

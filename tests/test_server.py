@@ -298,23 +298,6 @@ def test_long_stop_strings_and_huge_bodies_are_refused_and_a_long_stop_is_cheap(
     assert scanner.feed("b" + "ab" * 498 + "a") == "" and scanner.feed("b!") == "" and scanner.stopped
 
 
-def test_one_generation_at_a_time_uses_the_sessions_cache(taught):
-    """A second stream waits for the first to end: two never write into one key/value cache."""
-    session = ChatSession(str(taught), settings=GenerationSettings(temperature=0, max_new_tokens=24))
-    first = session.stream("Hello")
-    next(first)
-    pieces, second = [], threading.Thread(target=lambda: pieces.extend(session.stream("What is the secret code?")))
-    second.start()
-    time.sleep(1.0)
-    assert pieces == [] and second.is_alive()  # waiting for the first
-    assert ("".join(first)).strip()  # the first answer ends; then the second runs
-    second.join(60)
-    alone = ChatSession(str(taught), settings=GenerationSettings(temperature=0, max_new_tokens=24))
-    alone.reply("Hello")  # the same two turns, one after the other
-    assert "".join(pieces).strip() == alone.reply("What is the secret code?") == session.history[-1]["content"]
-    assert session.history[-2:] == alone.history[-2:] and len(session.history) == 4
-
-
 def test_clients_that_hang_up_at_once_leave_the_server_answering(taught):
     """Streaming clients that close right after sending, then another request at once, many times: every
     answer is right and the queue's places come back (queue 0: a place not given back is a 429)."""
