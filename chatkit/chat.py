@@ -11,7 +11,7 @@ from typing import Callable, Iterator, List, Optional
 
 from .errors import ChatkitError
 from .files import read_training_info, write_json
-from .formatting import (clean_text, encode_prompt, ensure_chat_template, fit_to_template, pad_token_id,
+from .formatting import (check_chat_tokens, clean_text, encode_prompt, ensure_chat_template, fit_to_template, pad_token_id,
                          split_exchanges, stop_token_ids, with_system_prompt)
 from .models import LoadedModel, context_length, load_model, resolve_model
 from .options import GenerationSettings
@@ -51,6 +51,7 @@ class ChatSession:
         self.settings = settings or GenerationSettings()
         self.reuse_cache = reuse_cache
         self.stop_ids = stop_token_ids(self.tokenizer)
+        check_chat_tokens(self.tokenizer, self.model.get_input_embeddings().weight.shape[0], self.source.describe())
         self.max_context = max_context or context_length(self.model.config)
         self.history: List[dict] = []
         # Guiding examples: (user, assistant) pairs placed as earlier exchanges before the conversation.
@@ -136,6 +137,7 @@ class ChatSession:
         How many go is found by halving (a few renders, however long the history), since leaving out
         more never makes the prompt longer."""
         budget = self.max_context - self.new_tokens
+        self._check_message_fits(user_text, budget)
         for note in fit_to_template(self.prompt_messages(user_text), self.tokenizer)[1]:
             if note not in self.fit_notices_given:
                 self.fit_notices_given.add(note)
@@ -164,6 +166,27 @@ class ChatSession:
                 f"allows with {self.new_tokens} tokens kept for the answer; shorten it or lower --max-new-tokens"
             )
         return ids
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters one token stands for (the vocabulary's longest entry)."""
+        return max((len(token) for token in self.tokenizer.get_vocab()), default=1)
+
+    def _check_message_fits(self, user_text: str, budget: int) -> None:
+        """A message that cannot fit the context on its own is refused before the prompt is rendered: at once
+        when its characters outnumber what `budget` tokens can hold (a few MB takes a tokenizer a minute),
+        else after tokenizing it once (a prompt is rendered several times while history is fitted)."""
+        longest = self.longest_token_chars
+        if len(user_text) > 2 * budget * longest:  # 2: normalisation may join characters
+            raise ChatkitError(
+                f"the message is {len(user_text):,} characters, more than this model's context of "
+                f"{self.max_context} tokens can hold with {self.new_tokens} tokens kept for the answer; shorten it")
+        count = len(self.tokenizer(user_text, add_special_tokens=False)["input_ids"])
+        if count > budget:
+            raise ChatkitError(
+                f"the message is {count} tokens, more than this model's context of {self.max_context} "
+                f"allows with {self.new_tokens} tokens kept for the answer; shorten it or lower --max-new-tokens"
+            )
 
     def _drop_oldest_exchanges(self, exchanges: List[List[dict]], count: int) -> None:
         del self.history[:sum(len(exchange) for exchange in exchanges[:count])]

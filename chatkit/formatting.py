@@ -95,6 +95,20 @@ def check_template(tokenizer) -> None:
     _CHECKED.add(key)
 
 
+def check_chat_tokens(tokenizer, rows: int, where: str) -> None:
+    """The tokens every chat uses (its template's, its stop and pad tokens) must have rows in the model's
+    embedding: chat tokens added to a tokenizer and not to its model would fail the first answer. Other added
+    tokens past the rows are left alone (transformers' GGUF reader adds a `<mask>` to Gemma's, never used)."""
+    used = set(encode_text(render(_PROBE, tokenizer), tokenizer)[0]) | set(stop_token_ids(tokenizer))
+    used |= {i for i in (tokenizer.pad_token_id, tokenizer.bos_token_id) if i is not None}
+    past = sorted(i for i in used if i >= rows)
+    if past:
+        raise ChatkitError(f"{where}: its chat uses tokens {', '.join(map(str, tokenizer.convert_ids_to_tokens(past)))} "
+                           f"(ids from {past[0]}) but the model's embedding has only {rows} rows (chat tokens added "
+                           "to the tokenizer and not to the model, most likely); use the tokenizer the model was "
+                           "trained with")
+
+
 def _extends_cleanly(tokenizer) -> bool:
     """Whether a two-exchange conversation renders as the one-exchange one followed by more text."""
     one = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]

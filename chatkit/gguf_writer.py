@@ -12,20 +12,21 @@ package, which llama.cpp maintains. Two layouts differ from Hugging Face's:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from .errors import ChatkitError
 from .families import Family, family_of, gguf_families
 from .files import atomic_path, read_training_info
-from .formatting import ensure_chat_template, stop_token_ids
+from .formatting import check_chat_tokens, ensure_chat_template, stop_token_ids
 from .models import ModelSource, load_model, merge_adapter, resolve_model
 from .options import STARTER_MODEL, GenerationSettings
 
-TYPES = ("f16", "q8_0", "f32")
 GPT2_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 Q8_BLOCK = 32  # Q8_0 packs rows in blocks of 32 values; a row of another width stays f16
 
@@ -283,6 +284,48 @@ def encode(array, kind: str):
     return array.astype(np.float16), None
 
 
+# Room a file needs beyond its tensors: the header, the tokenizer's strings, the alignment padding.
+METADATA_ALLOWANCE = 64 * 2**20
+
+
+def write_file(out: str, architecture: str, describe: Callable, tensors: Dict[str, tuple]) -> None:
+    """The one writing sequence: metadata from `describe(writer)`, then the encoded tensors, atomically at `out`.
+
+    The disk's free space is checked first, and a disk that fills while writing is one line (the writer's
+    numpy calls give an OSError with no error number), with `out` as it was before."""
+    import gguf
+
+    needed = sum(data.nbytes for data, _ in tensors.values())
+    folder = Path(out).resolve().parent
+    while not folder.exists():  # the folder is made when the file is written
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed + min(METADATA_ALLOWANCE, needed // 10):
+        raise ChatkitError(f"{out}: the disk has {mib(free)} free and the file needs about {mib(needed)}; "
+                           "free some space or write it to another disk")
+    with atomic_path(out) as temporary:
+        try:
+            writer = gguf.GGUFWriter(temporary, architecture)
+            writer.add_name(Path(out).stem)
+            describe(writer)
+            for name, (data, raw_dtype) in tensors.items():
+                writer.add_tensor(name, data, raw_dtype=raw_dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+        except OSError as exc:
+            if exc.errno not in (None, errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ChatkitError(f"{out}: the disk filled while writing it ({exc.strerror or exc}; it needs about "
+                               f"{mib(needed)}); free some space or write it to another disk. Nothing was "
+                               "replaced") from None
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB" if size >= 2**20 else f"{size / 1024:,.0f} KiB"
+
+
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
 
 
@@ -324,24 +367,18 @@ def write_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
     architecture = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.gguf_arch)]
     tokenizer = loaded.tokenizer
     chat_template, system_prompt = training_details(source, tokenizer)
+    check_chat_tokens(tokenizer, model.get_input_embeddings().weight.shape[0], spec)
     tensors = gguf_tensors(model, family)
     pre = pre_tokenizer_name(tokenizer, origin_gguf(source))
-    with atomic_path(out) as temporary:
-        writer = gguf.GGUFWriter(temporary, architecture)
+    def describe(writer):
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(Path(out).stem)
         add_architecture(writer, model.config, family)
         writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[kind]))
         if kind == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_tokenizer(writer, tokenizer, chat_template, pre, rows=model.get_input_embeddings().weight.shape[0])
-        for name, array in tensors.items():
-            data, raw_dtype = encode(array, kind)
-            writer.add_tensor(name, data, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+
+    write_file(out, architecture, describe, {name: encode(array, kind) for name, array in tensors.items()})
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
     return Exported(path=out, architecture=architecture, tensors=len(tensors), bytes=os.path.getsize(out),
                     chat_template=chat_template, system_prompt=system_prompt, stops=stops)
@@ -392,19 +429,13 @@ def write_lora_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
             array = rotary_rows(array, module + ".weight", config, family)
         tensors[f"{target}.{LORA_PARTS[part]}"] = array.copy(order="C")
     architecture = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.gguf_arch)]
-    with atomic_path(out) as temporary:
-        writer = gguf.GGUFWriter(temporary, architecture)
+    def describe(writer):
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-        writer.add_name(Path(out).stem)
-        for name, array in tensors.items():
-            data, raw_dtype = encode(array, "f32" if kind == "f32" else "f16")
-            writer.add_tensor(name, data, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+
+    write_file(out, architecture, describe,
+               {name: encode(array, "f32" if kind == "f32" else "f16") for name, array in tensors.items()})
     return Exported(path=out, architecture=architecture, tensors=len(tensors), bytes=os.path.getsize(out),
                     chat_template="", system_prompt=None, stops=[])
 

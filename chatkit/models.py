@@ -348,6 +348,13 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
                            f"({' '.join(str(exc).split())[:200]}); restore the folder, or name another --model") from None
 
 
+def check_tokens_fit(folder, tokenizer, rows: int) -> None:
+    if len(tokenizer) > rows:
+        raise ChatkitError(f"{folder}: its tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                           f"{rows} rows, so tokens from {rows} on (chat tokens added to the tokenizer, most "
+                           "likely) have no embedding; use the tokenizer the model was trained with")
+
+
 def check_model(source: ModelSource, config, tokenizer, max_length: int, asked: bool = True) -> int:
     """What a model and its tokenizer must agree on before any work; returns the --max-length to use.
 
@@ -361,10 +368,7 @@ def check_model(source: ModelSource, config, tokenizer, max_length: int, asked: 
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ChatkitError(f"{folder}/config.json: {name} is {value!r}, not a positive whole number; restore "
                                "the file from the model's source")
-    if len(tokenizer) > vocab:
-        raise ChatkitError(f"{folder}: its tokenizer has {len(tokenizer)} tokens but the model's embedding only "
-                           f"{vocab} rows, so tokens from {vocab} on (chat tokens added to the tokenizer, most "
-                           "likely) have no embedding; use the tokenizer the model was trained with")
+    check_tokens_fit(folder, tokenizer, vocab)
     from .families import family_of
 
     positions, family = context_length(config), family_of(config)

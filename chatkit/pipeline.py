@@ -16,8 +16,7 @@ from .device import Placement, choose_placement, training_paths
 from .errors import ChatkitError
 from .examples import ExampleReport, pack_examples, tokenize_examples, trained_tokens
 from .families import family_of
-from .files import (LOCK_FILE, TRAINING_INFO_FILE, is_complete, latest_checkpoint, output_lock, read_json_object,
-                    read_training_info, reproducibility, training_info, write_json, write_training_info)
+from .files import output_lock, read_json_object, reproducibility, training_info, write_json, write_training_info
 from .formatting import ensure_chat_template, ensure_pad_token
 from .models import (ModelSource, check_model, load_config, load_model, load_tokenizer, merge_adapter, public_name,
                      resolve_model)
@@ -27,79 +26,9 @@ from .plan import BUDGET_VAL_EXAMPLES, CHARS_PER_TOKEN, Choice, Request, Shape, 
 from .rehearsal import Rehearsal, attach_teacher, auto_count, rehearsal_conversations
 from .report import (PLOT_FILE, REPORT_FILE, RunFacts, Side, chosen_prompts, loss_examples, measure, report_prompts,
                      system_prompts)
+from .runfolder import CHECKPOINTS, RUNS, RunFolder
 
-CHECKPOINTS = "checkpoints"
-RUNS = "runs"
 STARTED = time.time()  # when the package was imported: close to the command's start
-
-
-def check_output_dir(options: TrainOptions) -> None:
-    output = Path(options.output)
-    if output.exists() and not output.is_dir():
-        raise ChatkitError(f"--output {output} is a file; name a folder for the trained model")
-    if options.resume is not None or options.overwrite or not output.exists():
-        return
-    markers = ("adapter_config.json", "config.json", TRAINING_INFO_FILE, CHECKPOINTS)
-    if any((output / marker).exists() for marker in markers):
-        raise ChatkitError(
-            f"--output {output} already holds a trained model; pass --overwrite to replace it, "
-            f"--resume to continue its run, or another --output"
-        )
-    others = sorted(entry.name for entry in output.iterdir() if entry.name != LOCK_FILE)
-    if others:
-        raise ChatkitError(
-            f"--output {output} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
-            "and no model; name a new or empty folder, such as --output chat-model, or pass --overwrite to write "
-            "the model among them"
-        )
-
-
-def resume_checkpoint(options: TrainOptions) -> Optional[str]:
-    """The newest checkpoint under --resume DIR (a checkpoint itself, or an output directory)."""
-    if options.resume is None:
-        return None
-    where = Path(options.resume or options.output)
-    if (where / "trainer_state.json").exists():
-        if not is_complete(where):
-            raise ChatkitError(f"--resume {where}: this checkpoint was not saved whole (the run stopped while "
-                               f"saving it); resume from its folder {where.parent} to use the last complete one")
-        return str(where)
-    found = latest_checkpoint(where / CHECKPOINTS) or latest_checkpoint(where)
-    if found is None:
-        partial = sorted(path.name for folder in (where / CHECKPOINTS, where) if folder.is_dir()
-                         for path in folder.glob("checkpoint-*"))
-        raise ChatkitError(f"--resume {where}: no complete checkpoint-* folder found there to resume from" + (
-            f" ({', '.join(partial)}: trainer_state.json missing or damaged, saved only in part); start again "
-            "without --resume" if partial else ""))
-    check_resumable(Path(found), options)
-    return found
-
-
-def check_resumable(checkpoint: Path, options: TrainOptions) -> None:
-    """A checkpoint resumes only the run that wrote it: readable state, and the same kind and size of adapter."""
-    read_json_object(checkpoint / "trainer_state.json", f"delete {checkpoint} to resume from the one before, or "
-                                                        "start again without --resume")
-    adapter = checkpoint / "adapter_config.json"
-    if options.lora and not adapter.is_file():
-        raise ChatkitError(f"--resume: {checkpoint} holds a full fine-tune (--no-lora); resume it with --no-lora")
-    if not options.lora and adapter.is_file():
-        raise ChatkitError(f"--resume: {checkpoint} holds a LoRA adapter; resume it without --no-lora")
-    if adapter.is_file():
-        saved = read_json_object(adapter, "restore it, or start again without --resume")
-        for flag, name in (("--lora-r", "r"), ("--lora-alpha", "lora_alpha")):
-            wanted = getattr(options, name if name != "r" else "lora_r")
-            if saved.get(name) is not None and saved[name] != wanted:
-                raise ChatkitError(f"--resume: {checkpoint}'s adapter was trained with {flag} {saved[name]}, not "
-                                   f"{wanted}; resume with {flag} {saved[name]}, or start again without --resume")
-
-
-def clear_old_run(options: TrainOptions) -> None:
-    """With --overwrite, the earlier run's checkpoints and logs go, so a later --resume cannot pick them up."""
-    import shutil
-
-    if options.overwrite and options.resume is None:
-        for folder in (CHECKPOINTS, RUNS):
-            shutil.rmtree(Path(options.output) / folder, ignore_errors=True)
 
 
 BNB_CPU_VERSION = "0.47"  # bnb_runs_on_cpu passes from 0.47 (0.45 has no CPU kernels); training measured with 0.50
@@ -441,42 +370,11 @@ def base_model_spec(source: ModelSource) -> str:
     return os.path.abspath(base.spec) if os.path.exists(os.path.expanduser(base.spec)) else base.spec
 
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-WHOLE_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                     "pytorch_model.bin")
-
-
-def stale_files(output: Path, lora: bool, merge: bool) -> List[Path]:
-    """What an earlier run of the other kind left in --output that would mislead a loader: a LoRA adapter's
-    files beside a whole model (the folder would load as the old adapter), or the reverse, or merged/."""
-    names = set(WHOLE_MODEL_FILES if lora else ADAPTER_FILES) | ({"merged"} if not merge else set())
-    found = [output / name for name in names if (output / name).exists()]
-    return found + (sorted(output.glob("model-*-of-*.safetensors")) if lora else [])
-
-
-def publish(staging: Path, output: Path, stale: Sequence[Path]) -> None:
-    """Move a model saved whole in `staging` into `output`: an interrupted --overwrite leaves the old model or
-    the new one (each file is replaced in one step, chatkit.json last), and nothing of a model of another kind."""
-    import shutil
-
-    for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    names = sorted((entry.name for entry in staging.iterdir()), key=lambda name: name == TRAINING_INFO_FILE)
-    for name in names:
-        target = output / name
-        if target.is_dir() and not (staging / name).is_dir():
-            shutil.rmtree(target)
-        os.replace(staging / name, target)
-
-
-def save_model(model, tokenizer, options: TrainOptions, source: ModelSource, metrics: dict,
-               rehearsed: Sequence[List[dict]] = (), plan=None, conversations: Optional[dict] = None) -> None:
-    import shutil
-    import tempfile
-
-    output = Path(options.output)
-    output.mkdir(parents=True, exist_ok=True)
-    info = training_info(
+def run_record(tokenizer, options: TrainOptions, source: ModelSource, metrics: dict,
+               rehearsed: Sequence[List[dict]] = (), plan=None, conversations: Optional[dict] = None) -> dict:
+    """The chatkit.json record of a trained model; `metrics` is held by reference, so figures added later
+    (the report's) are in it when it is written."""
+    return training_info(
         "lora" if options.lora else "full", tokenizer.chat_template,
         base_model=base_model_spec(source) if options.lora else None, system_prompt=options.system_prompt,
         options=dataclasses.asdict(options) | {"learning_rate": options.effective_learning_rate},
@@ -485,21 +383,19 @@ def save_model(model, tokenizer, options: TrainOptions, source: ModelSource, met
         reproducibility=reproducibility([*options.data, *([options.preferences] if options.preferences else [])],
                                         options.seed, conversations),
     )
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        write_training_info(staging, info)
-        publish(staging, output, stale_files(output, options.lora, options.merge))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_model(staging: Path, model, tokenizer, options: TrainOptions, info: dict) -> None:
+    """The model, its tokenizer and (with --merge) a standalone merged copy, saved into `staging`."""
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
     if options.merge and options.lora:
-        merged_dir = output / "merged"
-        say(f"Writing a standalone merged model to {merged_dir} ...")
-        merged = merge_adapter(load_model(str(output), choose_placement("cpu", "float32")).model)
-        merged.save_pretrained(merged_dir)
-        tokenizer.save_pretrained(merged_dir)
-        write_training_info(merged_dir, dict(info, base_model=None, method="lora-merged"))
+        say(f"Writing a standalone merged model to {Path(options.output) / 'merged'} ...")
+        write_training_info(staging, info)  # the adapter loads with its record: its base model, its template
+        merged = merge_adapter(load_model(str(staging), choose_placement("cpu", "float32")).model)
+        merged.save_pretrained(staging / "merged")
+        tokenizer.save_pretrained(staging / "merged")
+        write_training_info(staging / "merged", dict(info, base_model=None, method="lora-merged"))
 
 
 def push_to_hub(options: TrainOptions) -> None:
@@ -591,7 +487,7 @@ def train(options: TrainOptions) -> dict:
     found = problems(options)
     if found:
         raise ChatkitError("; ".join(found))
-    check_output_dir(options)
+    RunFolder(options).check()
     if options.preferences:  # a bad pair is found before anything slow
         from .dpo import read_pairs
 
@@ -603,7 +499,8 @@ def train(options: TrainOptions) -> dict:
 
 
 def _train(options: TrainOptions) -> dict:
-    checkpoint = resume_checkpoint(options)
+    folder = RunFolder(options)
+    checkpoint = folder.resume_checkpoint()
     placement = choose_placement(options.device, options.dtype, training=True)
     if placement.warning():
         say(placement.warning())
@@ -619,7 +516,7 @@ def _train(options: TrainOptions) -> dict:
 
     set_seed(options.seed)  # the adapter's initial weights too, so --seed repeats the whole run
     model, tokenizer = prepare_model(options, source, placement, tokenizer)
-    clear_old_run(options)
+    folder.clear_old_run()
     prepared = prepare_examples(options, model, tokenizer, data,
                                 rehearse(options, model, tokenizer, data, resuming=checkpoint is not None))
     say(describe_run(options, source, placement))
@@ -786,8 +683,8 @@ class ReportRun:
         with adapter_off(model):
             self.base = self._measure(model, tokenizer)
 
-    def write(self, model, tokenizer, source: ModelSource, metrics: dict, state) -> str:
-        """report.md, loss.png and README.md in the output folder; returns the line to print."""
+    def write(self, folder: Path, model, tokenizer, source: ModelSource, metrics: dict, state, record: dict) -> str:
+        """report.md, loss.png and README.md in `folder` (the model's staging folder); returns the line to print."""
         import time
 
         from .report import measure_both, plot_loss, summary_line, write_texts
@@ -800,7 +697,7 @@ class ReportRun:
         else:
             trained = self._measure(model, tokenizer)
         output = Path(self.options.output)
-        plot_loss(state.log_history, output / PLOT_FILE)
+        plot_loss(state.log_history, folder / PLOT_FILE)
         facts = RunFacts(output=str(output), data_files=[Path(f).name for f in self.options.data],
                          conversations=self.data.report.conversations, examples=self.data.report.examples,
                          tokens=self.data.report.tokens, trained_tokens=self.data.report.trained_tokens,
@@ -811,10 +708,9 @@ class ReportRun:
                          budget=(metrics.get("time_budget") or {}).get("summary"),
                          preferences=preference_summary(metrics),
                          system_prompts=system_prompts(self.data.conversations, self.options.system_prompt),
-                         record=read_training_info(output).get("reproducibility"))
-        write_texts(output, facts, self.base, trained, self.chosen, adapter=self.options.lora)
+                         record=record)
+        write_texts(folder, facts, self.base, trained, self.chosen, adapter=self.options.lora)
         metrics.update(report_s=round(self.seconds, 1), loss_before=self.base.loss, loss_after=trained.loss)
-        write_training_info(output, read_training_info(output) | {"metrics": metrics})  # the figures, kept
         summary = summary_line(self.base, trained, len(self.chosen))
         return f"Report: {output / REPORT_FILE} ({summary}; {self.seconds:.0f} s)"
 
@@ -829,10 +725,14 @@ def finish(run, tokenizer, options: TrainOptions, source: ModelSource, rehearsal
         metrics.update(rehearsal_examples=len(rehearsal.conversations), rehearsal_s=round(rehearsal.seconds, 1))
     if not run.trainer.is_world_process_zero():
         return metrics
-    save_model(run.trainer.model, tokenizer, options, source, metrics, rehearsal.conversations, plan,
-               {"trained": len(report.data.conversations), "validation": len(report.data.val_conversations)}
-               if report else None)
-    reported = report.write(run.trainer.model, tokenizer, source, metrics, run.trainer.state) if report else ""
+    info = run_record(tokenizer, options, source, metrics, rehearsal.conversations, plan,
+                      {"trained": len(report.data.conversations), "validation": len(report.data.val_conversations)}
+                      if report else None)
+    with RunFolder(options).staging() as staging:  # published whole: the model, its report and its record
+        save_model(staging, run.trainer.model, tokenizer, options, info)
+        reported = report.write(staging, run.trainer.model, tokenizer, source, metrics, run.trainer.state,
+                                info["reproducibility"]) if report else ""
+        write_training_info(staging, info)
     summary = f"train loss {metrics['train_loss']} (perplexity {perplexity(metrics['train_loss'])})"
     if "eval_loss" in metrics:
         summary += f", validation loss {metrics['eval_loss']} (perplexity {metrics['eval_perplexity']})"

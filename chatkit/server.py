@@ -23,6 +23,7 @@ from .errors import ChatkitError
 
 MAX_STOPS = 4  # as OpenAI's API allows
 MAX_STOP_CHARS = 1000  # a stop string is a few characters; a long one would be rescanned with every piece
+BODY_SECONDS = 60.0  # to receive a request's body
 MAX_BODY_BYTES = 8 << 20  # far more than any context this serves; a larger body is refused before it is read
 # OpenAI's fields this server does not serve: refused with a 400 naming them, not silently ignored.
 UNSUPPORTED = {"logprobs": "token log-probabilities", "top_logprobs": "token log-probabilities",
@@ -450,16 +451,28 @@ def build_app(session: ChatSession, model_id: str, queue: int = 8, hosts: Option
 
 
 async def _body(request) -> bytes:
-    """The request body, read no further than MAX_BODY_BYTES (HTTP 413 past it)."""
+    """The request body, read no further than MAX_BODY_BYTES (HTTP 413 past it) and for no longer than
+    BODY_SECONDS (HTTP 408: a client that announces a chunk it never sends holds no connection for good)."""
+    from starlette.requests import ClientDisconnect
+
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise RequestError(_TOO_LARGE, status=413)
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > MAX_BODY_BYTES:
-            raise RequestError(_TOO_LARGE, status=413)
-    return bytes(data)
+
+    async def read() -> bytes:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_BODY_BYTES:
+                raise RequestError(_TOO_LARGE, status=413)
+        return bytes(data)
+
+    try:
+        return await asyncio.wait_for(read(), BODY_SECONDS)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive whole within {BODY_SECONDS:g} s", status=408) from None
+    except ClientDisconnect:
+        raise RequestError("the client hung up before the request body arrived whole") from None
 
 
 _TOO_LARGE = (f"the request body is over {MAX_BODY_BYTES >> 20} MB; a conversation this server can answer is far "

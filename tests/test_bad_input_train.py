@@ -143,6 +143,50 @@ def test_an_interrupted_overwrite_leaves_the_old_model_whole(tmp_path, tiny_llam
     assert not list(out.glob(".saving-*"))
 
 
+def test_ctrl_c_while_a_full_fine_tune_replaces_another_leaves_one_model_whole(tmp_path, tiny_llama, monkeypatch):
+    """The model, its record and its report move into place together: Ctrl-C during the report leaves the
+    earlier model with its own report; Ctrl-C during the renames waits for them, so the new model is whole."""
+    import signal
+
+    from chatkit import report, runfolder
+
+    out = tmp_path / "out"
+    assert train(tmp_path, tiny_llama, "--epochs", "1", "--no-lora") == 0
+    first = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert {"report.md", "README.md", "model.safetensors", "chatkit.json"} <= set(first)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the new model's report is written
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "write_texts", interrupted)
+        assert train(tmp_path, tiny_llama, "--epochs", "2", "--no-lora", "--overwrite") == 130
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == first
+    assert not list(out.glob(".saving-*"))
+
+    real_replace, renames = os.replace, []
+
+    def replace(source, target):
+        if os.path.dirname(target) == str(out):  # publishing the staged model
+            renames.append(os.path.basename(target))
+            if len(renames) == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the first file moves
+        real_replace(source, target)
+
+    monkeypatch.setattr(runfolder.os, "replace", replace)
+    assert train(tmp_path, tiny_llama, "--epochs", "2", "--no-lora", "--overwrite", "--report", "none") == 130
+    after = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert renames[-1] == "chatkit.json" and len(renames) > 3
+    assert after["model.safetensors"] != first["model.safetensors"] and steps_saved(out) == 2 * steps_of(first)
+    assert "Answers were not generated" in after["report.md"].decode()  # the new model's report came with it
+    assert after["README.md"] != first["README.md"]
+    assert not list(out.glob(".saving-*"))
+
+
+def steps_of(files):
+    return json.loads(files["chatkit.json"])["metrics"]["steps"]
+
+
 def test_a_folder_of_other_files_is_refused_without_overwrite(tmp_path, tiny_llama, capsys, monkeypatch):
     """`--output .` in a project folder: the user's files are not mixed with a model unasked."""
     (tmp_path / "notes.txt").write_text("mine")

@@ -222,3 +222,32 @@ def test_a_lora_on_the_tied_output_layer_is_merged_into_a_copy_of_it(tmp_path, t
     assert float((logits(model) - expected).abs().max()) < 1e-4
     assert export_model.main([str(trained), "--lora-gguf", str(tmp_path / "a.gguf")]) == 1
     assert "a llama.cpp LoRA file cannot hold that" in capsys.readouterr().err
+
+
+def test_a_disk_too_small_or_filling_up_leaves_the_old_file_and_one_line(tmp_path, tiny_llama, capsys, monkeypatch):
+    """The free space is checked before writing; a disk that fills while the writer's numpy calls write
+    (an OSError with no error number) is one line too, and the file that was there is kept."""
+    import shutil
+
+    import gguf
+
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"the earlier export")
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=20_000))
+    assert export_model.main([str(tiny_llama), "--gguf", str(out), "--overwrite"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {out}: the disk has 20 KiB free and the file needs about ")
+    assert "Traceback" not in "\n".join(lines) and out.read_bytes() == b"the earlier export"
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+
+    def full(self):
+        raise OSError("2048 requested and 0 written")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    assert export_model.main([str(tiny_llama), "--gguf", str(out), "--overwrite"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == (f"error: {out}: the disk filled while writing it (2048 requested and 0 written; it needs "
+                         f"about {lines[-1].split('needs about ')[1].split(')')[0]}); free some space or write it to "
+                         "another disk. Nothing was replaced")
+    assert out.read_bytes() == b"the earlier export" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

@@ -98,6 +98,27 @@ def test_a_tokenizer_past_the_embedding_or_a_config_without_its_sizes_is_one_lin
     assert "do not have the sizes its config.json gives" in one_error(capsys)
 
 
+def test_chat_tokens_added_past_the_embedding_are_one_line_in_chat_and_export(tmp_path, tiny_llama, capsys):
+    from transformers import AutoTokenizer
+
+    import export_model
+
+    """A template using tokens added past the embedding is refused where the model loads; tokens added and
+    never used (transformers' GGUF reader adds one to Gemma's) are left alone."""
+    unused = copy_with(tmp_path, tiny_llama, "unused")
+    tokenizer = AutoTokenizer.from_pretrained(unused)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>", "<|think|>"]})
+    tokenizer.save_pretrained(unused)
+    assert demo_chatbot.main(["--model", str(unused), "--query", "Hi"]) == 0
+    capsys.readouterr()
+    added = copy_with(tmp_path, unused, "added", template=CHATML_TEMPLATE.replace("<|im_start|>", "<|think|>"))
+    assert demo_chatbot.main(["--model", str(added), "--query", "Hi"]) == 1
+    error = one_error(capsys)
+    assert f"{added}: its chat uses tokens <|think|> (ids from {len(tokenizer) - 1})" in error
+    assert export_model.main([str(added), "--gguf", str(tmp_path / "added.gguf")]) == 1
+    assert "its chat uses tokens <|think|>" in one_error(capsys) and not (tmp_path / "added.gguf").exists()
+
+
 def test_a_tokenizer_with_no_way_to_end_an_answer_is_refused(tmp_path, tiny_llama, capsys):
     plain = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
              "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")

@@ -284,6 +284,48 @@ def test_the_same_fields_left_at_their_defaults_are_answered(api):
     assert answer.choices[0].message.content == REPLIES["Hello"]
 
 
+def test_a_body_that_never_arrives_or_is_cut_off_is_answered_and_logs_no_traceback(api, monkeypatch):
+    """A chunk announced as 2 GB and never sent holds the connection BODY_SECONDS at most (408); a client
+    hanging up mid-body leaves no traceback in the server's log."""
+    import logging
+    import socket
+    from urllib.parse import urlparse
+
+    from chatkit import server
+
+    monkeypatch.setattr(server, "BODY_SECONDS", 1.0)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    address = urlparse(api)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n7FFFFFFF\r\n{\"mess").encode()
+    try:
+        with socket.create_connection((address.hostname, address.port), timeout=30) as connection:
+            connection.sendall(head)
+            answer = ""
+            while not answer.endswith("}}"):
+                answer += connection.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive whole within 1 s" in answer
+        with socket.create_connection((address.hostname, address.port), timeout=30) as connection:
+            connection.sendall(head)  # and hangs up
+        time.sleep(0.5)
+        assert client(api).models.list().data[0].id == "m"
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not [record for record in records if record.exc_info], [record.getMessage() for record in records]
+
+
+def test_a_message_of_megabytes_is_refused_without_tokenizing_it(api):
+    words = "word " * 1_500_000  # 7.5 MB: inside the body limit, far past any context
+    response = httpx.post(f"{api}/v1/chat/completions", timeout=60,
+                          json={"messages": [{"role": "user", "content": words}], "max_tokens": 5})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert error["message"].startswith("the message is 7,500,000 characters, more than this model's context of")
+
+
 def test_long_stop_strings_and_huge_bodies_are_refused_and_a_long_stop_is_cheap(api):
     response = httpx.post(f"{api}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hello"}],
                                                               "stop": ["x" * 150_000] * 4})
