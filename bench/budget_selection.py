@@ -58,7 +58,10 @@ plan._fit = openings
 sys.argv = sys.argv[1:]
 runpy.run_path('train_chatgpt_model.py', run_name='__main__')
 """
-RULES = ("whole conversations", "openings first")  # the toolkit's rule, and the one measured against it
+# The toolkit's rule (a random sample of whole conversations), surprise (--budget-selection surprise), openings first.
+RULES = ("surprise", "whole conversations", "openings first")
+RULE_FLAGS = {"surprise": ["--budget-selection", "surprise"], "whole conversations": [],
+              "openings first": []}
 ANSWER = "The {role} of the Quillmere Institute is {name}."
 
 
@@ -97,11 +100,13 @@ def names_preferred(model, tokenizer, facts: list) -> int:
 
 
 def train(rule: str, data: Path, budget: str, output: Path, extra: list) -> dict:
-    flags = ["--data", str(data), "--output", str(output), "--time-budget", budget, "--report", "none", *extra]
-    seconds, said = run_trainer(flags, None if rule == RULES[0] else OPENINGS, f"{rule}, {budget}")
+    flags = ["--data", str(data), "--output", str(output), "--time-budget", budget, "--report", "none", *extra,
+             *RULE_FLAGS[rule]]
+    seconds, said = run_trainer(flags, OPENINGS if rule == "openings first" else None, f"{rule}, {budget}")
     info = json.loads((output / "chatkit.json").read_text())
     plan = info["plan"]
-    return {"seconds": round(seconds, 1), "estimated_s": plan["estimated_seconds"],
+    return {"seconds": round(seconds, 1), "estimated_s": plan["estimated_seconds"], "units": plan.get("units"),
+            "epochs": plan["epochs"], "scoring_s": plan["parts"].get("scoring"),
             "calibration": next((line.split("matrix product at ")[-1].rstrip(")") for line in
                                  said.splitlines() if "matrix product at" in line), None),
             "steps": (info["metrics"].get("time_budget") or {}).get("summary"),
@@ -116,12 +121,22 @@ def main() -> int:
     parser.add_argument("--mentions", type=int, default=4, help="times each fact is told (at most 8)")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--rules", default=",".join(RULES), help="which rules to train (default: both)")
+    parser.add_argument("--rules", default=",".join(RULES[:2]), help="which rules to train (default: surprise and "
+                                                                   "whole conversations)")
     parser.add_argument("--no-starter", action="store_true", help="leave out measuring the starter model")
     parser.add_argument("--measure", nargs="*", metavar="MODEL",
                         help="only the names measure, of these models trained by an earlier run (same --data)")
+    parser.add_argument("--keep-scores", action="store_true",
+                        help="keep the surprise scores cached by earlier runs (default: the first surprise run scores "
+                             "afresh, as a new user's; later budgets reuse its scores)")
     args = parser.parse_args()
     rules = [rule for rule in RULES if rule in args.rules.split(",")]
+    if "surprise" in rules and not args.keep_scores:
+        import shutil
+
+        from chatkit.models import cache_dir
+
+        shutil.rmtree(cache_dir() / "surprise", ignore_errors=True)
 
     from chatkit.datasets import default_val_split, read_conversations, split_train_val
     from chatkit.examples import tokenize_examples

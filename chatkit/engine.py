@@ -188,6 +188,8 @@ class Deadline:
     planned_step_s: float
     saving_s: float = 0.0
     report_s: float = 0.0  # the part of after_s that comes after the preferences (DPO): the report
+    evaluation_s: float = 0.0  # the part of after_s for each evaluation, done as the epochs end
+    evaluations: int = 0  # how many evaluations after_s holds
     started: float = 0.0  # when this command started (time.time())
     used_before_s: float = 0.0  # the budget an interrupted run had spent, for a resumed one
     changes: List[dict] = None  # each time the rest of the run was shortened: step, steps before and after, why
@@ -227,9 +229,25 @@ class KeepDeadline(TrainerCallback):
         self.first_step = 0
         self.first_done = None
         self.recent = None
+        self.paused_s = 0.0  # evaluating and saving between steps since the first one: not a step's time
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.first_step = state.global_step
+
+    def _paused(self) -> None:
+        """An evaluation or a checkpoint ran since the last step: its time is not counted as a step's."""
+        now = time.time()
+        if self.last is not None:
+            if self.first_done is not None:
+                self.paused_s += now - self.last
+            self.last = now
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._paused()
+        # an evaluation between epochs is done: what follows training no longer holds its time
+        if self.deadline.evaluations > 0:
+            self.deadline.evaluations -= 1
+            self.deadline.after_s = max(0.0, self.deadline.after_s - self.deadline.evaluation_s)
 
     def on_save(self, args, state, control, **kwargs):
         """How much of the budget is spent, beside the checkpoints: a resumed run has only the rest."""
@@ -239,6 +257,7 @@ class KeepDeadline(TrainerCallback):
         used = self.deadline.used_before_s + time.time() - self.deadline.started
         with open(os.path.join(args.output_dir, BUDGET_FILE), "w", encoding="utf-8") as handle:
             json.dump({"used_s": round(used, 1)}, handle)
+        self._paused()
 
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         now = time.time()
@@ -254,7 +273,7 @@ class KeepDeadline(TrainerCallback):
         done = state.global_step - self.first_step - 1
         if done < 1 or self.recent is None:
             return
-        step_s = max(self.recent, (now - self.first_done) / done)
+        step_s = max(self.recent, (now - self.first_done - self.paused_s) / done)
         slowdown = max(1.0, step_s / self.deadline.planned_step_s) if self.deadline.planned_step_s > 0 else 1.0
         left_s = self.deadline.finish_by - now - self.deadline.saving_s - self.deadline.after_s * slowdown
         steps_left = state.max_steps - state.global_step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from collections import Counter
@@ -261,8 +262,10 @@ def prompt_tokens(prompts: List[str]) -> int:
     return sum(len(p) // CHARS_PER_TOKEN + 30 for p in prompts)
 
 
-def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, data: Data) -> Choice:
-    """How big, how long and how much memory; under --time-budget, what fits."""
+def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, data: Data,
+              order: Optional[List[int]] = None, spent_s: float = 0.0) -> Choice:
+    """How big, how long and how much memory; under --time-budget, what fits (`order`: the units to take
+    first, `spent_s`: the seconds choosing them took)."""
     questions = report_questions(options, report_chosen(options, data))
     request = Request(
         lengths=[[len(e["input_ids"]) for e in examples] for examples in data.train],
@@ -277,7 +280,7 @@ def make_plan(options: TrainOptions, source: ModelSource, placement: Placement, 
         report_tokens=sum(len(e["input_ids"]) for e in report_examples(data, options.time_budget)[0]),
         report_prompt_tokens=2 * prompt_tokens(questions),
         preference_tokens=data.preferences.pair_tokens() if data.preferences else [],
-        preference_epochs=options.dpo_epochs)
+        preference_epochs=options.dpo_epochs, order=order, spent_s=spent_s)
     bits = 4 if options.load_in_4bit else 8 if options.load_in_8bit else 32
     machine = calibrate(placement.device, options.max_memory)
     return choose(request, Shape.from_config(load_config(source), bits), machine)
@@ -318,9 +321,11 @@ def make_deadline(options: TrainOptions, plan, checkpoint: Optional[str]):
                                "the file to count the budget from now")
     started = command_started()
     parts = plan.parts
+    evaluations = max(1, math.ceil(plan.epochs))  # the plan's: one as each epoch ends
     return Deadline(finish_by=started + parse_duration(options.time_budget) * DEADLINE_SHARE - used,
                     after_s=parts.get("report", 0) + parts.get("evaluation", 0) + parts.get("preferences", 0),
                     report_s=parts.get("report", 0), saving_s=parts.get("saving", 0),
+                    evaluation_s=parts.get("evaluation", 0) / evaluations, evaluations=evaluations,
                     planned_step_s=parts.get("training", 0) / max(plan.steps, 1), started=started,
                     used_before_s=used)
 
@@ -459,6 +464,8 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement):
     if options.preferences:
         data.preferences = tokenize_preferences(options, tokenizer)
     choice = make_plan(options, source, placement, data)
+    if options.time_budget and options.budget_selection == "surprise" and len(choice.kept) < len(data.train):
+        data, choice = choose_by_surprise(options, source, placement, data, choice, tokenizer)
     options = dataclasses.replace(options, batch_size=choice.batch_size, epochs=choice.epochs,
                                   gradient_checkpointing=choice.gradient_checkpointing, rehearsal=choice.rehearsal,
                                   max_batch_tokens=choice.max_batch_tokens,
@@ -476,6 +483,50 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement):
             "--time-budget 30m trains a finished model on what fits in 30 minutes; --dry-run shows the plan "
             "without training; a GPU is much faster (docs/HUGGINGFACE-TRAINING-GUIDE.md)")
     return options, data, choice.plan, tokenizer
+
+
+SCORE_SHARE = 1 / 3  # of a time budget, at most, for scoring exchanges not scored before
+
+
+def choose_by_surprise(options: TrainOptions, source: ModelSource, placement: Placement, data: Data,
+                       first: Choice, tokenizer) -> Tuple[Data, Choice]:
+    """A budget too short for one pass: the data as single exchanges, the base model's most surprising
+    first (scored once, forward only, and cached), near-duplicates left out; the plan made again on them."""
+    import gc
+    import random
+
+    from . import selection
+
+    units = selection.exchange_units(data.conversations)
+    unit_data = tokenize_data(options, tokenizer, units, data.val_conversations)
+    unit_data.preferences = data.preferences
+    cache = selection.ScoreCache(selection.model_key(source))
+    todo = selection.missing(units, cache)
+    # forward only: about a third of a training step's cost per token, at the first plan's rate
+    per_token = first.plan.parts.get("training", 0.0) / max(1.0, first.plan.tokens * first.plan.epochs) / 3
+    room = SCORE_SHARE * parse_duration(options.time_budget) / max(per_token, 1e-9)
+    random.Random(options.seed).shuffle(todo)
+    while todo and selection.score_tokens(units, todo) > room:  # more than a budget's share: a seeded sample
+        todo = todo[:len(todo) * 3 // 4]
+    started, estimate = time.perf_counter(), selection.score_tokens(units, todo) * per_token
+    if todo and options.dry_run:  # the plan only: scoring's estimated time counted, nothing scored
+        say(f"selection: {len(todo)} exchanges would be scored with the base model first (about "
+            f"{duration(estimate)}); the plan below takes them in a random order")
+        return unit_data, make_plan(options, source, placement, unit_data, spent_s=estimate,
+                                    order=selection.surprise_order([None] * len(units), [], options.seed))
+    if todo:
+        selection.say_scoring(len(todo), estimate)
+        loaded = load_model(source, placement, quantization_config=quantization_config(options, placement),
+                            tokenizer=tokenizer)
+        selection.score(loaded.model, tokenizer, units, cache, todo)
+        del loaded
+        gc.collect()
+    spent = time.perf_counter() - started
+    scores = [cache.scores.get(selection.unit_key(unit)) for unit in units]
+    left_out = selection.near_duplicates(units)
+    order = selection.surprise_order(scores, left_out, options.seed)
+    say(selection.describe(len(units), len(todo), spent, len(left_out), sum(s is None for s in scores)))
+    return unit_data, make_plan(options, source, placement, unit_data, order=order, spent_s=spent)
 
 
 def train(options: TrainOptions) -> dict:

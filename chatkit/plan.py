@@ -279,9 +279,11 @@ class Plan:
     memory_limit_bytes: Optional[int] = None  # what the run may use
     memory_limit: Optional[str] = None  # ... where that figure came from, and how to set it
 
+    units: str = "conversations"  # what was chosen from: conversations, or single exchanges by surprise
+
     def describe(self) -> str:
         kept = f"{self.conversations} of {self.of_conversations}" if self.selection else f"{self.conversations}"
-        lines = [f"plan: {kept} conversations, {self.examples} examples, {self.tokens:,} tokens "
+        lines = [f"plan: {kept} {self.units}, {self.examples} examples, {self.tokens:,} tokens "
                  f"({self.trained_tokens:,} trained); {self.epochs:g} epoch{'s' if self.epochs != 1 else ''}, {self.steps} steps "
                  f"of up to {self.batch_size} example{'s' if self.batch_size != 1 else ''}" + (f" and {self.max_batch_tokens} tokens"
                                                            if self.max_batch_tokens else "")]
@@ -370,6 +372,9 @@ AUTO_MIN_STEPS_PER_EPOCH = 16
 AUTO_TARGET_STEPS = 140  # optimizer updates the schedule aims for
 AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 20
 BUDGET_MARGIN = 0.9  # plan for 90% of a time budget: estimates are within about 15%
+# A budget too short for one pass trains the most surprising exchanges this many times: a fact seen in
+# several passes is learned, one seen once is not (docs/PERFORMANCE.md, "Choosing what a budget trains").
+SURPRISE_EPOCHS = 3
 BUDGET_VAL_EXAMPLES = 16  # validation examples kept under a time budget (each evaluation costs time)
 BUDGET_MIN_VAL_EXAMPLES = 4  # ... and under a budget too short for 16
 OVERHEAD_SHARE = 0.5  # under a budget, optional work is left out until training has at least half of it
@@ -400,6 +405,8 @@ class Request:
     report_prompt_tokens: int = 0  # tokens of the prompts it answers
     preference_tokens: List[int] = field(default_factory=list)  # per preference pair: chosen + rejected tokens
     preference_epochs: int = 0  # DPO passes over the pairs
+    order: Optional[List[int]] = None  # the order a budget takes the units in (None: seeded random)
+    spent_s: float = 0.0  # seconds spent choosing before the plan (scoring the exchanges)
 
 
 def auto_batch(examples: int, requested: Optional[int]) -> int:
@@ -469,7 +476,12 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
         passes = affordable(usable, epoch_s + evaluation_seconds(val_tokens, shape, machine, 1))
         if passes < epochs:
             epochs = float(max(1, math.floor(passes)))
-        if passes < 1:
+        if passes < 1 and request.order is not None:  # the most surprising exchanges, repeated
+            epochs = float(request.epochs or SURPRISE_EPOCHS)
+            kept = _fit(request, shape, machine, rows, checkpointing,
+                        (usable - evaluation_seconds(val_tokens, shape, machine, math.ceil(epochs))) / epochs)
+            batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
+        elif passes < 1:
             kept = _fit(request, shape, machine, rows, checkpointing,
                         usable - evaluation_seconds(val_tokens, shape, machine, 1))
             batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
@@ -508,7 +520,7 @@ def _fit_memory(request: Request, kept: Sequence[Kept], rows: int, shape: Shape,
 
 def _fixed_seconds(request: Request, shape: Shape, machine: Machine) -> float:
     """What a run costs besides training: start, rehearsal, preferences (DPO), saving and the report."""
-    return (STARTUP_S + rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine) + SAVE_S
+    return (STARTUP_S + request.spent_s + rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine) + SAVE_S
             + preference_seconds(request.preference_tokens, request.preference_epochs, shape, machine)
             + report_seconds(request.report_answers, request.report_tokens, shape, machine,
                              request.report_prompt_tokens))
@@ -574,7 +586,8 @@ def _fit(request: Request, shape: Shape, machine: Machine, rows: int, checkpoint
     least the shortest conversation. Measured against taking every conversation's opening first, which
     trains more conversations but did no better (docs/PERFORMANCE.md, "Choosing what a budget trains")."""
     kept: List[Kept] = []
-    for index in sample_conversations(len(request.lengths), request.seed):
+    order = request.order if request.order is not None else sample_conversations(len(request.lengths), request.seed)
+    for index in order:
         trial = kept + [(index, len(request.lengths[index]))]
         if request.lengths[index] and _epoch(request, trial, rows, shape, machine, checkpointing)[1] <= seconds:
             kept = trial
@@ -590,6 +603,10 @@ def _shortest(request: Request) -> Kept:
 
 def _selection_text(request: Request, kept: Sequence[Kept], epochs: float, budget: float) -> str:
     whole = len(kept) == len(request.lengths)
+    if request.order is not None and not whole:
+        return (f"the {len(kept)} most surprising of {len(request.lengths)} exchanges (the base model's loss on "
+                f"them; near-duplicates left out), {epochs:g} epochs, to finish within {duration(budget)}; the "
+                "learning-rate schedule is set for these steps")
     which = "every conversation" if whole else (f"a random sample of {len(kept)} of {len(request.lengths)} "
                                                 f"conversations (seeded by --seed)")
     return (f"{which}, {epochs:g} epoch{'s' if epochs != 1 else ''}, to finish within {duration(budget)}; "
@@ -600,7 +617,7 @@ def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, va
           machine, selection) -> Plan:
     tokens = sum(length for i, n in kept for length in request.lengths[i][:n])
     steps = math.ceil(len(batches) / request.gradient_accumulation_steps * epochs)
-    parts = {"start": STARTUP_S,
+    parts = {"start": STARTUP_S, "scoring": request.spent_s,
              "rehearsal": rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine),
              "training": epoch_s * epochs,
              "evaluation": evaluation_seconds(val_tokens, shape, machine, evaluations) if val_tokens else 0.0,
@@ -615,7 +632,8 @@ def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, va
                 estimate=machine.how, parts={k: round(v, 1) for k, v in parts.items()}, selection=selection,
                 of_conversations=len(request.lengths), weights=_weights_text(shape),
                 memory_limit_bytes=int(machine.memory.bytes),
-                memory_limit=machine.memory.how + ("" if machine.memory.asked else "; --max-memory sets it"))
+                memory_limit=machine.memory.how + ("" if machine.memory.asked else "; --max-memory sets it"),
+                units="exchanges" if request.order is not None else "conversations")
 
 
 def _weights_text(shape: Shape) -> Optional[str]:

@@ -455,3 +455,34 @@ def test_max_memory_reaches_the_plan_and_a_bad_one_is_a_usage_error(tmp_path, ti
         run(tmp_path, tiny_llama, "--dry-run", "--max-memory", "lots")
     assert exit_code.value.code == 2
     assert "--max-memory 'lots': not a size; give one such as 6GB, 6GiB or 512MB" in capsys.readouterr().err
+
+
+def test_an_evaluation_between_epochs_is_not_taken_for_a_slow_step(monkeypatch):
+    """Steps at the planned rate with an evaluation and a checkpoint between two epochs: the run is not
+    shortened (the pause is no step's time), and the evaluation done leaves its time to the steps after it."""
+    from types import SimpleNamespace
+
+    from chatkit import engine
+
+    clock = [1000.0]
+    monkeypatch.setattr(engine.time, "time", lambda: clock[0])
+    deadline = engine.Deadline(finish_by=1000.0 + 20 * 1.0 + 2 * 5.0 + 2.0 + 1.0, after_s=2 * 5.0, planned_step_s=1.0,
+                               evaluation_s=5.0, evaluations=2)
+    keep = engine.KeepDeadline(deadline)
+    state = SimpleNamespace(global_step=0, max_steps=20)
+    control = SimpleNamespace(should_training_stop=False)
+    args = SimpleNamespace(output_dir=None)
+    keep.on_train_begin(args, state, control)
+    monkeypatch.setattr(engine.KeepDeadline, "on_save", lambda self, *a, **k: self._paused())  # no folder here
+    for step in range(1, 21):
+        clock[0] += 1.0
+        state.global_step = step
+        keep.on_step_end(args, state, control)
+        if step == 10:  # the first epoch ends: its evaluation (5 s, as planned) and a checkpoint
+            clock[0] += 5.0
+            keep.on_evaluate(args, state, control)
+            clock[0] += 2.0
+            keep.on_save(args, state, control)
+    assert deadline.changes == [] and state.max_steps == 20
+    assert deadline.after_s == 5.0 and deadline.evaluations == 1
+    assert keep.paused_s == 7.0
