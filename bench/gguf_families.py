@@ -42,7 +42,7 @@ def with_adapter(base: Path, work: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     from chatkit.families import family_of
-    from chatkit.pipeline import lora_targets
+    from chatkit.adapters import lora_targets
 
     model = AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(1)

@@ -69,7 +69,7 @@ def one(shape: str, steps: int, checkpointing: bool, load_in: str = "none", conf
     from chatkit.engine import EngineSettings, make_trainer, StopOnInterrupt
     from chatkit.options import TrainOptions
     from chatkit.output import set_verbosity
-    from chatkit.pipeline import prepare_model
+    from chatkit.adapters import prepare_model
 
     set_verbosity()
     rows, length = map(int, shape.split("x"))

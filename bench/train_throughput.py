@@ -124,7 +124,7 @@ def shapes_gflops(config, tokens: int, repeats: int = 3) -> float:
     (attention's four, the MLP's three) and one chunk of the output layer, weighted by their FLOPs."""
     import torch
 
-    from chatkit.plan import LOGITS_CHUNK
+    from chatkit.costs import LOGITS_CHUNK
 
     hidden, inner = config.hidden_size, config.intermediate_size
     kv = hidden * config.num_key_value_heads // config.num_attention_heads
@@ -258,7 +258,7 @@ def main() -> int:
     result["chatkit"]["share_of_matmul_rate"] = round(achieved / gflops, 3)
     # The plan's work per token (attention and the output layer too) against the rate at the model's shapes,
     # for a step of the plan's tokens.
-    from chatkit.plan import Shape
+    from chatkit.costs import Shape
 
     chosen = chatkit["plan"]
     at_shapes = shapes_gflops(config, int(chosen["tokens"] / max(1, chosen["steps"])))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Type, TypeVar
 
 from .errors import ChatkitError, Terminated
-from .options import flag_name, problems
+from .optionspec import flag_name, problems
 
 T = TypeVar("T")
 FLAG_SUFFIX = "__flag"  # dest of the --NAME spelling of a positional argument

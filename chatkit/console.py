@@ -10,7 +10,7 @@ from typing import Callable, List, Optional, TextIO
 
 from .chat import ChatSession
 from .errors import ChatkitError, Terminated
-from .models import cache_dir
+from .files import cache_dir
 
 HISTORY_FILE = "chat-history"  # in the cache folder: lines typed in earlier chats, for the arrow keys
 HISTORY_LINES = 1000
@@ -27,21 +27,20 @@ To paste several lines as one message, type \"\"\" on a line of its own, paste, 
 MULTILINE = '"""'
 
 
-class Console:
-    """A read-eval-print loop over a ChatSession. Input and output streams are injectable for tests."""
+class LineReader:
+    """The console's input: lines (a \"\"\"-delimited block as one message), with arrow keys, editing and
+    history kept between chats on a terminal (readline). `read` is injectable for tests; `say` prints a note."""
 
-    def __init__(self, session: ChatSession, read: Optional[Callable[[str], str]] = None,
-                 out: Optional[TextIO] = None, base: Optional[ChatSession] = None):
-        self.session = session
-        self.base = base  # --compare: the base model's session, answering the same messages
+    def __init__(self, read: Optional[Callable[[str], str]], say: Callable[[str], None]):
         self.read = read or (lambda prompt: input(prompt))  # looked up late, so input() can be scripted
         self.read_from_stdin = read is None
-        self.out = out or sys.stdout
-        session.on_notice = lambda text: self.print(text)
+        self.say = say
         self.history_path: Optional[str] = None
 
-    def start_line_editing(self) -> None:
-        """Arrow keys, editing and history (kept between chats) on a terminal, through readline."""
+    def start(self) -> None:
+        """Bytes that are not UTF-8 read as U+FFFD; line editing and its history on a terminal, through readline."""
+        if self.read_from_stdin and hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="replace")
         try:
             terminal = self.read_from_stdin and sys.stdin is not None and sys.stdin.isatty()
         except (OSError, ValueError):  # a closed stdin
@@ -59,7 +58,7 @@ class Console:
             pass
         readline.set_history_length(HISTORY_LINES)
 
-    def save_line_history(self) -> None:
+    def save_history(self) -> None:
         if self.history_path is None:
             return
         import readline
@@ -70,17 +69,6 @@ class Console:
         except OSError:
             pass
 
-    def print(self, text: str = "", end: str = "\n") -> None:
-        self.out.write(text + end)
-        self.out.flush()
-
-    def banner(self) -> None:
-        self.print(f"Chatting with {self.session.describe()}")
-        if self.session.system_prompt:
-            self.print(f"System prompt: {self.session.system_prompt}")
-        self.print("Type a message and press Enter. Commands: quit, exit, clear, history, /save FILE, "
-                   "/system TEXT, /help")
-
     def read_line(self, prompt: str) -> Optional[str]:
         """One line of input; None at its end (Ctrl-D, or no input at all: a closed stdin)."""
         try:
@@ -88,7 +76,7 @@ class Console:
         except EOFError:
             return None
         except UnicodeDecodeError:
-            self.print("(That line was not valid UTF-8 text and was skipped; type it again.)")
+            self.say("(That line was not valid UTF-8 text and was skipped; type it again.)")
             return ""
         except (RuntimeError, OSError, ValueError):  # input() with stdin closed or gone
             return None
@@ -106,14 +94,36 @@ class Console:
             lines.append(line)
         return "\n".join(lines)
 
+
+class Console:
+    """A read-eval-print loop over a ChatSession: commands, streamed answers, --compare columns. Input and
+    output streams are injectable for tests."""
+
+    def __init__(self, session: ChatSession, read: Optional[Callable[[str], str]] = None,
+                 out: Optional[TextIO] = None, base: Optional[ChatSession] = None):
+        self.session = session
+        self.base = base  # --compare: the base model's session, answering the same messages
+        self.out = out or sys.stdout
+        self.input = LineReader(read, self.print)
+        session.on_notice = lambda text: self.print(text)
+
+    def print(self, text: str = "", end: str = "\n") -> None:
+        self.out.write(text + end)
+        self.out.flush()
+
+    def banner(self) -> None:
+        self.print(f"Chatting with {self.session.describe()}")
+        if self.session.system_prompt:
+            self.print(f"System prompt: {self.session.system_prompt}")
+        self.print("Type a message and press Enter. Commands: quit, exit, clear, history, /save FILE, "
+                   "/system TEXT, /help")
+
     def run(self) -> int:
-        if self.read_from_stdin and hasattr(sys.stdin, "reconfigure"):
-            sys.stdin.reconfigure(errors="replace")  # a byte that is not UTF-8 becomes U+FFFD, not an error
-        self.start_line_editing()
+        self.input.start()
         self.banner()
         try:
             while True:
-                text = self.read_message()
+                text = self.input.read_message()
                 if text is None:
                     self.print()
                     break
@@ -124,9 +134,9 @@ class Console:
         except KeyboardInterrupt as exc:
             self.print()
             if isinstance(exc, Terminated):
-                self.save_line_history()
+                self.input.save_history()
                 raise
-        self.save_line_history()
+        self.input.save_history()
         self.print("Bye.")
         return 0
 

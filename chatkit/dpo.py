@@ -22,12 +22,15 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .datasets import split_train_val
 from .errors import ChatkitError, Terminated
 from .formatting import IGNORE_INDEX, tokenize_conversation, with_system_prompt
+from .output import Progress, say
 
 
 @dataclass
@@ -205,3 +208,99 @@ def train_dpo(model, examples: List[dict], epochs: int, beta: float, learning_ra
                "dpo_loss_first": round(losses[0] if losses else math.log(2), 4),
                "dpo_loss_last": round(sum(last) / len(last), 4)}
     return figures | ({"dpo_stopped": stopped} if stopped else {})
+
+
+DPO_HELD_OUT = 0.2  # of the pairs, to measure the margin on pairs the model did not learn from (5 or more pairs)
+
+
+@dataclass
+class Preferences:
+    """The preference pairs, tokenized: those DPO trains on and those its margin is measured on."""
+
+    train: List[dict]
+    measured: List[dict]
+    where: str  # "held-out", or "training" where there are too few pairs to hold some out
+    report: PreferenceReport
+
+    def pair_tokens(self) -> List[int]:
+        """Per training pair: the tokens of its chosen and its rejected conversation."""
+        return [len(pair["chosen"][0]) + len(pair["rejected"][0]) for pair in self.train]
+
+    @property
+    def count(self) -> int:
+        return len(self.train) + (len(self.measured) if self.where == "held-out" else 0)
+
+
+def tokenize_preferences(options, tokenizer, max_length: Optional[int] = None) -> Preferences:
+    """--preferences tokenized (at `max_length`, or --max-length), split by prompt into trained and held-out pairs."""
+    max_length = max_length or options.max_length
+    report = PreferenceReport()
+    examples = pair_examples(read_pairs(options.preferences), tokenizer, max_length, options.system_prompt, report)
+    if not examples:
+        raise ChatkitError(f"--preferences {options.preferences}: no pair fits --max-length {max_length}")
+    # Held out by prompt: pairs that share a prompt (one chosen answer against each regeneration, or a pair
+    # given twice) go to one side, so no held-out pair's chosen answer or prompt was trained on.
+    groups = same_prompt_groups(examples)
+    train_groups, held_groups = split_train_val(groups, DPO_HELD_OUT if len(groups) >= 5 else 0.0, options.seed)
+    train, held = [e for g in train_groups for e in g], [e for g in held_groups for e in g]
+    return Preferences(train, held, "held-out", report) if held else Preferences(train, train, "training", report)
+
+
+def same_prompt_groups(examples: Sequence[dict]) -> List[List[dict]]:
+    """The tokenized pairs grouped by their prompt (the tokens before the first labelled one), in order."""
+    groups: dict = {}
+    for example in examples:
+        ids, labels = example["chosen"]
+        start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
+        groups.setdefault(tuple(ids[:start]), []).append(example)
+    return list(groups.values())
+
+
+def preference_summary(metrics: dict) -> Optional[str]:
+    if "margin_before" not in metrics:
+        return None
+    stopped = (f"; stopped after {metrics['dpo_steps']} of {metrics['dpo_planned_steps']} steps "
+               f"({metrics['dpo_stopped']})" if metrics.get("dpo_stopped") else "")
+    return (f"DPO on {metrics['preference_pairs']} pairs: the chosen-minus-rejected log-probability margin went from "
+            f"{metrics['margin_before']} to {metrics['margin_after']} on {metrics['margin_pairs']} "
+            f"{metrics['margin_measured_on']} pairs (it rose on {metrics['margin_rose']} of them){stopped}")
+
+
+def learn_preferences(options, model, preferences: Preferences, deadline=None,
+                      planned_s: float = 0.0) -> dict:
+    """DPO on the adapter after the supervised training, against the model that training left; the
+    chosen-minus-rejected log-probability margin before and after, on held-out pairs where there are enough.
+    Under a time budget the steps that would not end in time are left out; Ctrl-C leaves out the rest too
+    (the model is saved with what DPO had done)."""
+    train, measured, where = preferences.train, preferences.measured, preferences.where
+    model.eval()
+    settings = f"beta {options.dpo_beta}, {options.dpo_epochs} epochs" + (
+        f", supervised loss weighted {options.dpo_sft_weight:g}" if options.dpo_sft_weight else "")
+    say(f"preferences: {preferences.report.describe()}; DPO ({settings}) on {len(train)}, margin measured on "
+        f"{len(measured)} {where} pairs")
+    reference = pair_logps(model, train)  # the model before DPO: also the margins before, on training pairs
+    before = preference_margins(reference if measured is train else pair_logps(model, measured))
+    progress = Progress(options.dpo_epochs * len(train))
+    started = time.time()
+
+    def on_step(step: int, total: int, loss: float) -> bool:
+        progress.update(step, loss=loss)
+        if deadline is None or step == total:
+            return False
+        step_s = (time.time() - started) / step
+        slowdown = max(1.0, step_s * total / planned_s) if planned_s > 0 else 1.0
+        return time.time() + step_s > deadline.finish_by - deadline.saving_s - deadline.report_s * slowdown
+
+    try:
+        figures = train_dpo(model, train, options.dpo_epochs, options.dpo_beta, options.dpo_learning_rate,
+                            options.dpo_sft_weight, options.seed, on_step=on_step, reference=reference)
+    finally:
+        progress.close()
+    after = preference_margins(pair_logps(model, measured))
+    mean = lambda values: round(sum(values) / len(values), 3)  # noqa: E731
+    figures |= {"preference_pairs": preferences.count, "margin_measured_on": where, "margin_pairs": len(measured),
+                "margin_before": mean(before), "margin_after": mean(after),
+                "margin_rose": sum(a > b for a, b in zip(after, before))}
+    say(f"preferences: {preference_summary(figures)}")
+    return figures
+

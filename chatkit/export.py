@@ -311,7 +311,7 @@ class SkipConversation(Exception):
     """A conversation that cannot be converted; the message is the counted reason."""
 
 
-def _node_parent(mapping: dict, node_id: str) -> Optional[str]:
+def node_parent(mapping: dict, node_id: str) -> Optional[str]:
     node = mapping.get(node_id)
     parent = node.get("parent") if isinstance(node, dict) else None
     return parent if parent in mapping else None
@@ -331,7 +331,7 @@ def current_path(conversation: dict) -> List[dict]:
             raise SkipConversation("cycle in parent links")
         seen.add(node_id)
         path.append(mapping[node_id])
-        node_id = _node_parent(mapping, node_id)
+        node_id = node_parent(mapping, node_id)
     path.reverse()
     return path
 
@@ -352,7 +352,7 @@ def all_paths(conversation: dict, limit: int) -> Tuple[List[List[dict]], int]:
         if str(exc) == "cycle in parent links":
             raise
     left_out = 0
-    for root in (key for key in mapping if _node_parent(mapping, key) is None):
+    for root in (key for key in mapping if node_parent(mapping, key) is None):
         # One path list shared by the whole walk (cut back on each pop), so a chain of n nodes costs n steps.
         stack, path, ids, on_path = [(root, 0)], [], [], set()
         while stack:

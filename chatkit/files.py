@@ -235,3 +235,11 @@ def latest_checkpoint(folder: str | Path) -> Optional[str]:
 
     found = [path for path in sorted(Path(folder).glob(CHECKPOINT_PREFIX + "*"), key=step) if is_complete(path)]
     return str(found[-1]) if found else None
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $CHATKIT_CACHE, else $XDG_CACHE_HOME/chatkit, else ~/.cache/chatkit."""
+    if os.environ.get("CHATKIT_CACHE"):
+        return Path(os.environ["CHATKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "chatkit"

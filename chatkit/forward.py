@@ -19,7 +19,7 @@ from .errors import ChatkitError
 from .formatting import IGNORE_INDEX
 from .kernels import linear_cross_entropy
 from .models import causal_lm_parts
-from .plan import LOGITS_CHUNK, keeps_logits
+from .costs import LOGITS_CHUNK, keeps_logits
 
 
 def body_states(model, **inputs):

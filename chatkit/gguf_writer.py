@@ -1,13 +1,10 @@
 """Writing a model as one GGUF file for llama.cpp, Ollama and LM Studio, and an Ollama Modelfile.
 
-The file holds what a runtime needs to use the model on its own: the architecture's numbers, the
-tokenizer (tokens, their kinds, merges, special ids), the chat template the model was trained with,
-and the weights in llama.cpp's layout. Names, keys and the Q8_0 encoding come from the `gguf`
-package, which llama.cpp maintains. Two layouts differ from Hugging Face's:
-
-- Llama-family q and k projections: llama.cpp's rotary embedding pairs neighbouring dimensions,
-  Hugging Face's pairs the two halves of each head, so the rows of each head are interleaved.
-- GPT-2's Conv1D weights are stored (in, out); llama.cpp wants (out, in), as nn.Linear has them.
+The file holds what a runtime needs to use the model on its own: the architecture's numbers and the
+weights in llama.cpp's layout (the family's converter, ggufconvert.py), the tokenizer (tokens, their
+kinds, merges, special ids) and the chat template the model was trained with. Names, keys and the
+Q8_0 encoding come from the `gguf` package, which llama.cpp maintains. One writing sequence
+(`write_file`) serves the model and the LoRA file.
 """
 
 from __future__ import annotations
@@ -24,10 +21,10 @@ from .errors import ChatkitError
 from .families import Family, family_of, gguf_families
 from .files import atomic_path, read_training_info
 from .formatting import check_chat_tokens, ensure_chat_template, stop_token_ids
+from .ggufconvert import converter_for, gguf_name, gguf_tensors
 from .models import ModelSource, load_model, merge_adapter, resolve_model
 from .options import STARTER_MODEL, GenerationSettings
 
-GPT2_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 Q8_BLOCK = 32  # Q8_0 packs rows in blocks of 32 values; a row of another width stays f16
 
 
@@ -153,124 +150,6 @@ def _prepends_space(state: dict) -> bool:
                                                  and step.get("prepend_scheme", "always") != "never") for step in flat)
 
 
-def _rope(config) -> dict:
-    """The rotary settings of a config; for models with two kinds of layers (Gemma 3), the global layers'."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return rope.get("full_attention", rope) if isinstance(rope.get("full_attention"), dict) else rope
-
-
-def add_architecture(writer, config, family: Family) -> None:
-    """The numbers a runtime builds the network from, under llama.cpp's keys."""
-    if family.name == "gpt2":
-        writer.add_context_length(config.n_positions)
-        writer.add_embedding_length(config.n_embd)
-        writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
-        writer.add_block_count(config.n_layer)
-        writer.add_head_count(config.n_head)
-        writer.add_layer_norm_eps(config.layer_norm_epsilon)
-        return
-    rope = _rope(config)
-    if rope.get("rope_type", "default") not in ("default", "llama3") or (
-            rope.get("rope_type") == "llama3" and not family.rope_interleaved):
-        raise ChatkitError(f"exporting to GGUF: this model's rotary scaling ({rope['rope_type']}) is not supported; "
-                           "models with plain rotary embeddings (and Llama 3's scaling) are")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(int(head_dim * getattr(config, "partial_rotary_factor", 1.0)))
-    writer.add_vocab_size(config.vocab_size)
-    if family.local_attention and getattr(config, "sliding_window", None):
-        writer.add_sliding_window(config.sliding_window)
-    for name, add in (("attn_logit_softcapping", writer.add_attn_logit_softcapping),
-                      ("final_logit_softcapping", writer.add_final_logit_softcapping)):
-        if getattr(config, name, None):
-            add(float(getattr(config, name)))
-
-
-def llama3_rope_factors(config):
-    """Llama 3's long-context scaling as llama.cpp takes it: one divisor per rotary frequency ("rope_freqs")."""
-    import math
-
-    import numpy as np
-
-    rope = _rope(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
-    old_context = rope.get("original_max_position_embeddings", 8192)
-    factors = []
-    for freq in 1.0 / (rope.get("rope_theta", 10000.0) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)):
-        wavelength = 2 * math.pi / freq
-        if wavelength < old_context / high:
-            factors.append(1.0)
-        elif wavelength > old_context / low:
-            factors.append(factor)
-        else:
-            smooth = (old_context / wavelength - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(factors, dtype=np.float32)
-
-
-def interleave_heads(weight, heads: int):
-    """Hugging Face's rotary layout of a q or k projection -> llama.cpp's (see the module docstring)."""
-    shape = weight.shape
-    return weight.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-
-
-def gguf_name(names, name: str) -> Optional[str]:
-    return names.get_name(name, try_suffixes=(".weight", ".bias"))
-
-
-def rotary_rows(array, name: str, config, family: Family):
-    """The output rows of a q or k projection in llama.cpp's rotary layout (the Llama graph's); else as they are."""
-    if family.rope_interleaved and name.endswith(("q_proj.weight", "q_proj.bias")):
-        return interleave_heads(array, config.num_attention_heads)
-    if family.rope_interleaved and name.endswith(("k_proj.weight", "k_proj.bias")):
-        return interleave_heads(array, config.num_key_value_heads)
-    return array
-
-
-def to_gguf_layout(array, name: str, config, family: Family):
-    """One weight (float32 numpy) in llama.cpp's layout: q/k rows interleaved, Gemma norms +1, Conv1D turned."""
-    array = rotary_rows(array, name, config, family)
-    if family.norm_plus_one and name.endswith("norm.weight"):
-        return array + 1.0
-    if family.name == "gpt2" and name.endswith(GPT2_CONV1D):
-        return array.T
-    return array
-
-
-def gguf_tensors(model, family: Family) -> Dict[str, "object"]:
-    """The model's weights under llama.cpp's names and layout, as float32 numpy arrays."""
-    import gguf
-
-    config = model.config
-    blocks = config.num_hidden_layers if family.name != "gpt2" else config.n_layer
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, family.gguf_arch), blocks)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    tensors = {}
-    if _rope(config).get("rope_type") == "llama3":
-        tensors[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = llama3_rope_factors(config)
-    for name, value in model.state_dict().items():
-        if name == "lm_head.weight" and tied:
-            continue  # the runtime reuses the token embeddings
-        target = gguf_name(names, name)
-        if target is None:
-            if name.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):
-                continue  # recomputed by every runtime
-            raise ChatkitError(f"exporting to GGUF: no GGUF name for the weight {name}")
-        array = value.detach().to("cpu").float().numpy()
-        tensors[target] = to_gguf_layout(array, name, config, family).copy(order="C")
-    return tensors
-
-
 def encode(array, kind: str):
     """(data, raw_dtype) for the writer: 1-D tensors stay f32; matrices take the asked type."""
     import gguf
@@ -372,7 +251,7 @@ def write_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
     pre = pre_tokenizer_name(tokenizer, origin_gguf(source))
     def describe(writer):
         writer.add_type(gguf.GGUFType.MODEL)
-        add_architecture(writer, model.config, family)
+        converter_for(family).add_parameters(writer, model.config, family)
         writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[kind]))
         if kind == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -415,9 +294,8 @@ def write_lora_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
                            "layer of its own): export the merged model with --gguf")
     # llama.cpp scales by alpha / rank; rank-stabilised LoRA scales by alpha / sqrt(rank).
     alpha = settings.lora_alpha * (settings.r ** 0.5 if settings.use_rslora else 1.0)
-    config = loaded.model.config
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, family.gguf_arch),
-                                     config.num_hidden_layers if family.name != "gpt2" else config.n_layer)
+    config, converter = loaded.model.config, converter_for(family)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, family.gguf_arch), converter.block_count(config))
     tensors = {}
     for name, value in get_peft_model_state_dict(loaded.model).items():
         module, part, _ = name.removeprefix("base_model.model.").rsplit(".", 2)
@@ -425,8 +303,8 @@ def write_lora_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
         if part not in LORA_PARTS or target is None:
             raise ChatkitError(f"--lora-gguf: no llama.cpp name for the adapter weight {name}")
         array = value.detach().float().numpy()
-        if part == "lora_B":  # B's rows are the weight's output rows (for GPT-2's Conv1D too: B @ A is (out, in))
-            array = rotary_rows(array, module + ".weight", config, family)
+        if part == "lora_B":  # B's rows are the weight's output rows, in the graph's layout
+            array = converter.rows(array, module + ".weight", config, family)
         tensors[f"{target}.{LORA_PARTS[part]}"] = array.copy(order="C")
     architecture = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.gguf_arch)]
     def describe(writer):

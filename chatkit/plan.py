@@ -1,12 +1,9 @@
-"""The plan of a training run, made before anything slow: its size, steps, time and memory; time budgets.
+"""The plan of a training run, made before anything slow: batch, epochs, gradient checkpointing, what fits
+a time budget, and the plan's time and peak memory.
 
-Time comes from a quick calibration of this machine (a fp32 matrix product on the CPU, bf16 on a GPU,
-under half a second) and the work per token: 4 x the transformer's parameters for LoRA (6 x for full
-fine-tuning), attention (12 x layers x width x sequence length), and the output layer at the trained
-positions only. EFFICIENCY, the share of the calibrated rate a training step reaches, was measured with
-bench/train_memory.py, bench/quality.py and bench/time_budget.py (docs/PERFORMANCE.md). Memory comes
-from the same probe: the weights, plus per token in the largest batch the activations kept for the
-backward pass, plus one chunk of the output layer's logits (all of them for a model that keeps them).
+Time is the work of each part (costs.py) at this machine's calibrated rate (machine.py, a matrix product
+of under half a second); memory is the weights and the largest step's activations and logits, against
+the memory the run may use.
 """
 
 from __future__ import annotations
@@ -14,45 +11,18 @@ from __future__ import annotations
 import math
 import random
 import re
-import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .costs import (CHECKPOINTING_SLOWDOWN, QUANTIZED_SLOWDOWN, Shape, batch_widths, evaluation_seconds,  # noqa: F401
+                    preference_seconds, rehearsal_seconds, report_seconds, training_seconds)
 from .errors import ChatkitError
+from .machine import Machine, MemoryLimit, calibrate, gib, memory_limit, parse_size  # noqa: F401 - the plan's machine
 from .output import duration
 
-EFFICIENCY = {"cpu": 0.55, "cuda": 0.35, "mps": 0.25}  # measured on CPU (0.45 before the fused loss and LoRA); GPU and MPS figures are guesses
-# Python, torch, transformers, the tokenized data and what the C heap keeps between steps of varying
-# shapes: 0.75 GiB before any weights, and about as much again in the real runs of docs/PERFORMANCE.md.
-PROCESS_BYTES = 1.5 * 2**30
 STARTUP_S = 10.0  # imports and loading a cached model
 SAVE_S = 3.0
-STEP_OVERHEAD_S = 0.02  # optimizer step and bookkeeping
-REHEARSAL_S = (2.0, 0.6)  # fixed, then per answer generated (64 tokens, batches of 16)
-REPORT_S = 0.21  # per report answer (32 tokens; base and trained answers share batches)
-# The fused loss (chatkit/kernels.py) holds the logits of LOGITS_CHUNK positions at a time: LOGITS_BYTES
-# per position and vocabulary entry (float32 logits turned into their gradient in place, and a copy).
-LOGITS_CHUNK = 1024
-LOGITS_BYTES = 8
-# bitsandbytes' storage per parameter: nf4 with double quantization (4 bits, an 8-bit scale per 64 and a
-# float32 one per 256 blocks), and int8 (with one float32 scale per row, negligible).
-QUANTIZED_BYTES = {4: 0.5 + 1 / 64 + 4 / (64 * 256), 8: 1.0}
-# A quantized CPU step against the float32 one, measured with bench/train_memory.py (docs/PERFORMANCE.md).
-QUANTIZED_SLOWDOWN = {4: 1.2, 8: 1.2}
-# What a run may use: a share of the memory available when it starts, and at most half of the machine's
-# (an 8 GB laptop's run stays under 4 GB); on a GPU most of its free memory; --max-memory sets it by hand.
-# Above it, gradient checkpointing, then steps of fewer tokens.
-MEMORY_SHARE = 0.6
-MEMORY_TOTAL_SHARE = 0.5
-GPU_MEMORY_SHARE = 0.9
-ASSUMED_MEMORY_BYTES = 3.5 * 2**30  # where the machine reports no free-memory figure
-# Recomputing the activations in the backward pass: one more forward through the layers, about 1.1x to
-# 1.2x a LoRA step on the CPU (bench/train_memory.py, docs/PERFORMANCE.md).
-CHECKPOINTING_SLOWDOWN = 1.2
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(min|sec|h|m|s)?", re.I)
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(gib|mib|gb|mb|tb|tib|g|m|t)?", re.I)
-SIZE_UNITS = {"": 1e9, "g": 1e9, "gb": 1e9, "gib": 2**30, "m": 1e6, "mb": 1e6, "mib": 2**20, "t": 1e12,
-              "tb": 1e12, "tib": 2**40}
 
 
 def parse_duration(text: str) -> float:
@@ -73,189 +43,6 @@ def parse_duration(text: str) -> float:
     if seconds <= 0:
         raise ChatkitError(f"--time-budget {text!r}: must be longer than nothing")
     return seconds
-
-
-def parse_size(text: str) -> float:
-    """Bytes in '6GB', '6GiB', '512MB' or a bare number of GB."""
-    match = _SIZE.fullmatch(str(text).strip())
-    if not match or float(match.group(1)) <= 0:
-        raise ChatkitError(f"--max-memory {text!r}: not a size; give one such as 6GB, 6GiB or 512MB")
-    return float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").lower()]
-
-
-@dataclass(frozen=True)
-class MemoryLimit:
-    """What a run may use, and where the figure came from (said under the plan)."""
-
-    bytes: float
-    how: str
-    asked: bool = False  # --max-memory: a plan that cannot keep to it is refused
-
-
-ASSUMED_MEMORY = MemoryLimit(ASSUMED_MEMORY_BYTES, "assumed: this machine reports no free-memory figure")
-
-
-def memory_limit(device: str, max_memory: Optional[str] = None) -> MemoryLimit:
-    """The memory a run on `device` may use: --max-memory, or a share of what the machine has free now."""
-    from .device import memory_available
-
-    if max_memory is not None:
-        return MemoryLimit(parse_size(max_memory), f"--max-memory {max_memory}", asked=True)
-    found = memory_available(device)
-    if not found or found[1] <= 0:
-        return ASSUMED_MEMORY
-    free, total = found
-    if device.startswith("cuda"):
-        return MemoryLimit(GPU_MEMORY_SHARE * free, f"{GPU_MEMORY_SHARE:.0%} of the GPU's {gib(free)} free")
-    if MEMORY_SHARE * free <= MEMORY_TOTAL_SHARE * total:
-        return MemoryLimit(MEMORY_SHARE * free, f"{MEMORY_SHARE:.0%} of the {gib(free)} available now")
-    return MemoryLimit(MEMORY_TOTAL_SHARE * total, f"half of this machine's {gib(total)}")
-
-
-def gib(size: float) -> str:
-    return f"{size / 2**30:.1f} GiB"
-
-
-@dataclass
-class Machine:
-    device: str
-    gflops: float  # calibrated matrix-product rate
-    busy: float = 0.0  # the share of the CPU other programs used while it was measured
-    memory: MemoryLimit = ASSUMED_MEMORY  # what the run may use
-
-    @property
-    def rate(self) -> float:
-        """FLOP/s a training step reaches here: the calibrated rate times the measured efficiency."""
-        return self.gflops * 1e9 * EFFICIENCY.get(self.device.split(":")[0], 0.3)
-
-    @property
-    def how(self) -> str:
-        kind = "bf16" if self.device.startswith("cuda") else "fp32"
-        text = f"calibrated on this machine: {kind} matrix product at {self.gflops:.0f} GFLOP/s"
-        if self.busy >= BUSY_SHARE:
-            text += (f"; the machine looks busy (other programs use {self.busy:.0%} of the CPU), so this may change"
-                     " (a --time-budget is kept all the same)")
-        return text
-
-
-BUSY_SHARE = 0.25  # other programs' CPU share above which the plan says the machine looks busy
-CALIBRATION_ROUNDS = 7  # short measurements; their median does not follow one moment's load
-
-
-def keeps_logits(config) -> bool:
-    """Whether a model's logits are soft-capped or scaled: its own forward then computes them all, and the
-    output layer is not one plain matrix product the fused loss can take."""
-    return any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
-
-
-def calibrate(device: str, max_memory: Optional[str] = None) -> Machine:
-    """This machine's matrix-product rate: the median of several short measurements (well under a second in
-    all), with how busy the machine was while it was measured (the other programs' share of the CPU), and
-    the memory the run may use (`memory_limit`)."""
-    import statistics
-
-    import torch
-
-    size, repeats = 1024, 3
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # what training runs in there
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    busy = other_load()
-    rates = []
-    for _ in range(CALIBRATION_ROUNDS):
-        synchronize(device)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        synchronize(device)  # a GPU's products run after the call returns
-        rates.append(2 * size**3 * repeats / (time.perf_counter() - started) / 1e9)
-    return Machine(device, statistics.median(rates), busy=busy if device == "cpu" else 0.0,
-                   memory=memory_limit(device, max_memory))
-
-
-def synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elif device == "mps":
-        torch.mps.synchronize()
-
-
-def other_load() -> float:
-    """The share of the CPU that other programs used over the last 0.3 s (0 to 1; 0 where it cannot be read)."""
-    try:
-        import psutil
-
-        own = psutil.Process()
-        own.cpu_percent(None)
-        total = psutil.cpu_percent(0.3)
-        mine = own.cpu_percent(None) / (psutil.cpu_count() or 1)
-        return max(0.0, min(1.0, (total - mine) / 100))
-    except Exception:  # noqa: BLE001 - psutil missing or refused: nothing known of the load
-        return 0.0
-
-
-@dataclass
-class Shape:
-    """What the estimates need to know of a model, from its config."""
-
-    params: int
-    layers: int
-    hidden: int
-    intermediate: int
-    vocab: int
-    logits_kept: bool = False  # soft-capped or scaled logits: the model's own forward, all logits kept
-    weight_bits: int = 32  # the frozen transformer layers' storage: 32, or 8 and 4 through bitsandbytes
-
-    @classmethod
-    def from_config(cls, config, weight_bits: int = 32) -> "Shape":
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 768)
-        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 12)
-        intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-        vocab = getattr(config, "vocab_size", 32000)
-        # Attention (queries and output h x h; keys and values narrower with grouped heads), a gated or
-        # plain MLP, and the embeddings.
-        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-        kv_share = (getattr(config, "num_key_value_heads", None) or heads) / heads
-        mlp = 3 if getattr(config, "hidden_act", "") in ("silu", "swish") else 2
-        params = layers * ((2 + 2 * kv_share) * hidden * hidden + mlp * hidden * intermediate) + vocab * hidden
-        return cls(params, layers, hidden, intermediate, vocab, keeps_logits(config), weight_bits)
-
-    @property
-    def slowdown(self) -> float:
-        """How much longer a step takes than in full precision: quantized layers are unpacked as they run."""
-        return QUANTIZED_SLOWDOWN.get(self.weight_bits, 1.0)
-
-    @property
-    def body_params(self) -> int:
-        """The transformer layers' parameters: all but the embeddings."""
-        return self.params - self.vocab * self.hidden
-
-    def weight_bytes(self) -> float:
-        """The weights' memory: the layers at their storage size, the embeddings in float32."""
-        return self.body_params * QUANTIZED_BYTES.get(self.weight_bits, 4.0) + self.vocab * self.hidden * 4
-
-    def flops_per_token(self, sequence: float, trained_share: float, lora: bool) -> float:
-        # the embedding lookup costs nothing
-        return ((4 if lora else 6) * self.body_params + 12 * self.layers * self.hidden * sequence
-                + 6 * self.hidden * self.vocab * trained_share)
-
-    def step_bytes(self, tokens: int, checkpointing: bool, trained_share: float) -> float:
-        """Memory one step of `tokens` padded tokens needs on top of the weights."""
-        kept = 2 if checkpointing else 6  # activations per layer and width, kept for the backward pass
-        activations = tokens * kept * self.layers * (self.hidden + self.intermediate) * 4
-        trained = tokens * trained_share
-        if self.logits_kept:  # logits, their softmax and its gradient, at every trained position
-            return activations + 6 * self.vocab * 4 * trained
-        return activations + LOGITS_BYTES * self.vocab * min(trained, LOGITS_CHUNK)  # one chunk at a time
-
-    def fixed_bytes(self, lora: bool) -> float:
-        if not lora:  # full fine-tuning: float32 weights, their gradients and Adam's two moments
-            return PROCESS_BYTES + self.params * 4 * 4
-        return PROCESS_BYTES + self.weight_bytes()
 
 
 @dataclass
@@ -304,53 +91,6 @@ class Plan:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def batch_widths(lengths: Sequence[int], batches: List[List[int]]) -> List[int]:
-    """Padded tokens of each batch (rows x its longest example)."""
-    return [len(batch) * max(lengths[i] for i in batch) for batch in batches]
-
-
-def training_seconds(widths: Sequence[int], rows: Sequence[int], shape: Shape, machine: Machine,
-                     trained_share: float, lora: bool) -> float:
-    """Seconds for one pass over batches of the given padded widths (tokens) and row counts."""
-    return sum(width * shape.flops_per_token(width / count, trained_share, lora) * shape.slowdown / machine.rate
-               + STEP_OVERHEAD_S for width, count in zip(widths, rows))
-
-
-def evaluation_seconds(val_tokens: int, shape: Shape, machine: Machine, evaluations: int) -> float:
-    forward = shape.flops_per_token(512, 1.0, True) / 2 * shape.slowdown  # forward only
-    return evaluations * val_tokens * forward / machine.rate
-
-
-def rehearsal_seconds(count: int, ranking_tokens: int = 0, shape: Optional[Shape] = None,
-                      machine: Optional[Machine] = None) -> float:
-    """Generating `count` answers, after ranking the general prompts (a forward pass over `ranking_tokens`)."""
-    if not count:
-        return 0.0
-    ranking = 0.0
-    if shape is not None and machine is not None:
-        ranking = ranking_tokens * shape.flops_per_token(128, 0.0, True) / 2 / machine.rate
-    return REHEARSAL_S[0] + REHEARSAL_S[1] * count + ranking
-
-
-def report_seconds(answers: int, loss_tokens: int, shape: Shape, machine: Machine, prompt_tokens: int = 0) -> float:
-    """The report: `answers` short greedy answers to prompts of `prompt_tokens` tokens in all, and the loss
-    on `loss_tokens` tokens for both models."""
-    forward = shape.flops_per_token(512, 1.0, True) / 2 / machine.rate
-    return REPORT_S * answers + (2 * loss_tokens + prompt_tokens) * forward
-
-
-def preference_seconds(pair_tokens: Sequence[int], epochs: int, shape: Shape, machine: Machine) -> float:
-    """DPO: each pair's two conversations trained once an epoch, one pair a step, and the forward passes of
-    the reference and of the margins measured before and after (about 1.5 passes over the pairs)."""
-    if not pair_tokens:
-        return 0.0
-    tokens = sum(pair_tokens)
-    per_token = shape.flops_per_token(tokens / len(pair_tokens) / 2, 1.0, True)
-    forward_share = 0.5  # a forward pass costs about half a training step's forward and backward
-    return ((epochs + 1.5 * forward_share) * tokens * per_token / machine.rate
-            + epochs * len(pair_tokens) * 2 * STEP_OVERHEAD_S)
 
 
 def sample_conversations(count: int, seed: int) -> List[int]:

@@ -8,15 +8,20 @@ leaves the earlier model or the new one, never a mix, and nothing of an earlier 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
+from .device import choose_placement
 from .errors import ChatkitError
-from .files import LOCK_FILE, TRAINING_INFO_FILE, is_complete, latest_checkpoint, read_json_object, uninterrupted
+from .files import (LOCK_FILE, TRAINING_INFO_FILE, is_complete, latest_checkpoint, read_json_object, reproducibility,
+                    training_info, uninterrupted, write_training_info)
+from .models import ModelSource, load_model, merge_adapter
 from .options import TrainOptions
+from .output import say
 
 CHECKPOINTS = "checkpoints"
 RUNS = "runs"
@@ -140,3 +145,56 @@ def publish(staging: Path, output: Path) -> None:
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(staging / name, target)
+
+
+def base_model_spec(source: ModelSource) -> str:
+    """How a trained adapter names its base: friendly names and Hub ids as typed, local paths absolute."""
+    base = source.base if source.kind == "adapter" else source
+    return os.path.abspath(base.spec) if os.path.exists(os.path.expanduser(base.spec)) else base.spec
+
+
+def run_record(tokenizer, options: TrainOptions, source: ModelSource, metrics: dict,
+               rehearsed: Sequence[List[dict]] = (), plan=None, conversations: Optional[dict] = None,
+               recorded: Optional[dict] = None) -> dict:
+    """The chatkit.json record of a trained model; `metrics` is held by reference, so figures added later
+    (the report's) are in it when it is written."""
+    return training_info(
+        "lora" if options.lora else "full", tokenizer.chat_template,
+        base_model=base_model_spec(source) if options.lora else None, system_prompt=options.system_prompt,
+        options=recorded or dataclasses.asdict(options) | {"learning_rate": options.effective_learning_rate},
+        metrics=metrics, rehearsal=list(rehearsed),  # the general prompts and own answers trained alongside
+        plan=plan.to_json() if plan is not None else None,
+        reproducibility=reproducibility([*options.data, *([options.preferences] if options.preferences else [])],
+                                        options.seed, conversations),
+    )
+
+
+def save_model(staging: Path, model, tokenizer, options: TrainOptions, info: dict) -> None:
+    """The model, its tokenizer and (with --merge) a standalone merged copy, saved into `staging`."""
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if options.merge and options.lora:
+        say(f"Writing a standalone merged model to {Path(options.output) / 'merged'} ...")
+        write_training_info(staging, info)  # the adapter loads with its record: its base model, its template
+        merged = merge_adapter(load_model(str(staging), choose_placement("cpu", "float32")).model)
+        merged.save_pretrained(staging / "merged")
+        tokenizer.save_pretrained(staging / "merged")
+        write_training_info(staging / "merged", dict(info, base_model=None, method="lora-merged"))
+
+
+def push_to_hub(options: TrainOptions) -> None:
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(options.hub_name, private=True, exist_ok=True)
+        api.upload_folder(folder_path=options.output, repo_id=options.hub_name,
+                          ignore_patterns=[f"{CHECKPOINTS}/*", f"{RUNS}/*"])
+    except Exception as exc:  # network, authentication, permissions: all reported the same way
+        raise ChatkitError(
+            f"--push-to-hub {options.hub_name}: upload failed ({type(exc).__name__}); log in with "
+            "`huggingface-cli login` (or set HF_TOKEN) and check the name. The model is saved in "
+            f"{options.output}"
+        ) from None
+    say(f"Pushed to https://huggingface.co/{options.hub_name} (private)")
+

@@ -22,10 +22,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .errors import ChatkitError
-from .files import read_json_object, write_json
+from .files import cache_dir, read_json_object, write_json
 from .formatting import IGNORE_INDEX, split_exchanges, tokenize_conversation
 from .forward import labelled_features
-from .models import cache_dir
 from .output import Progress, duration, say
 
 SCORE_VERSION = 1  # bump when the score's definition changes: old cached scores are then not used

@@ -11,6 +11,9 @@ PACKAGE = ROOT / "chatkit"
 SCRIPTS = sorted(ROOT.glob("*.py"))
 MAX_FUNCTION_LINES = 60
 MAX_MODULE_SHARE = 0.12
+MAX_MODULE_LINES = 500
+MAX_RUN_MODULE_LINES = 400  # pipeline.py: the run read top to bottom, its stages elsewhere
+MAX_CLASS_LINES = 150
 
 
 def package_imports(path: Path) -> set:
@@ -84,3 +87,41 @@ def test_no_path_hacks():
     for path in list(ROOT.glob("*.py")) + list((ROOT / "bench").glob("*.py")) + list((ROOT / "tests").glob("*.py")):
         text = path.read_text(encoding="utf-8")
         assert "sys.path.insert" not in text.replace('"sys.path.insert"', ""), f"{path.name} edits sys.path"
+
+
+def test_modules_and_classes_stay_small_and_the_run_reads_as_stages():
+    for path in sorted(PACKAGE.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert len(text.splitlines()) <= MAX_MODULE_LINES, f"chatkit/{path.name} is over {MAX_MODULE_LINES} lines"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= MAX_CLASS_LINES, f"chatkit/{path.name}: class {node.name} is {length} lines"
+    assert len((PACKAGE / "pipeline.py").read_text(encoding="utf-8").splitlines()) < MAX_RUN_MODULE_LINES
+    run = next(node for node in ast.walk(ast.parse((PACKAGE / "pipeline.py").read_text(encoding="utf-8")))
+               if isinstance(node, ast.FunctionDef) and node.name == "_train")
+    assert run.end_lineno - run.lineno + 1 <= 45, "the run's own function reads top to bottom in about 40 lines"
+
+
+def test_only_the_family_table_names_families():
+    """A family's special cases are fields of families.FAMILIES; no other module compares a family's name."""
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name == "families.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                named = any(isinstance(side, ast.Attribute) and side.attr == "name" and isinstance(side.value, ast.Name)
+                            and side.value.id == "family" for side in sides)
+                assert not named, f"chatkit/{path.name}:{node.lineno} branches on a family's name"
+
+
+def test_options_are_never_rebound_after_planning():
+    """What the user asked (TrainOptions) is handed on unchanged; what the plan resolved is a RunPlan."""
+    for name in ("pipeline.py", "planning.py"):
+        for node in ast.walk(ast.parse((PACKAGE / name).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Assign):
+                targets = [t.id for t in node.targets if isinstance(t, ast.Name)]
+                assert "options" not in targets or not (
+                    isinstance(node.value, ast.Call) and getattr(node.value.func, "attr", "") == "replace"), (
+                    f"chatkit/{name}:{node.lineno} re-binds the options")

@@ -186,7 +186,7 @@ def test_pairs_held_out_share_no_prompt_with_the_pairs_trained(tmp_path, tiny_ll
 
     from transformers import AutoTokenizer
 
-    from chatkit.pipeline import tokenize_preferences
+    from chatkit.dpo import tokenize_preferences
 
     pairs = []
     for topic in range(6):

@@ -9,7 +9,7 @@ import pytest
 
 import demo_chatbot
 import train_chatgpt_model as cli
-from chatkit import plan, rehearsal
+from chatkit import machine, plan, rehearsal
 from chatkit import report  # noqa: F401  (imported before a test replaces rehearsal.own_answers: the report keeps the real one)
 from chatkit.errors import ChatkitError
 from chatkit.examples import TokenBudgetSampler, token_batches
@@ -170,7 +170,7 @@ def test_bf16_on_a_cpu_without_bf16_units_is_named_before_the_plan(tmp_path, tin
 def test_a_time_budget_run_saves_a_model_trained_on_the_sample(tmp_path, tiny_llama, capsys, monkeypatch):
     monkeypatch.setattr(plan, "STARTUP_S", 0.0)
     monkeypatch.setattr(plan, "SAVE_S", 0.0)
-    monkeypatch.setattr(plan, "EFFICIENCY", {"cpu": 1e-7})  # as if this machine were very slow
+    monkeypatch.setattr(machine, "EFFICIENCY", {"cpu": 1e-7})  # as if this machine were very slow
     monkeypatch.setattr(plan, "_minimum", lambda *args: 0.0)  # (so slow that nothing would fit)
     data = tmp_path / "many.json"
     data.write_text(json.dumps([{"messages": [{"role": "user", "content": f"Question {i}?"},
@@ -246,11 +246,11 @@ def test_a_time_budget_is_kept_on_a_machine_slower_than_planned(tmp_path, tiny_l
     and the command ends inside its budget, with the model, the report and why it changed."""
     import time
 
-    from chatkit import pipeline
+    from chatkit import budget
     from chatkit.engine import ChatTrainer
 
-    monkeypatch.setattr(pipeline, "command_started", time.time)  # the budget counts from this call, not pytest's start
-    monkeypatch.setattr(plan, "EFFICIENCY", {"cpu": 10.0})  # the plan expects steps 30 times faster
+    monkeypatch.setattr(budget, "command_started", time.time)  # the budget counts from this call, not pytest's start
+    monkeypatch.setattr(machine, "EFFICIENCY", {"cpu": 10.0})  # the plan expects steps 30 times faster
     original = ChatTrainer.training_step
 
     def slow_step(self, *args, **kwargs):
@@ -310,10 +310,10 @@ def test_dpo_falling_behind_a_time_budget_stops_in_time(tmp_path, tiny_llama, mo
     and report are saved inside the budget, and chatkit.json says why."""
     import time
 
-    from chatkit import dpo, pipeline
+    from chatkit import budget, dpo
 
-    monkeypatch.setattr(pipeline, "command_started", time.time)
-    monkeypatch.setattr(plan, "EFFICIENCY", {"cpu": 10.0})
+    monkeypatch.setattr(budget, "command_started", time.time)
+    monkeypatch.setattr(machine, "EFFICIENCY", {"cpu": 10.0})
     original = dpo.dpo_loss
 
     def slow_loss(*args, **kwargs):
@@ -462,18 +462,18 @@ def test_an_evaluation_between_epochs_is_not_taken_for_a_slow_step(monkeypatch):
     shortened (the pause is no step's time), and the evaluation done leaves its time to the steps after it."""
     from types import SimpleNamespace
 
-    from chatkit import engine
+    from chatkit import callbacks
 
     clock = [1000.0]
-    monkeypatch.setattr(engine.time, "time", lambda: clock[0])
-    deadline = engine.Deadline(finish_by=1000.0 + 20 * 1.0 + 2 * 5.0 + 2.0 + 1.0, after_s=2 * 5.0, planned_step_s=1.0,
+    monkeypatch.setattr(callbacks.time, "time", lambda: clock[0])
+    deadline = callbacks.Deadline(finish_by=1000.0 + 20 * 1.0 + 2 * 5.0 + 2.0 + 1.0, after_s=2 * 5.0, planned_step_s=1.0,
                                evaluation_s=5.0, evaluations=2)
-    keep = engine.KeepDeadline(deadline)
+    keep = callbacks.KeepDeadline(deadline)
     state = SimpleNamespace(global_step=0, max_steps=20)
     control = SimpleNamespace(should_training_stop=False)
     args = SimpleNamespace(output_dir=None)
     keep.on_train_begin(args, state, control)
-    monkeypatch.setattr(engine.KeepDeadline, "on_save", lambda self, *a, **k: self._paused())  # no folder here
+    monkeypatch.setattr(callbacks.KeepDeadline, "on_save", lambda self, *a, **k: self._paused())  # no folder here
     for step in range(1, 21):
         clock[0] += 1.0
         state.global_step = step
@@ -486,3 +486,43 @@ def test_an_evaluation_between_epochs_is_not_taken_for_a_slow_step(monkeypatch):
     assert deadline.changes == [] and state.max_steps == 20
     assert deadline.after_s == 5.0 and deadline.evaluations == 1
     assert keep.paused_s == 7.0
+
+
+def test_wide_steps_first_are_measured_per_token_and_do_not_shorten_the_run(monkeypatch):
+    """The widest batches come first: five steps of 300 tokens (3 s each), then fifteen of 100 (1 s), at the
+    plan's own time per token. Measured per step the first ones look twice as slow as the plan's mean and
+    would cut the run; measured per token the run keeps all its steps."""
+    from types import SimpleNamespace
+
+    from chatkit import callbacks
+
+    clock = [1000.0]
+    monkeypatch.setattr(callbacks.time, "time", lambda: clock[0])
+    deadline = callbacks.Deadline(finish_by=1000.0 + 30.0 + 1.0, after_s=0.0, planned_step_s=30.0 / 20,
+                                  planned_tokens=3000, planned_steps=20)
+    keep = callbacks.KeepDeadline(deadline)
+    state = SimpleNamespace(global_step=0, max_steps=20, num_input_tokens_seen=0)
+    control = SimpleNamespace(should_training_stop=False)
+    keep.on_train_begin(None, state, control)
+    for step in range(1, 21):
+        width = 300 if step <= 5 else 100
+        clock[0] += width / 100
+        state.global_step, state.num_input_tokens_seen = step, state.num_input_tokens_seen + width
+        keep.on_step_end(None, state, control)
+    assert deadline.changes == [] and state.max_steps == 20
+
+    slow = callbacks.Deadline(finish_by=1000.0 + 30.0 + 1.0, after_s=0.0, planned_step_s=30.0 / 20,
+                              planned_tokens=3000, planned_steps=20)  # the same steps, twice as slow
+    keep, clock[0] = callbacks.KeepDeadline(slow), 1000.0
+    state = SimpleNamespace(global_step=0, max_steps=20, num_input_tokens_seen=0)
+    control = SimpleNamespace(should_training_stop=False)
+    keep.on_train_begin(None, state, control)
+    for step in range(1, 21):
+        width = 300 if step <= 5 else 100
+        clock[0] += 2 * width / 100
+        state.global_step, state.num_input_tokens_seen = step, state.num_input_tokens_seen + width
+        keep.on_step_end(None, state, control)
+        if control.should_training_stop or step >= state.max_steps:
+            break
+    assert slow.changes and slow.changes[0]["slowdown"] == pytest.approx(2.0, rel=0.05)
+    assert clock[0] <= slow.finish_by + 3.0  # the last step may overrun by about one step

@@ -15,7 +15,7 @@ import torch
 
 import export_model
 import train_chatgpt_model
-from chatkit import pipeline
+from chatkit import adapters
 from chatkit.chat import ChatSession, GenerationSettings
 from chatkit.errors import ChatkitError
 from test_export_gguf import load_gguf, logits
@@ -115,19 +115,19 @@ def test_merge_writes_a_full_precision_model(tmp_path, tiny_llama):
 
 def test_a_bitsandbytes_without_cpu_kernels_is_one_line_naming_the_version(tmp_path, tiny_llama, monkeypatch,
                                                                            capsys):
-    monkeypatch.setattr(pipeline, "bnb_runs_on_cpu", lambda: False)
+    monkeypatch.setattr(adapters, "bnb_runs_on_cpu", lambda: False)
     data = tmp_path / "d.json"
     data.write_text(json.dumps(DATA), encoding="utf-8")
     assert train_chatgpt_model.main(["--data", str(data), "--model", str(tiny_llama), "--output",
                                      str(tmp_path / "out"), "--load-in-4bit", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"bitsandbytes {pipeline.BNB_CPU_VERSION} or newer" in err
+    assert err.count("\n") == 1 and f"bitsandbytes {adapters.BNB_CPU_VERSION} or newer" in err
     assert "pip install -U 'bitsandbytes>=0.47'" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
 def test_this_bitsandbytes_runs_on_the_cpu():
-    assert pipeline.bnb_runs_on_cpu()
+    assert adapters.bnb_runs_on_cpu()
 
 
 def test_quantized_training_on_mps_is_refused_before_loading():
@@ -136,7 +136,7 @@ def test_quantized_training_on_mps_is_refused_before_loading():
 
     placement = Placement(device="mps", dtype="float32")
     with pytest.raises(ChatkitError, match="bitsandbytes has no Apple MPS backend"):
-        pipeline.quantization_config(TrainOptions(data=["x"], load_in_4bit=True), placement)
+        adapters.quantization_config(TrainOptions(data=["x"], load_in_4bit=True), placement)
 
 
 def test_quantized_without_lora_is_the_clear_error(tmp_path, tiny_llama, capsys):
@@ -174,7 +174,7 @@ def test_an_evaluation_between_steps_leaves_the_gradients_whole(tmp_path, tiny_l
     def gradients(evaluate_first: bool) -> dict:
         torch.manual_seed(0)
         options = TrainOptions(data=["x"], load_in_4bit=True, lora_r=4)
-        model, _ = pipeline.prepare_model(options, resolve_model(str(wide)), Placement("cpu", "float32"))
+        model, _ = adapters.prepare_model(options, resolve_model(str(wide)), Placement("cpu", "float32"))
         ids = torch.arange(3, 19).reshape(1, 16)
         if evaluate_first:
             model.eval()

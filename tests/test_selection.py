@@ -8,7 +8,7 @@ import json
 import pytest
 
 import train_chatgpt_model as cli
-from chatkit import pipeline, plan, selection
+from chatkit import machine, plan, planning, selection
 from test_plan import MACHINE, SHAPE, request
 
 
@@ -93,7 +93,7 @@ def test_a_budget_run_trains_the_surprising_exchanges_and_a_second_run_scores_no
                                                                                      monkeypatch, chatkit_cache):
     monkeypatch.setattr(plan, "STARTUP_S", 0.0)
     monkeypatch.setattr(plan, "SAVE_S", 0.0)
-    monkeypatch.setattr(plan, "EFFICIENCY", {"cpu": 1e-7})  # as if this machine were very slow
+    monkeypatch.setattr(machine, "EFFICIENCY", {"cpu": 1e-7})  # as if this machine were very slow
     monkeypatch.setattr(plan, "_minimum", lambda *args: 0.0)  # (so slow that nothing would fit)
     data = tmp_path / "many.json"
     data.write_text(json.dumps([{"messages": talk((f"Question {i}?", f"Answer {i}."), (f"More {i}?", f"Yes {i}."))}
@@ -111,7 +111,7 @@ def test_a_budget_run_trains_the_surprising_exchanges_and_a_second_run_scores_no
     info = json.loads((tmp_path / "first" / "chatkit.json").read_text())
     assert info["plan"]["units"] == "exchanges" and info["plan"]["conversations"] < 40
     assert info["plan"]["epochs"] == plan.SURPRISE_EPOCHS and "most surprising" in info["plan"]["selection"]
-    monkeypatch.setattr(pipeline, "SCORE_SHARE", 1e9)
+    monkeypatch.setattr(planning, "SCORE_SHARE", 1e9)
     assert train("second") == 0
     err = capsys.readouterr().err
     assert f"scoring {40 - scored} exchanges with the base model" in err and "the rest kept from earlier runs" in err

@@ -325,10 +325,11 @@ def test_embedding_noise_changes_what_is_learned_the_same_way_each_run(tmp_path,
     assert any(not torch.allclose(noisy[k], quiet[k]) for k in noisy if "lora_B" in k)
     assert json.loads((tmp_path / "noisy" / "chatkit.json").read_text())["options"]["neftune_alpha"] == 5.0
     from chatkit.pipeline import engine_settings
+    from chatkit.runplan import RunPlan
 
-    settings = engine_settings(options_module.TrainOptions(data=[], epochs=1, batch_size=1))
+    settings = engine_settings(RunPlan.asked(options_module.TrainOptions(data=[], epochs=1, batch_size=1)))
     assert engine.training_arguments(settings, "cpu", "float32", False).neftune_noise_alpha is None
-    noisy = engine_settings(options_module.TrainOptions(data=[], epochs=1, batch_size=1, neftune_alpha=5))
+    noisy = engine_settings(RunPlan.asked(options_module.TrainOptions(data=[], epochs=1, batch_size=1, neftune_alpha=5)))
     assert engine.training_arguments(noisy, "cpu", "float32", False).neftune_noise_alpha == 5.0
 
 
