@@ -69,6 +69,10 @@ class ChatSession(Conversation):
         self.cache.enabled = value
 
     @property
+    def _cache(self):
+        return self.cache.cache  # the kept key/value cache: None before an answer, or with reuse off
+
+    @property
     def device(self):
         return next(self.model.parameters()).device
 

@@ -17,7 +17,7 @@ import warnings
 from typing import Optional
 
 NOISY_LOGGERS = ("transformers", "peft", "bitsandbytes", "accelerate", "datasets", "huggingface_hub", "torch",
-                 "httpx", "gradio", "urllib3", "matplotlib", "uvicorn", "gguf")
+                 "httpx", "gradio", "urllib3", "matplotlib", "uvicorn", "gguf", "kernels")
 
 
 def say(*parts) -> None:

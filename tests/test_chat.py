@@ -148,7 +148,7 @@ def test_bad_arguments(capsys):
 
 def test_a_long_history_is_trimmed_in_a_few_renders(tiny_llama, monkeypatch):
     """5,000 short messages: the exchanges that fit are found by halving, not one render per dropped exchange."""
-    import chatkit.chat as chat
+    import chatkit.history as chat  # where the prompt is rendered
 
     session = ChatSession(str(tiny_llama), settings=GREEDY, max_context=200)
     session.history = [m for i in range(2500) for m in ({"role": "user", "content": f"q{i}"},
