@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
-"""What a time budget trains: a random sample of whole conversations, or each conversation's opening first?
+"""What a time budget trains: a random sample of whole conversations, the exchanges the base model finds
+most surprising (--budget-selection surprise), or each conversation's opening first?
 
     python bench/budget_selection.py --data pk2023.jsonl                  # 5m and 15m, both rules
     python bench/budget_selection.py --data pk2023.jsonl --budgets 5m --facts 8 --mentions 3
     python bench/budget_selection.py --data pk2023.jsonl --budgets 15m --rules "whole conversations" --no-starter
+    python bench/budget_selection.py --data pk2023.jsonl --rank-facts     # where surprise ranks the facts
 
 A budget too short for one pass over the data trains part of it. The toolkit takes whole conversations
-in a seeded random order, each one that still fits. The rule measured against it takes every
-conversation's first example (its opening exchanges, up to --max-length) before any conversation's
-second, the conversations in the same order: more conversations in the same time. This bench trains
-the same data with the same command (`train_chatgpt_model.py --data DATA --time-budget BUDGET --report
-none`, a fresh process each, the two rules alternating) and compares:
+in a seeded random order, each one that still fits. `--budget-selection surprise` scores every exchange
+with the base model (forward only, cached) and takes the most surprising first, over 3 epochs.
+"Openings first" takes every conversation's first example (its opening exchanges, up to --max-length)
+before any conversation's second, the conversations in the same order. This bench trains the same data
+with the same command (`train_chatgpt_model.py --data DATA --time-budget BUDGET --report none`, a fresh
+process each, the rules alternating) and compares:
 
 - the loss per trained token on the real export's held-out conversations (the trainer's own seeded
   split, the same for both rules), and
@@ -99,6 +102,53 @@ def names_preferred(model, tokenizer, facts: list) -> int:
     return right
 
 
+RANKINGS = {  # statistics of an answer's per-token losses under the base model, highest first
+    "mean": lambda p: sum(p) / len(p),
+    "mean, short answers shrunk to the median": None,  # filled in rank_facts (needs the median)
+    "share of tokens above 6 nats": lambda p: sum(x > 6 for x in p) / (len(p) + 8),
+    "mean of the top 3": lambda p: sum(sorted(p)[-3:]) / min(3, len(p)),
+    "largest": max,
+}
+
+
+def rank_facts(conversations: list, train_indices: list, facts: list) -> dict:
+    """Where the planted facts' exchanges rank among all training exchanges, by the base model's surprise
+    (the answer's opening given the question's end, as --budget-selection surprise scores them)."""
+    import statistics
+
+    import torch
+
+    from chatkit import selection
+    from chatkit.formatting import IGNORE_INDEX, tokenize_conversation
+    from chatkit.models import load_model, resolve_model
+    from chatkit.options import STARTER_MODEL
+
+    units = selection.exchange_units([conversations[i] for i in train_indices])
+    names = [fact["name"] for fact in facts]
+    planted = [any(name in m["content"] for m in unit for name in names) for unit in units]
+    loaded = load_model(resolve_model(STARTER_MODEL))
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    losses = []
+    with torch.no_grad():
+        for unit in units:
+            ids, labels = tokenize_conversation(selection._scored_messages(unit), tokenizer)[:2]
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            targets = torch.tensor(labels[1:])
+            keep = targets != IGNORE_INDEX
+            losses.append(torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none").tolist())
+    median = statistics.median(sum(p) / len(p) for p in losses if p)
+    rankings = dict(RANKINGS)
+    rankings["mean, short answers shrunk to the median"] = lambda p: (sum(p) + 16 * median) / (len(p) + 16)
+    out = {"exchanges": len(units), "planted": sum(planted)}
+    for name, statistic in rankings.items():
+        scores = [statistic(p) if p else float("-inf") for p in losses]
+        order = sorted(range(len(units)), key=lambda i: -scores[i])
+        ranks = sorted(order.index(i) + 1 for i in range(len(units)) if planted[i])
+        out[name] = {"in the top 60": sum(r <= 60 for r in ranks), "in the top 120": sum(r <= 120 for r in ranks),
+                     "median rank": ranks[len(ranks) // 2]}
+    return out
+
+
 def train(rule: str, data: Path, budget: str, output: Path, extra: list) -> dict:
     flags = ["--data", str(data), "--output", str(output), "--time-budget", budget, "--report", "none", *extra,
              *RULE_FLAGS[rule]]
@@ -126,6 +176,8 @@ def main() -> int:
     parser.add_argument("--no-starter", action="store_true", help="leave out measuring the starter model")
     parser.add_argument("--measure", nargs="*", metavar="MODEL",
                         help="only the names measure, of these models trained by an earlier run (same --data)")
+    parser.add_argument("--rank-facts", action="store_true",
+                        help="only rank the planted facts' exchanges by the base model's surprise (no training)")
     parser.add_argument("--keep-scores", action="store_true",
                         help="keep the surprise scores cached by earlier runs (default: the first surprise run scores "
                              "afresh, as a new user's; later budgets reuse its scores)")
@@ -151,6 +203,9 @@ def main() -> int:
     train_indices, val_indices = split_train_val(indices, default_val_split(len(indices)), args.seed)
     facts = make_facts(args.facts)
     planted = plant(conversations, train_indices, facts, min(args.mentions, len(TRAIN_TEMPLATES)), args.seed)
+    if args.rank_facts:
+        print(json.dumps(rank_facts(conversations, train_indices, facts), indent=2))
+        return 0
     work = Path(tempfile.mkdtemp(prefix="chatkit-selection-"))
     data = work / "planted.jsonl"
     data.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations))
