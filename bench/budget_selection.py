@@ -186,7 +186,7 @@ def main() -> int:
     if "surprise" in rules and not args.keep_scores:
         import shutil
 
-        from chatkit.models import cache_dir
+        from chatkit.files import cache_dir
 
         shutil.rmtree(cache_dir() / "surprise", ignore_errors=True)
 

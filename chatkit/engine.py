@@ -15,8 +15,8 @@ import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .callbacks import (BUDGET_FILE, Deadline, Interrupt, KeepDeadline, ProgressReport,  # noqa: F401 - the run's
-                        ReturnFreedMemory, StopOnInterrupt, Throughput, perplexity, reschedule)
+from .callbacks import (Deadline, Interrupt, KeepDeadline, ProgressReport, ReturnFreedMemory, StopOnInterrupt,
+                        Throughput, perplexity)
 from .errors import ChatkitError
 from .examples import PaddingCollator, TokenBudgetSampler
 from .files import latest_checkpoint

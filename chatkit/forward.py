@@ -65,6 +65,19 @@ def labelled_loss_sum(model, input_ids, labels):
     return cross_entropy_sum(features, head, targets[keep]), keep.sum()
 
 
+def labelled_losses(model, input_ids, labels):
+    """Each row's mean loss over its labelled tokens, for a batch padded on the right: the output layer
+    applied LOGITS_CHUNK positions at a time, at the labelled positions only."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    features, head = labelled_features(model, {"input_ids": input_ids}, keep)
+    losses = torch.cat([torch.nn.functional.cross_entropy(head(part).float() if head is not None else part, goal,
+                                                          reduction="none")
+                        for part, goal in zip(features.split(LOGITS_CHUNK), targets[keep].split(LOGITS_CHUNK))])
+    sums = torch.zeros(len(input_ids), device=losses.device).index_add_(0, keep.nonzero()[:, 0], losses)
+    return sums / keep.sum(1).clamp(min=1)
+
+
 def padded_batch(examples, device, pad: int = 0):
     """(input_ids, labels) of tokenized examples, padded on the right (labels with IGNORE_INDEX)."""
     width = max(len(e["input_ids"]) for e in examples)

@@ -11,7 +11,7 @@ from typing import Optional
 
 from .checkpoint import CHECKPOINT_SUFFIXES
 from .errors import ChatkitError
-from .files import cache_dir, latest_checkpoint, read_json_object, read_training_info  # noqa: F401 - cache_dir for others
+from .files import latest_checkpoint, read_json_object, read_training_info
 from .ggufread import convert_gguf
 from .options import STARTER_MODEL
 from .output import quiet_transformers, say

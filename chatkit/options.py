@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from .device import DTYPES
-from .optionspec import flag_name, option, problems  # noqa: F401 - problems and flag_name for the scripts
+from .optionspec import option, problems  # noqa: F401 - problems: options.problems too
 
 STARTER_MODEL = "smollm2-135m"
 GPT2_MODEL = "gpt2-small (124M)"

@@ -18,7 +18,8 @@ from .dpo import learn_preferences, read_pairs
 from .errors import ChatkitError
 from .files import output_lock, write_training_info
 from .models import ModelSource, resolve_model
-from .options import TrainOptions, problems
+from .options import TrainOptions
+from .optionspec import problems
 from .output import say
 from .planning import plan_run
 from .runplan import RunPlan

@@ -7,15 +7,17 @@ import dataclasses
 import time
 from typing import List, Optional, Tuple
 
+from .costs import Shape
 from .device import Placement, training_paths
 from .dpo import tokenize_preferences
 from .examples import trained_tokens
 from .families import family_of
 from .formatting import ensure_chat_template
 from .models import ModelSource, check_model, load_config, load_model, load_tokenizer
+from .machine import Machine, calibrate
 from .options import TrainOptions
 from .output import duration, say
-from .plan import Choice, Request, Shape, calibrate, choose, parse_duration
+from .plan import Choice, Request, choose, parse_duration
 from .rehearsal import auto_count
 from .rundata import REHEARSAL_TOKENS, Data, ranking_tokens, prompt_tokens, read_data, tokenize_data
 from .runplan import RunPlan
@@ -30,10 +32,10 @@ def default_batch_tokens(placement: Placement) -> int:
     return 1024 if placement.device == "cpu" else 16384
 
 
-def make_plan(run: RunPlan, source: ModelSource, placement: Placement, data: Data,
-              order: Optional[List[int]] = None, spent_s: float = 0.0) -> Choice:
-    """How big, how long and how much memory; under --time-budget, what fits (`order`: the units to take
-    first, `spent_s`: the seconds choosing them took)."""
+def make_plan(run: RunPlan, data: Data, shape: Shape, machine: Machine, order: Optional[List[int]] = None,
+              spent_s: float = 0.0) -> Choice:
+    """How big, how long and how much memory for the model's `shape` on the calibrated `machine`; under
+    --time-budget, what fits (`order`: the units to take first, `spent_s`: the seconds choosing them took)."""
     options = run.options
     questions = report_questions(run, report_chosen(run, data))
     request = Request(
@@ -50,9 +52,7 @@ def make_plan(run: RunPlan, source: ModelSource, placement: Placement, data: Dat
         report_prompt_tokens=2 * prompt_tokens(questions),
         preference_tokens=data.preferences.pair_tokens() if data.preferences else [],
         preference_epochs=options.dpo_epochs, order=order, spent_s=spent_s)
-    bits = 4 if options.load_in_4bit else 8 if options.load_in_8bit else 32
-    machine = calibrate(placement.device, options.max_memory)
-    return choose(request, Shape.from_config(load_config(source), bits), machine)
+    return choose(request, shape, machine)
 
 
 def plan_run(options: TrainOptions, source: ModelSource, placement: Placement) -> Tuple[RunPlan, Data, object]:
@@ -69,9 +69,11 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement) -
     data = tokenize_data(run, tokenizer, train_convs, val_convs)
     if options.preferences:
         data.preferences = tokenize_preferences(options, tokenizer, max_length)
-    choice = make_plan(run, source, placement, data)
+    bits = 4 if options.load_in_4bit else 8 if options.load_in_8bit else 32
+    shape, machine = Shape.from_config(config, bits), calibrate(placement.device, options.max_memory)
+    choice = make_plan(run, data, shape, machine)
     if options.time_budget and options.budget_selection == "surprise" and len(choice.kept) < len(data.train):
-        data, choice = choose_by_surprise(run, source, placement, data, choice, tokenizer)
+        data, choice = choose_by_surprise(run, source, placement, data, choice, tokenizer, shape, machine)
     run = dataclasses.replace(run, batch_size=choice.batch_size, epochs=choice.epochs,
                               gradient_checkpointing=choice.gradient_checkpointing, rehearsal=choice.rehearsal,
                               max_batch_tokens=choice.max_batch_tokens, plan=choice.plan,
@@ -98,8 +100,8 @@ def say_plan(run: RunPlan, data: Data, placement: Placement) -> None:
 SCORE_SHARE = 1 / 3  # of a time budget, at most, for scoring exchanges not scored before
 
 
-def choose_by_surprise(run: RunPlan, source: ModelSource, placement: Placement, data: Data,
-                       first: Choice, tokenizer) -> Tuple[Data, Choice]:
+def choose_by_surprise(run: RunPlan, source: ModelSource, placement: Placement, data: Data, first: Choice,
+                       tokenizer, shape: Shape, machine: Machine) -> Tuple[Data, Choice]:
     """A budget too short for one pass: the data as single exchanges, the base model's most surprising
     first (scored once, forward only, and cached), near-duplicates left out; the plan made again on them."""
     import gc
@@ -124,7 +126,7 @@ def choose_by_surprise(run: RunPlan, source: ModelSource, placement: Placement, 
     if todo and options.dry_run:  # the plan only: scoring's estimated time counted, nothing scored
         say(f"selection: {len(todo)} exchanges would be scored with the base model first (about "
             f"{duration(estimate)}); the plan below takes them in a random order")
-        return unit_data, make_plan(run, source, placement, unit_data, spent_s=estimate,
+        return unit_data, make_plan(run, unit_data, shape, machine, spent_s=estimate,
                                     order=selection.surprise_order([None] * len(units), [], options.seed))
     if todo:
         selection.say_scoring(len(todo), estimate)
@@ -138,4 +140,4 @@ def choose_by_surprise(run: RunPlan, source: ModelSource, placement: Placement, 
     left_out = selection.near_duplicates(units)
     order = selection.surprise_order(scores, left_out, options.seed)
     say(selection.describe(len(units), len(todo), spent, len(left_out), sum(s is None for s in scores)))
-    return unit_data, make_plan(run, source, placement, unit_data, order=order, spent_s=spent)
+    return unit_data, make_plan(run, unit_data, shape, machine, order=order, spent_s=spent)

@@ -23,15 +23,14 @@ import torch
 
 from .errors import ChatkitError
 from .files import cache_dir, read_json_object, write_json
-from .formatting import IGNORE_INDEX, split_exchanges, tokenize_conversation
-from .forward import labelled_features
+from .formatting import split_exchanges, tokenize_conversation
+from .forward import labelled_losses, padded_batch
 from .output import Progress, duration, say
 
 SCORE_VERSION = 1  # bump when the score's definition changes: old cached scores are then not used
 PROMPT_CHARS = 160  # the end of the user's turn, as the context the answer is scored in
 ANSWER_CHARS = 240  # the opening of the answer that is scored (about 60 tokens)
 SCORE_BATCH = 32
-LOGIT_ROWS = 1024  # positions whose vocabulary-wide logits are held at once
 SAVE_EVERY_S = 30.0  # scores done so far are kept this often: Ctrl-C loses at most this much
 DUPLICATE_SHINGLE = 5  # words per shingle
 DUPLICATE_JACCARD = 0.9  # exchanges this alike are one: the first is kept
@@ -117,21 +116,9 @@ def score(model, tokenizer, units: Sequence[List[dict]], cache: ScoreCache, todo
         try:
             for start in range(0, len(order), SCORE_BATCH):
                 batch = order[start:start + SCORE_BATCH]
-                width = max(len(encoded[i][0]) for i in batch)
-                ids = torch.tensor([encoded[i][0] + [0] * (width - len(encoded[i][0])) for i in batch], device=device)
-                labels = torch.tensor([encoded[i][1] + [IGNORE_INDEX] * (width - len(encoded[i][1])) for i in batch],
-                                      device=device)
-                targets = labels[:, 1:]
-                keep = targets != IGNORE_INDEX
-                features, head = labelled_features(model, {"input_ids": ids}, keep)
-                losses = torch.cat([
-                    torch.nn.functional.cross_entropy(
-                        (head(part).float() if head is not None else part), goal, reduction="none")
-                    for part, goal in zip(features.split(LOGIT_ROWS), targets[keep].split(LOGIT_ROWS))])
-                rows = keep.nonzero()[:, 0]
-                sums = torch.zeros(len(batch), device=device).index_add_(0, rows, losses)
-                counts = keep.sum(1).clamp(min=1)
-                for i, value in zip(batch, (sums / counts).tolist()):
+                ids, labels = padded_batch([{"input_ids": encoded[i][0], "labels": encoded[i][1]} for i in batch],
+                                           device)
+                for i, value in zip(batch, labelled_losses(model, ids, labels).tolist()):
                     cache.scores[unit_key(units[i])] = round(value, 4)
                 progress.update(min(start + SCORE_BATCH, len(order)))
                 if time.perf_counter() - saved > SAVE_EVERY_S:

@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Optional
 
-from .apirequest import ChatRequest, RequestError, StopScanner, error_body  # noqa: F401 - the API's requests
+from .apirequest import ChatRequest, RequestError, StopScanner, error_body
 from .chat import ChatSession
 from .errors import ChatkitError
 

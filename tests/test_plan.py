@@ -223,7 +223,7 @@ def test_a_falling_behind_run_is_shortened_with_a_finished_schedule():
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
-    from chatkit.engine import reschedule
+    from chatkit.callbacks import reschedule
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, 2, 100)

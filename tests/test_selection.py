@@ -60,7 +60,7 @@ def test_scores_are_the_answers_loss_per_token_cached_and_kept_whole_on_ctrl_c(t
 
     more = units + [talk((f"New question {i}?", f"New answer {i}.")) for i in range(40)]
     batches = []
-    original = selection.labelled_features
+    original = selection.labelled_losses
 
     def interrupted(*args, **kwargs):
         batches.append(1)
@@ -68,7 +68,7 @@ def test_scores_are_the_answers_loss_per_token_cached_and_kept_whole_on_ctrl_c(t
             raise KeyboardInterrupt  # Ctrl-C in the second batch
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(selection, "labelled_features", interrupted)
+    monkeypatch.setattr(selection, "labelled_losses", interrupted)
     monkeypatch.setattr(selection, "SCORE_BATCH", 16)
     with pytest.raises(KeyboardInterrupt):
         selection.score(loaded.model, loaded.tokenizer, more, cache, selection.missing(more, cache))
