@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
-"""What a time budget trains: a random sample of whole conversations, the exchanges the base model finds
-most surprising (--budget-selection surprise), or each conversation's opening first?
+"""What a time budget trains: the toolkit's rule (whole conversations, then a focus stage on what the base
+model does not know of the user's world), whole conversations alone, or each conversation's opening first?
 
     python bench/budget_selection.py --data pk2023.jsonl                  # 5m and 15m, both rules
+    python bench/budget_selection.py --data pk2023.jsonl --budgets 15m,30m
     python bench/budget_selection.py --data pk2023.jsonl --budgets 5m --facts 8 --mentions 3
     python bench/budget_selection.py --data pk2023.jsonl --budgets 15m --rules "whole conversations" --no-starter
-    python bench/budget_selection.py --data pk2023.jsonl --rank-facts     # where surprise ranks the facts
+    python bench/budget_selection.py --data pk2023.jsonl --rank-facts     # where each statistic ranks the facts
 
-A budget too short for one pass over the data trains part of it. The toolkit takes whole conversations
-in a seeded random order, each one that still fits. `--budget-selection surprise` scores every exchange
-with the base model (forward only, cached) and takes the most surprising first, over 3 epochs.
-"Openings first" takes every conversation's first example (its opening exchanges, up to --max-length)
-before any conversation's second, the conversations in the same order. This bench trains the same data
+A budget shorter than the schedule trains part of it. `--budget-selection surprise` (the toolkit's default,
+"surprise" here) reads every exchange's answer opening with the base model (forward only, cached), finds
+the words it does not know that stand out in several conversations, trains whole conversations as
+they fit and then, in a focus stage of its own, the exchanges holding those words 8 times each.
+"Whole conversations" (`--budget-selection random`) takes whole conversations in a seeded random order,
+each one that still fits. "Openings first" takes every conversation's first example (its opening
+exchanges, up to --max-length) before any conversation's second, the conversations in the same order.
+This bench trains the same data
 with the same command (`train_chatgpt_model.py --data DATA --time-budget BUDGET --report none`, a fresh
 process each, the rules alternating) and compares:
 
@@ -63,8 +67,8 @@ runpy.run_path('train_chatgpt_model.py', run_name='__main__')
 """
 # The toolkit's rule (a random sample of whole conversations), surprise (--budget-selection surprise), openings first.
 RULES = ("surprise", "whole conversations", "openings first")
-RULE_FLAGS = {"surprise": ["--budget-selection", "surprise"], "whole conversations": [],
-              "openings first": []}
+RULE_FLAGS = {"surprise": ["--budget-selection", "surprise"], "whole conversations": ["--budget-selection", "random"],
+              "openings first": ["--budget-selection", "random"]}
 ANSWER = "The {role} of the Quillmere Institute is {name}."
 
 
@@ -112,8 +116,9 @@ RANKINGS = {  # statistics of an answer's per-token losses under the base model,
 
 
 def rank_facts(conversations: list, train_indices: list, facts: list) -> dict:
-    """Where the planted facts' exchanges rank among all training exchanges, by the base model's surprise
-    (the answer's opening given the question's end, as --budget-selection surprise scores them)."""
+    """Where the planted facts' exchanges rank among all training exchanges, by statistics of the base model's
+    surprise on the answer's opening given the question's end (the part --budget-selection surprise reads),
+    and by the toolkit's rule: recurring standout words per token."""
     import statistics
 
     import torch
@@ -123,7 +128,7 @@ def rank_facts(conversations: list, train_indices: list, facts: list) -> dict:
     from chatkit.models import load_model, resolve_model
     from chatkit.options import STARTER_MODEL
 
-    units = selection.exchange_units([conversations[i] for i in train_indices])
+    units, owners = selection.exchange_units([conversations[i] for i in train_indices])
     names = [fact["name"] for fact in facts]
     planted = [any(name in m["content"] for m in unit for name in names) for unit in units]
     loaded = load_model(resolve_model(STARTER_MODEL))
@@ -131,7 +136,7 @@ def rank_facts(conversations: list, train_indices: list, facts: list) -> dict:
     losses = []
     with torch.no_grad():
         for unit in units:
-            ids, labels = tokenize_conversation(selection._scored_messages(unit), tokenizer)[:2]
+            ids, labels = tokenize_conversation(selection._read_messages(unit), tokenizer)[:2]
             logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
             targets = torch.tensor(labels[1:])
             keep = targets != IGNORE_INDEX
@@ -139,9 +144,15 @@ def rank_facts(conversations: list, train_indices: list, facts: list) -> dict:
     median = statistics.median(sum(p) / len(p) for p in losses if p)
     rankings = dict(RANKINGS)
     rankings["mean, short answers shrunk to the median"] = lambda p: (sum(p) + 16 * median) / (len(p) + 16)
+    cache = selection.ScoreCache("bench-rank-facts")
+    selection.score(model, tokenizer, units, cache, range(len(units)))
+    words = selection.recurring(units, owners, cache, selection.Vocabulary(tokenizer))
+    lengths = {i: len(tokenize_conversation(selection._read_messages(unit), tokenizer)[0]) for i, unit in enumerate(units)}
     out = {"exchanges": len(units), "planted": sum(planted)}
-    for name, statistic in rankings.items():
-        scores = [statistic(p) if p else float("-inf") for p in losses]
+    statistics_ = [(name, [statistic(p) if p else float("-inf") for p in losses]) for name, statistic in rankings.items()]
+    statistics_.append(("recurring standout words per token (the toolkit's rule)",
+                        [len(w) / lengths[i] for i, w in enumerate(words)]))
+    for name, scores in statistics_:
         order = sorted(range(len(units)), key=lambda i: -scores[i])
         ranks = sorted(order.index(i) + 1 for i in range(len(units)) if planted[i])
         out[name] = {"in the top 60": sum(r <= 60 for r in ranks), "in the top 120": sum(r <= 120 for r in ranks),
@@ -155,7 +166,9 @@ def train(rule: str, data: Path, budget: str, output: Path, extra: list) -> dict
     seconds, said = run_trainer(flags, OPENINGS if rule == "openings first" else None, f"{rule}, {budget}")
     info = json.loads((output / "chatkit.json").read_text())
     plan = info["plan"]
-    return {"seconds": round(seconds, 1), "estimated_s": plan["estimated_seconds"], "units": plan.get("units"),
+    return {"seconds": round(seconds, 1), "estimated_s": plan["estimated_seconds"],
+            "focus": {key: plan.get(key) for key in ("focus_exchanges", "focus_repeats")},
+            "said": [line for line in said.splitlines() if line.startswith(("selection:", "plan:"))],
             "epochs": plan["epochs"], "scoring_s": plan["parts"].get("scoring"),
             "calibration": next((line.split("matrix product at ")[-1].rstrip(")") for line in
                                  said.splitlines() if "matrix product at" in line), None),

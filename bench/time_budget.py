@@ -10,6 +10,8 @@ and its peak resident memory. "busy" starts a second CPU-bound process first (a 
 core, as a program the user left running) and stops it after. It prints, per run: the plan's estimate,
 the wall time against the budget, the peak memory, the steps planned and trained, and the reason the
 run changed, read from the output's chatkit.json. Exit status 1 when a run ends past the budget + 10%.
+Each run starts without the exchanges an earlier run read (the cache's surprise/ folder is emptied), as a
+new user's first run; --keep-reading keeps them, as a second run on the same data.
 """
 
 from __future__ import annotations
@@ -76,10 +78,18 @@ def main() -> int:
     parser.add_argument("--data", required=True, help="training data (the converter's output)")
     parser.add_argument("--budget", default="5m", help="the --time-budget (default: %(default)s)")
     parser.add_argument("--load", default="idle,busy", help="idle, busy or both (default: %(default)s)")
+    parser.add_argument("--keep-reading", action="store_true",
+                        help="keep what earlier runs read of the exchanges (default: each run reads afresh)")
     parser.add_argument("extra", nargs="*", help="more train_chatgpt_model.py flags, after --")
     args = parser.parse_args()
     late = False
     for load in args.load.split(","):
+        if not args.keep_reading:
+            import shutil
+
+            from chatkit.files import cache_dir
+
+            shutil.rmtree(cache_dir() / "surprise", ignore_errors=True)
         result = one_run(args.data, args.budget, load, args.extra)
         within = result["wall_s"] <= result["budget_s"] * 1.1
         late |= not within

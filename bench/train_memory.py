@@ -66,7 +66,7 @@ def one(shape: str, steps: int, checkpointing: bool, load_in: str = "none", conf
     import torch
 
     from chatkit.device import choose_placement
-    from chatkit.engine import EngineSettings, make_trainer, StopOnInterrupt
+    from chatkit.engine import ChatTrainingArguments, make_trainer, StopOnInterrupt
     from chatkit.options import TrainOptions
     from chatkit.output import set_verbosity
     from chatkit.adapters import prepare_model
@@ -81,9 +81,10 @@ def one(shape: str, steps: int, checkpointing: bool, load_in: str = "none", conf
     generator = torch.Generator().manual_seed(0)
     examples = [{"input_ids": ids, "labels": ids, "length": length}
                 for ids in torch.randint(100, 40000, (rows * steps, length), generator=generator).tolist()]
-    settings = EngineSettings(checkpoints_dir="/tmp/chatkit-memory-bench", epochs=1, batch_size=rows,
-                              learning_rate=1e-4, logging_steps=1000, gradient_checkpointing=checkpointing)
-    trainer = make_trainer(model, tokenizer, examples, [], settings, "cpu", "float32", StopOnInterrupt())
+    arguments = ChatTrainingArguments.for_run(checkpoints_dir="/tmp/chatkit-memory-bench", epochs=1, batch_size=rows,
+                                              learning_rate=1e-4, device="cpu", dtype="float32", has_val=False,
+                                              logging_steps=1000, gradient_checkpointing=checkpointing)
+    trainer = make_trainer(model, tokenizer, examples, [], arguments, StopOnInterrupt())
     trainer.args.save_strategy = "no"
     started = time.perf_counter()
     trainer.train()

@@ -25,6 +25,7 @@ Each --variant is our trainer with one of its speed-ups taken out (or one tried)
   unfused-lora   peft's own LoRA forward (B's product, the scaling and the sum as three passes)
   unfused        both
   compile        torch.compile of the model body (dynamic shapes; the compile counts in the run's time)
+  packing        --packing: conversations packed into sequences of --max-length, positions restarting at each
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def make_data(path: Path, count: int, seed: int = 0) -> None:
     path.write_text(json.dumps(records))
 
 
-VARIANTS = ("unfused-loss", "unfused-lora", "unfused", "compile")
+VARIANTS = ("unfused-loss", "unfused-lora", "unfused", "compile", "packing")
 
 
 @contextlib.contextmanager
@@ -108,7 +109,7 @@ def run_chatkit(data: Path, workdir: Path, batch: int, checkpointing: bool, name
     # One pass, training only; everything else as the plan chooses it (or TRL's batches: 8 conversations
     # whatever their tokens).
     chosen = (dict(batch_size=batch, max_batch_tokens=batch * 1024, gradient_checkpointing=checkpointing)
-              if same_batches else {})
+              if same_batches else {}) | (dict(packing=True) if name == "packing" else {})
     options = TrainOptions(data=[str(data)], output=str(workdir / f"chatkit{name}"), epochs=1, val_split=0,
                            logging_steps=1000, rehearsal=0, report="none", **chosen)
     with variant(name) if name else contextlib.nullcontext():

@@ -54,14 +54,31 @@ def make_deadline(options: TrainOptions, plan, checkpoint: Optional[str], epoch_
                                "the file to count the budget from now")
     started = command_started()
     parts = plan.parts
-    evaluations = max(1, math.ceil(plan.epochs))  # the plan's: one as each epoch ends
+    evaluations = max(1, math.ceil(plan.epochs)) + (1 if plan.focus_steps else 0)  # one as each epoch ends
     return Deadline(finish_by=started + parse_duration(options.time_budget) * DEADLINE_SHARE - used,
-                    after_s=parts.get("report", 0) + parts.get("evaluation", 0) + parts.get("preferences", 0),
+                    after_s=(parts.get("report", 0) + parts.get("evaluation", 0) + parts.get("preferences", 0)
+                             + parts.get("focus", 0)),
                     report_s=parts.get("report", 0), saving_s=parts.get("saving", 0),
                     evaluation_s=parts.get("evaluation", 0) / evaluations, evaluations=evaluations,
                     planned_step_s=parts.get("training", 0) / max(plan.steps, 1), started=started,
                     planned_tokens=round((epoch_tokens or plan.tokens) * plan.epochs), planned_steps=plan.steps,
                     used_before_s=used)
+
+
+def focus_deadline(deadline, plan, epoch_tokens: int):
+    """The deadline of the focus stage, after the conversations: the same finish, what follows it (its
+    evaluation, DPO, the report), and its own planned steps to measure its steps against. Its changes are
+    the run's (one list)."""
+    if deadline is None:
+        return None
+    from .callbacks import Deadline
+
+    focus_s = plan.parts.get("focus", 0.0)
+    return Deadline(finish_by=deadline.finish_by, after_s=max(0.0, deadline.after_s - focus_s),
+                    report_s=deadline.report_s, saving_s=deadline.saving_s, evaluation_s=deadline.evaluation_s,
+                    evaluations=deadline.evaluations, planned_step_s=focus_s / max(1, plan.focus_steps),
+                    planned_tokens=epoch_tokens, planned_steps=plan.focus_steps, started=deadline.started,
+                    used_before_s=deadline.used_before_s, changes=deadline.changes, stage="the focus stage")
 
 
 def budget_record(plan, deadline, metrics: dict) -> Optional[dict]:
@@ -73,5 +90,5 @@ def budget_record(plan, deadline, metrics: dict) -> Optional[dict]:
     if metrics.get("dpo_stopped"):
         why.append(f"DPO stopped after {metrics['dpo_steps']} of {metrics['dpo_planned_steps']} steps "
                    f"({metrics['dpo_stopped']})")
-    return {"planned_steps": plan.steps, "trained_steps": trained_steps, "changes": deadline.changes,
+    return {"planned_steps": plan.steps + plan.focus_steps, "trained_steps": trained_steps, "changes": deadline.changes,
             "summary": "; ".join(why)}

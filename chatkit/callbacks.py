@@ -86,16 +86,20 @@ class Deadline:
     started: float = 0.0  # when this command started (time.time())
     used_before_s: float = 0.0  # the budget an interrupted run had spent, for a resumed one
     changes: List[dict] = None  # each time the rest of the run was shortened: step, steps before and after, why
+    stage: str = ""  # which stage's steps these are, where a run has two (the focus stage)
 
     def __post_init__(self):
-        self.changes = self.changes or []
+        if self.changes is None:
+            self.changes = []
 
     def describe(self) -> Optional[str]:
         if not self.changes:
             return None
         last = self.changes[-1]
-        return (f"the machine ran {last['slowdown']:.1f}x slower than planned, so training stopped after "
-                f"{last['to_steps']} of {self.changes[0]['from_steps']} planned steps, the learning rate brought "
+        first = next(change for change in self.changes if change.get("stage") == last.get("stage"))
+        what = last.get("stage") or "training"
+        return (f"the machine ran {last['slowdown']:.1f}x slower than planned, so {what} stopped after "
+                f"{last['to_steps']} of {first['from_steps']} planned steps, the learning rate brought "
                 "down over the steps left, to finish within the time budget")
 
 
@@ -201,7 +205,8 @@ class KeepDeadline(TrainerCallback):
         fits = max(0, int(left_s // step_s))
         new_total = state.global_step + fits
         self.deadline.changes.append({"step": state.global_step, "from_steps": state.max_steps, "to_steps": new_total,
-                                      "slowdown": round(slowdown, 2), "step_s": round(step_s, 3)})
+                                      "slowdown": round(slowdown, 2), "step_s": round(step_s, 3)}
+                                     | ({"stage": self.deadline.stage} if self.deadline.stage else {}))
         if fits == 0:
             control.should_training_stop = True
             state.max_steps = state.global_step

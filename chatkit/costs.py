@@ -17,6 +17,10 @@ from .machine import Machine
 # shapes: 0.75 GiB before any weights, and about as much again in the real runs of docs/PERFORMANCE.md.
 PROCESS_BYTES = 1.5 * 2**30
 STEP_OVERHEAD_S = 0.02  # optimizer step and bookkeeping
+# ... and what a step costs whatever its size (each layer's kernels started, the adapters' update), as the
+# work of this many tokens: bench/train_memory.py on the starter, 3 x 64 tokens 1.50 s a step against
+# 3 x 200 tokens 3.96 s, is 6.0 ms a token and 0.35 s a step (docs/PERFORMANCE.md)
+STEP_OVERHEAD_TOKENS = 48
 REHEARSAL_S = (2.0, 0.6)  # fixed, then per answer generated (64 tokens, batches of 16)
 REPORT_S = 0.21  # per report answer (32 tokens; base and trained answers share batches)
 # The fused loss (chatkit/kernels.py) holds the logits of LOGITS_CHUNK positions at a time: LOGITS_BYTES
@@ -107,13 +111,18 @@ def batch_widths(lengths: Sequence[int], batches: List[List[int]]) -> List[int]:
 def training_seconds(widths: Sequence[int], rows: Sequence[int], shape: Shape, machine: Machine,
                      trained_share: float, lora: bool) -> float:
     """Seconds for one pass over batches of the given padded widths (tokens) and row counts."""
-    return sum(width * shape.flops_per_token(width / count, trained_share, lora) * shape.slowdown / machine.rate
-               + STEP_OVERHEAD_S for width, count in zip(widths, rows))
+    return sum((width + STEP_OVERHEAD_TOKENS) * shape.flops_per_token(width / count, trained_share, lora)
+               * shape.slowdown / machine.rate + STEP_OVERHEAD_S for width, count in zip(widths, rows))
 
 
 def evaluation_seconds(val_tokens: int, shape: Shape, machine: Machine, evaluations: int) -> float:
     forward = shape.flops_per_token(512, 1.0, True) / 2 * shape.slowdown  # forward only
     return evaluations * val_tokens * forward / machine.rate
+
+
+def reading_seconds(tokens: int, shape: Shape, machine: Machine) -> float:
+    """Reading `tokens` with the model, forward only, in batches of short exchanges."""
+    return tokens * shape.flops_per_token(256, 0.5, True) / 2 * shape.slowdown / machine.rate
 
 
 def rehearsal_seconds(count: int, ranking_tokens: int = 0, shape: Optional[Shape] = None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
@@ -31,28 +31,69 @@ CHECKPOINTING_ARGUMENT = ("activation_checkpointing" if "activation_checkpointin
 
 
 @dataclass
-class EngineSettings:
-    """What one Trainer run needs to know; each trainer fills it from its own options."""
+class ChatTrainingArguments(TrainingArguments):
+    """The trainer's one configuration: transformers' TrainingArguments and what ChatTrainer adds to them, as
+    TRL's SFTConfig is one. Built once for a run (`for_run`) and handed to the trainer as it is."""
 
-    checkpoints_dir: str
-    epochs: float
-    batch_size: int
-    learning_rate: float
-    logs_dir: Optional[str] = None  # TensorBoard event files; None: none written
-    gradient_accumulation_steps: int = 1
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    logging_steps: int = 5
-    eval_steps: Optional[int] = None  # None (with save_steps None): once per epoch
-    save_steps: Optional[int] = None
-    seed: int = 42
-    gradient_checkpointing: bool = False
-    packing: bool = False
-    early_stopping_patience: Optional[int] = None
-    neftune_alpha: float = 0.0
-    max_batch_tokens: Optional[int] = None  # None: batches of batch_size examples, whatever their length
-    deadline: Optional["Deadline"] = None  # a time budget the run keeps
+    max_batch_tokens: Optional[int] = field(default=None, metadata={
+        "help": "padded tokens a step holds at most (batches by a token budget); None: batches of the batch size"})
+    packing: bool = field(default=False, metadata={"help": "examples packed into sequences of --max-length"})
+    early_stopping_patience: Optional[int] = field(default=None, metadata={
+        "help": "stop after this many evaluations without a better validation loss"})
+    logs_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard event files; None: none written"})
+
+    @classmethod
+    def for_run(cls, *, checkpoints_dir: str, epochs: float, batch_size: int, learning_rate: float, device: str,
+                dtype: str, has_val: bool, gradient_accumulation_steps: int = 1, lr_scheduler: str = "cosine",
+                warmup_ratio: float = 0.05, weight_decay: float = 0.0, logging_steps: int = 5,
+                eval_steps: Optional[int] = None, save_steps: Optional[int] = None, seed: int = 42,
+                gradient_checkpointing: bool = False, neftune_alpha: float = 0.0,
+                **chat) -> "ChatTrainingArguments":
+        """The arguments of one run on `device` in `dtype`: evaluation and saving once an epoch unless steps are
+        given, the best checkpoint kept and loaded at the end where there is a validation split, logs and
+        progress by the toolkit's own callbacks. `chat`: the fields above."""
+        per_epoch = eval_steps is None and save_steps is None
+        strategy = "epoch" if per_epoch else "steps"
+        save_steps = save_steps or eval_steps or 500
+        on_cuda = device.startswith("cuda")
+        return cls(
+            output_dir=checkpoints_dir,
+            num_train_epochs=epochs,
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            learning_rate=learning_rate,
+            lr_scheduler_type=lr_scheduler,
+            warmup_steps=warmup_ratio,  # below 1: a fraction of all steps (transformers 5)
+            weight_decay=weight_decay,
+            logging_steps=logging_steps,
+            logging_first_step=True,
+            eval_strategy=strategy if has_val else "no",
+            eval_steps=(eval_steps or save_steps) if has_val and not per_epoch else None,
+            save_strategy=strategy,
+            save_steps=save_steps if not per_epoch else None,
+            save_total_limit=2,  # the newest and the best: enough to resume and to keep the best model
+            load_best_model_at_end=has_val,
+            metric_for_best_model="eval_loss" if has_val else None,
+            greater_is_better=False if has_val else None,
+            use_cpu=device == "cpu",
+            bf16=on_cuda and dtype == "bfloat16",
+            fp16=on_cuda and dtype == "float16",
+            **{CHECKPOINTING_ARGUMENT: gradient_checkpointing},
+            report_to="none",  # TensorBoard is added as a callback writing to logs_dir
+            disable_tqdm=True,  # ProgressReport shows the progress instead
+            seed=seed,
+            data_seed=seed,
+            remove_unused_columns=False,
+            include_num_input_tokens_seen="non_padding",  # counts the real tokens of each step
+            train_sampling_strategy="random" if chat.get("packing") else "group_by_length",
+            length_column_name="length",
+            dataloader_pin_memory=on_cuda,
+            ddp_find_unused_parameters=False,
+            neftune_noise_alpha=neftune_alpha or None,
+            prediction_loss_only=True,  # validation needs the loss alone (ChatTrainer.prediction_step)
+            **chat,
+        )
 
 
 class ChatTrainer(Trainer):
@@ -129,73 +170,28 @@ class ChatTrainer(Trainer):
 TRIM_ABOVE_TOKENS = 512  # steps this large fragment the heap; smaller ones never need a trim
 
 
-def make_callbacks(settings: EngineSettings, stop: StopOnInterrupt, has_val: bool,
-                   step_tokens: int = 0) -> List[TrainerCallback]:
+def make_callbacks(args: ChatTrainingArguments, stop: StopOnInterrupt, has_val: bool, step_tokens: int = 0,
+                   deadline: Optional[Deadline] = None) -> List[TrainerCallback]:
     callbacks = [Throughput(), ProgressReport(), Interrupt(stop)]
-    if settings.deadline is not None:
-        callbacks.insert(0, KeepDeadline(settings.deadline))  # before the progress display, which shows the new total
+    if deadline is not None:
+        callbacks.insert(0, KeepDeadline(deadline))  # before the progress display, which shows the new total
     if step_tokens > TRIM_ABOVE_TOKENS:
         callbacks.append(ReturnFreedMemory())
-    if settings.logs_dir:
+    if args.logs_dir:
         try:
             from torch.utils.tensorboard import SummaryWriter
             from transformers.integrations import TensorBoardCallback
 
-            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=settings.logs_dir)))
+            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=args.logs_dir)))
         except ImportError:
             say("warning: tensorboard is not installed; no TensorBoard logs (pip install tensorboard)")
-    if settings.early_stopping_patience and has_val:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
+    if args.early_stopping_patience and has_val:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
     return callbacks
 
 
 # ---------------------------------------------------------------------------------------------
 # One run
-
-
-def training_arguments(settings: EngineSettings, device: str, dtype: str, has_val: bool) -> TrainingArguments:
-    per_epoch = settings.eval_steps is None and settings.save_steps is None
-    strategy = "epoch" if per_epoch else "steps"
-    save_steps = settings.save_steps or settings.eval_steps or 500
-    eval_steps = settings.eval_steps or save_steps
-    on_cuda = device.startswith("cuda")
-    return TrainingArguments(
-        output_dir=settings.checkpoints_dir,
-        num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=settings.warmup_ratio,  # below 1: a fraction of all steps (transformers 5)
-        weight_decay=settings.weight_decay,
-        logging_steps=settings.logging_steps,
-        logging_first_step=True,
-        eval_strategy=strategy if has_val else "no",
-        eval_steps=eval_steps if has_val and not per_epoch else None,
-        save_strategy=strategy,
-        save_steps=save_steps if not per_epoch else None,
-        save_total_limit=2,  # the newest and the best: enough to resume and to keep the best model
-        load_best_model_at_end=has_val,
-        metric_for_best_model="eval_loss" if has_val else None,
-        greater_is_better=False if has_val else None,
-        use_cpu=device == "cpu",
-        bf16=on_cuda and dtype == "bfloat16",
-        fp16=on_cuda and dtype == "float16",
-        **{CHECKPOINTING_ARGUMENT: settings.gradient_checkpointing},
-        report_to="none",  # TensorBoard is added as a callback writing to logs_dir
-        disable_tqdm=True,  # ProgressReport shows the progress instead
-        seed=settings.seed,
-        data_seed=settings.seed,
-        remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",  # counts the real tokens of each step
-        train_sampling_strategy="random" if settings.packing else "group_by_length",
-        length_column_name="length",
-        dataloader_pin_memory=on_cuda,
-        ddp_find_unused_parameters=False,
-        neftune_noise_alpha=settings.neftune_alpha or None,
-        prediction_loss_only=True,  # validation needs the loss alone (ChatTrainer.prediction_step)
-    )
 
 
 @dataclass
@@ -208,52 +204,52 @@ class RunResult:
     checkpoint: Optional[str] = None
 
 
-def largest_step(examples: List[dict], settings: EngineSettings) -> int:
+def largest_step(examples: List[dict], args: ChatTrainingArguments) -> int:
     """The most padded tokens one step can hold."""
     longest = max((len(e["input_ids"]) for e in examples), default=0)
-    step = longest * settings.batch_size
-    return max(longest, min(step, settings.max_batch_tokens)) if settings.max_batch_tokens else step
+    step = longest * args.per_device_train_batch_size
+    return max(longest, min(step, args.max_batch_tokens)) if args.max_batch_tokens else step
 
 
-def budget_sampler(examples: List[dict], settings: EngineSettings) -> Optional[TokenBudgetSampler]:
+def budget_sampler(examples: List[dict], args: ChatTrainingArguments) -> Optional[TokenBudgetSampler]:
     """Batches by token budget where the budget would bind; else None (the Trainer's own length grouping)."""
     lengths = [len(e["input_ids"]) for e in examples]
-    if not lengths or max(lengths) * settings.batch_size <= settings.max_batch_tokens:
+    if not lengths or max(lengths) * args.per_device_train_batch_size <= args.max_batch_tokens:
         return None
-    return TokenBudgetSampler(lengths, settings.batch_size, settings.max_batch_tokens, settings.seed)
+    return TokenBudgetSampler(lengths, args.per_device_train_batch_size, args.max_batch_tokens, args.seed)
 
 
-def make_trainer(model, tokenizer, train_examples: List[dict], val_examples: List[dict], settings: EngineSettings,
-                 device: str, dtype: str, stop: StopOnInterrupt, teacher=None) -> ChatTrainer:
+def make_trainer(model, tokenizer, train_examples: List[dict], val_examples: List[dict], args: ChatTrainingArguments,
+                 stop: StopOnInterrupt, teacher=None, deadline: Optional[Deadline] = None) -> ChatTrainer:
     from datasets import Dataset
 
     quiet_transformers()
     has_val = bool(val_examples)
-    by_tokens = bool(settings.max_batch_tokens) and not settings.packing  # batches by a token budget
+    by_tokens = bool(args.max_batch_tokens) and not args.packing  # batches by a token budget
     trainer = ChatTrainer(
         model=model,
-        args=training_arguments(settings, device, dtype, has_val),
-        data_collator=PaddingCollator(pad_token_id(tokenizer), packed=settings.packing),
+        args=args,
+        data_collator=PaddingCollator(pad_token_id(tokenizer), packed=args.packing),
         train_dataset=Dataset.from_list(train_examples),
         eval_dataset=Dataset.from_list(val_examples) if has_val else None,
         processing_class=tokenizer,
-        callbacks=make_callbacks(settings, stop, has_val, largest_step(train_examples, settings)),
-        teacher=teacher, batch_sampler=budget_sampler(train_examples, settings) if by_tokens else None,
-        eval_batch_sampler=budget_sampler(val_examples, settings) if by_tokens and has_val else None,
+        callbacks=make_callbacks(args, stop, has_val, largest_step(train_examples, args), deadline),
+        teacher=teacher, batch_sampler=budget_sampler(train_examples, args) if by_tokens else None,
+        eval_batch_sampler=budget_sampler(val_examples, args) if by_tokens and has_val else None,
     )
     for callback in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(callback)
     return trainer
 
 
-def run_trainer(model, tokenizer, train_examples: List[dict], val_examples: List[dict], settings: EngineSettings,
-                device: str, dtype: str, checkpoint: Optional[str] = None, evaluate_first: bool = False,
-                teacher=None) -> RunResult:
-    """Train on token examples (packed already when settings.packing) with ChatTrainer.
+def run_trainer(model, tokenizer, train_examples: List[dict], val_examples: List[dict], args: ChatTrainingArguments,
+                checkpoint: Optional[str] = None, evaluate_first: bool = False, teacher=None,
+                deadline: Optional[Deadline] = None) -> RunResult:
+    """Train on token examples (packed already when args.packing) with ChatTrainer, keeping `deadline`.
 
     Ctrl-C saves a checkpoint; running out of GPU memory is explained."""
     stop = StopOnInterrupt()
-    trainer = make_trainer(model, tokenizer, train_examples, val_examples, settings, device, dtype, stop, teacher)
+    trainer = make_trainer(model, tokenizer, train_examples, val_examples, args, stop, teacher, deadline)
     has_val = bool(val_examples)
     metrics = {}
     # The Trainer prints on stdout; scripts keep stdout for results.
@@ -270,8 +266,7 @@ def run_trainer(model, tokenizer, train_examples: List[dict], val_examples: List
                 "checkpoints and takes fewer tokens a step), or use --load-in-4bit"
             ) from None
         if stop.requested:
-            return RunResult(trainer, metrics, interrupted=True,
-                             checkpoint=latest_checkpoint(settings.checkpoints_dir))
+            return RunResult(trainer, metrics, interrupted=True, checkpoint=latest_checkpoint(args.output_dir))
         runtime = result.metrics.get("train_runtime", 0.0)
         tokens = trainer.state.num_input_tokens_seen
         metrics.update(train_loss=round(result.training_loss, 4), steps=result.global_step,

@@ -4,7 +4,8 @@ What a family's chat template does with a system message or with two turns of on
 the template itself (formatting.template_rules), so an unknown family is handled the same way; the
 `system_role` and `alternating` columns say what the real templates do, and the tests check each
 family's template against them. What the toolkit needs and cannot learn from a template lives here: the
-layers LoRA adapts, the GGUF architecture and tensor layout, and for Qwen3 the training template.
+layers LoRA adapts, the positions' kind, and for Qwen3 the training template. Writing a family as GGUF is
+its architecture's converter's job (ggufconvert.py).
 """
 
 from __future__ import annotations
@@ -36,12 +37,8 @@ class Family:
     chat_format: str  # how a turn looks, for the docs
     end_of_turn: str  # the token that closes an answer (the model learns to write it; generation stops there)
     lora_targets: Tuple[str, ...]  # the attention and MLP matrices LoRA adapts
-    gguf_arch: Optional[str] = None  # gguf.MODEL_ARCH member; None: no GGUF export
     system_role: bool = True  # False: the template refuses a system message; it is folded into the first user turn
     alternating: bool = False  # True: roles must alternate; consecutive turns of one role are merged
-    rope_interleaved: bool = False  # llama.cpp's LLAMA graph pairs neighbouring dims: q/k rows are reordered
-    norm_plus_one: bool = False  # Gemma's RMSNorm scales by (1 + w); llama.cpp's by w, so 1 is added on export
-    local_attention: bool = False  # some layers attend to a sliding window (Gemma 2/3): its width goes in the GGUF
     training_template: Optional[str] = None  # used for training when the model's own rewrites older turns
     absolute_positions: bool = False  # learned position embeddings end at the config's count (GPT-2); rotary ones do not
     limits: str = ""
@@ -52,42 +49,41 @@ FAMILIES: Tuple[Family, ...] = (
            ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct",
             "meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-3B-Instruct"),
            "SmolLM: ChatML (<|im_start|>role ... <|im_end|>); Llama 3: <|start_header_id|>role<|end_header_id|>",
-           "<|im_end|> (SmolLM), <|eot_id|> (Llama 3)", ATTENTION_MLP, gguf_arch="LLAMA", rope_interleaved=True,
+           "<|im_end|> (SmolLM), <|eot_id|> (Llama 3)", ATTENTION_MLP,
            limits="GGUF: rotary scaling other than plain or Llama 3's is refused"),
     Family("qwen2", ("qwen2",),
            ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-3B-Instruct"),
            "ChatML; Qwen2.5's template adds its own system prompt when none is given", "<|im_end|>",
-           ATTENTION_MLP, gguf_arch="QWEN2"),
+           ATTENTION_MLP),
     Family("qwen3", ("qwen3",),
            ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B"),
            "ChatML with a <think>...</think> block before each answer", "<|im_end|>",
-           ATTENTION_MLP, gguf_arch="QWEN3", training_template=QWEN3_TRAINING_TEMPLATE,
+           ATTENTION_MLP, training_template=QWEN3_TRAINING_TEMPLATE,
            limits="trained with thinking switched off (an empty <think></think> block before every answer)"),
     Family("gemma2", ("gemma2",),
            ("google/gemma-2-2b-it",),
            "<start_of_turn>user ... <end_of_turn>, answers as the 'model' role; no system role", "<end_of_turn>",
-           ATTENTION_MLP, gguf_arch="GEMMA2", system_role=False, alternating=True, norm_plus_one=True,
-           local_attention=True,
+           ATTENTION_MLP, system_role=False, alternating=True,
            limits="no system role: a system prompt is folded into the first user turn"),
     Family("gemma3", ("gemma3_text",),
            ("google/gemma-3-1b-it", "google/gemma-3-270m-it"),
            "as Gemma 2; its template folds a system prompt into the first user turn itself", "<end_of_turn>",
-           ATTENTION_MLP, gguf_arch="GEMMA3", alternating=True, norm_plus_one=True, local_attention=True,
+           ATTENTION_MLP, alternating=True,
            limits="text models only (gemma-3-270m, 1b); the 4b and larger are image-text models"),
     Family("phi3", ("phi3",),
            ("microsoft/Phi-3-mini-4k-instruct", "microsoft/Phi-3.5-mini-instruct", "microsoft/Phi-4-mini-instruct"),
            "<|user|>\\n ... <|end|>\\n<|assistant|>\\n ... <|end|>", "<|end|>",
-           ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), gguf_arch="PHI3",
+           ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
            limits="GGUF: the long-context rotary scaling (longrope: Phi-3.5, Phi-3-128k, Phi-4-mini) is refused"),
     Family("mistral", ("mistral",),
            ("mistralai/Mistral-7B-Instruct-v0.3", "mistralai/Mistral-7B-Instruct-v0.2"),
            "<s>[INST] user [/INST] answer</s>; roles alternate", "</s>",
-           ATTENTION_MLP, gguf_arch="LLAMA", system_role=False, alternating=True, rope_interleaved=True,
+           ATTENTION_MLP, system_role=False, alternating=True,
            limits="roles must alternate (consecutive turns are merged); a system prompt goes into the first user turn"),
     Family("gpt2", ("gpt2",),
            ("openai-community/gpt2", "microsoft/DialoGPT-medium"),
            "no template of its own: the toolkit's <|user|>/<|assistant|> lines, answers closed by <|endoftext|>",
-           "<|endoftext|>", ("c_attn", "c_proj", "c_fc"), gguf_arch="GPT2", absolute_positions=True),
+           "<|endoftext|>", ("c_attn", "c_proj", "c_fc"), absolute_positions=True),
 )
 
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
@@ -103,5 +99,6 @@ def known_names() -> str:
     return ", ".join(family.name for family in FAMILIES)
 
 
-def gguf_families() -> str:
-    return ", ".join(family.name for family in FAMILIES if family.gguf_arch)
+def gguf_families(converts) -> str:
+    """The families a GGUF file can be written of: those with a model type `converts` takes."""
+    return ", ".join(family.name for family in FAMILIES if any(map(converts, family.model_types)))

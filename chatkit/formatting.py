@@ -357,11 +357,17 @@ def tokenize_conversation(
     A token is trained when it overlaps an assistant span (its content and end-of-turn token). A
     control string typed inside a message is trained as the text it is.
     """
+    return tokenize_with_offsets(messages, tokenizer, train_on_prompt)[:2]
+
+
+def tokenize_with_offsets(messages: Sequence[dict], tokenizer, train_on_prompt: bool = False):
+    """(ids, labels, each token's character offsets, the rendered text, the assistant spans in it): what
+    tokenize_conversation returns, with where each token and each answer lies in the text."""
     messages = fit_to_template(messages, tokenizer)[0]
     text, spans = assistant_char_spans(messages, tokenizer)
     input_ids, offsets = encode_text(text, tokenizer, literal_ranges(messages, tokenizer, text))
     if train_on_prompt:
-        return input_ids, list(input_ids)
+        return input_ids, list(input_ids), offsets, text, spans
     labels = [IGNORE_INDEX] * len(input_ids)
     span_index = 0
     for position, (start, end) in enumerate(offsets):
@@ -372,7 +378,7 @@ def tokenize_conversation(
         span_start, span_end = spans[span_index]
         if start < span_end and end > span_start:
             labels[position] = input_ids[position]
-    return input_ids, labels
+    return input_ids, labels, offsets, text, spans
 
 
 def trained_text(input_ids: Sequence[int], labels: Sequence[int], tokenizer) -> List[str]:

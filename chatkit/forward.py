@@ -22,15 +22,31 @@ from .models import causal_lm_parts
 from .costs import LOGITS_CHUNK, keeps_logits
 
 
-def body_states(model, **inputs):
-    """(last hidden states, cache) from the transformer body alone where the model has one, else from
-    its full forward."""
+def body_states(model, cache=None, **inputs):
+    """(last hidden states, key/value cache) from the transformer body alone where the model has one, else from
+    its full forward; `cache`: the keys and values of the tokens before `inputs`."""
     causal_lm, inner = causal_lm_parts(model)
+    module = inner if inner is not None else causal_lm
+    if cache is not None:
+        inputs[cache_name(module)] = cache
     if inner is not None:
         output = inner(**inputs)
-        return output.last_hidden_state, output.past_key_values
+        return output.last_hidden_state, output_cache(output)
     output = causal_lm(output_hidden_states=True, **inputs)
-    return output.hidden_states[-1], output.past_key_values
+    return output.hidden_states[-1], output_cache(output)
+
+
+def cache_name(module) -> str:
+    """The name a model's forward takes its key/value cache by: `cache` in newer transformers
+    (`past_key_values` is deprecated there), `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """A forward's key/value cache, under its newer name or its older one."""
+    return output["cache"] if "cache" in output else getattr(output, "past_key_values", None)
 
 
 def labelled_features(model, inputs: dict, keep, fused: bool = True):
@@ -65,17 +81,16 @@ def labelled_loss_sum(model, input_ids, labels):
     return cross_entropy_sum(features, head, targets[keep]), keep.sum()
 
 
-def labelled_losses(model, input_ids, labels):
-    """Each row's mean loss over its labelled tokens, for a batch padded on the right: the output layer
-    applied LOGITS_CHUNK positions at a time, at the labelled positions only."""
+def labelled_token_losses(model, input_ids, labels):
+    """(each labelled token's loss, the row it is in) for a batch padded on the right, the rows' labelled
+    tokens in order: the output layer applied LOGITS_CHUNK positions at a time, at the labelled positions only."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     features, head = labelled_features(model, {"input_ids": input_ids}, keep)
     losses = torch.cat([torch.nn.functional.cross_entropy(head(part).float() if head is not None else part, goal,
                                                           reduction="none")
                         for part, goal in zip(features.split(LOGITS_CHUNK), targets[keep].split(LOGITS_CHUNK))])
-    sums = torch.zeros(len(input_ids), device=losses.device).index_add_(0, keep.nonzero()[:, 0], losses)
-    return sums / keep.sum(1).clamp(min=1)
+    return losses, keep.nonzero()[:, 0]
 
 
 def padded_batch(examples, device, pad: int = 0):

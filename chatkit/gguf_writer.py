@@ -1,7 +1,7 @@
 """Writing a model as one GGUF file for llama.cpp, Ollama and LM Studio, and an Ollama Modelfile.
 
 The file holds what a runtime needs to use the model on its own: the architecture's numbers and the
-weights in llama.cpp's layout (the family's converter, ggufconvert.py), the tokenizer (tokens, their
+weights in llama.cpp's layout (the architecture's converter, ggufconvert.py), the tokenizer (tokens, their
 kinds, merges, special ids) and the chat template the model was trained with. Names, keys and the
 Q8_0 encoding come from the `gguf` package, which llama.cpp maintains. One writing sequence
 (`write_file`) serves the model and the LoRA file.
@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from .errors import ChatkitError
-from .families import Family, family_of, gguf_families
+from .families import gguf_families
 from .files import atomic_path, read_training_info
 from .formatting import check_chat_tokens, ensure_chat_template, stop_token_ids
-from .ggufconvert import converter_for, gguf_name, gguf_tensors
+from .ggufconvert import Converter, converter_for, converts, gguf_name, gguf_tensors, tensor_names
 from .models import ModelSource, load_model, merge_adapter, resolve_model
 from .options import STARTER_MODEL, GenerationSettings
 
@@ -228,12 +228,12 @@ def training_details(source: ModelSource, tokenizer):
     return ensure_chat_template(tokenizer), info.get("system_prompt")
 
 
-def exportable_family(spec: str, config) -> Family:
-    family = family_of(config)
-    if family is None or not family.gguf_arch:
-        raise ChatkitError(f"exporting {spec} to GGUF: its architecture {config.model_type!r} is not supported; "
-                           f"supported families: {gguf_families()} (docs/README-CHATGPT-TRAINING.md, Models)")
-    return family
+def exportable(spec: str, model) -> Converter:
+    """The converter of a model llama.cpp can run; one error line naming the families it can, else."""
+    if not converts(getattr(model.config, "model_type", None)):
+        raise ChatkitError(f"exporting {spec} to GGUF: its architecture {model.config.model_type!r} is not supported; "
+                           f"supported families: {gguf_families(converts)} (docs/README-CHATGPT-TRAINING.md, Models)")
+    return converter_for(model)
 
 
 def write_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
@@ -242,16 +242,16 @@ def write_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
 
     source = resolve_model(spec)
     model, loaded = merged_model(source)
-    family = exportable_family(spec, model.config)
-    architecture = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.gguf_arch)]
+    converter = exportable(spec, model)
+    architecture = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, converter.graph)]
     tokenizer = loaded.tokenizer
     chat_template, system_prompt = training_details(source, tokenizer)
     check_chat_tokens(tokenizer, model.get_input_embeddings().weight.shape[0], spec)
-    tensors = gguf_tensors(model, family)
+    tensors = gguf_tensors(model)
     pre = pre_tokenizer_name(tokenizer, origin_gguf(source))
     def describe(writer):
         writer.add_type(gguf.GGUFType.MODEL)
-        converter_for(family).add_parameters(writer, model.config, family)
+        converter.add_parameters(writer)
         writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[kind]))
         if kind == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -282,7 +282,7 @@ def write_lora_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
         raise ChatkitError(f"--lora-gguf: {spec} is not a LoRA adapter (a train_chatgpt_model.py output trained "
                            "with LoRA); export it whole with --gguf")
     loaded = load_model(source, choose_placement("cpu", "float32"))
-    family = exportable_family(spec, loaded.model.config)
+    converter = exportable(spec, loaded.model)
     settings = loaded.model.peft_config["default"]
     if settings.modules_to_save:
         raise ChatkitError(f"--lora-gguf: {spec} also trains whole modules ({', '.join(settings.modules_to_save)}), "
@@ -294,8 +294,7 @@ def write_lora_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
                            "layer of its own): export the merged model with --gguf")
     # llama.cpp scales by alpha / rank; rank-stabilised LoRA scales by alpha / sqrt(rank).
     alpha = settings.lora_alpha * (settings.r ** 0.5 if settings.use_rslora else 1.0)
-    config, converter = loaded.model.config, converter_for(family)
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, family.gguf_arch), converter.block_count(config))
+    names = tensor_names(converter)
     tensors = {}
     for name, value in get_peft_model_state_dict(loaded.model).items():
         module, part, _ = name.removeprefix("base_model.model.").rsplit(".", 2)
@@ -304,9 +303,9 @@ def write_lora_gguf(spec: str, out: str, kind: str = "f16") -> Exported:
             raise ChatkitError(f"--lora-gguf: no llama.cpp name for the adapter weight {name}")
         array = value.detach().float().numpy()
         if part == "lora_B":  # B's rows are the weight's output rows, in the graph's layout
-            array = converter.rows(array, module + ".weight", config, family)
+            array = converter.rows(array, module + ".weight")
         tensors[f"{target}.{LORA_PARTS[part]}"] = array.copy(order="C")
-    architecture = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, family.gguf_arch)]
+    architecture = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, converter.graph)]
     def describe(writer):
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

@@ -51,8 +51,8 @@ def _examples(options: ChatbotTrainOptions, tokenizer, block_size: int):
     return train, val
 
 
-def _engine_settings(options: ChatbotTrainOptions):
-    from .engine import EngineSettings
+def _trainer_arguments(options: ChatbotTrainOptions, placement, has_val: bool):
+    from .engine import ChatTrainingArguments
 
     import tempfile
 
@@ -61,9 +61,10 @@ def _engine_settings(options: ChatbotTrainOptions):
     beside = save_path.parent if _is_file_path(options.save_path) else save_path
     beside.mkdir(parents=True, exist_ok=True)
     checkpoints = tempfile.mkdtemp(prefix=f".{save_path.stem}-run-", dir=beside)
-    return EngineSettings(checkpoints_dir=str(Path(checkpoints) / "checkpoints"), epochs=options.epochs,
-                          batch_size=options.batch_size, learning_rate=options.learning_rate, logging_steps=10,
-                          seed=options.seed)
+    return ChatTrainingArguments.for_run(
+        checkpoints_dir=str(Path(checkpoints) / "checkpoints"), epochs=options.epochs, batch_size=options.batch_size,
+        learning_rate=options.learning_rate, device=placement.device, dtype=placement.dtype, has_val=has_val,
+        logging_steps=10, seed=options.seed)
 
 
 def train_chatbot(options: ChatbotTrainOptions):
@@ -87,10 +88,9 @@ def train_chatbot(options: ChatbotTrainOptions):
     block_size = min(options.max_length or BLOCK_TOKENS, context_length(model.config))
     train_examples, val_examples = _examples(options, tokenizer, block_size)
     measured_on = "validation" if val_examples else "training"
-    settings = _engine_settings(options)
     # Without a validation split (little data), loss and perplexity are measured on the training set.
-    run = run_trainer(model, tokenizer, train_examples, val_examples or train_examples, settings, placement.device,
-                      placement.dtype, evaluate_first=True)
+    arguments = _trainer_arguments(options, placement, has_val=True)
+    run = run_trainer(model, tokenizer, train_examples, val_examples or train_examples, arguments, evaluate_first=True)
     if run.interrupted:
         raise ChatkitError(f"training was interrupted; the model was not saved to --save_path (the last "
                            f"checkpoint is in {run.checkpoint})")
@@ -98,7 +98,7 @@ def train_chatbot(options: ChatbotTrainOptions):
     before, after = metrics["eval_loss_before"], metrics["eval_loss"]
     say(f"{measured_on} loss {before} -> {after}; perplexity {perplexity(before)} -> {perplexity(after)}")
     save_chatbot(model, tokenizer, options.save_path, base_model=source.spec)
-    shutil.rmtree(Path(settings.checkpoints_dir).parent, ignore_errors=True)
+    shutil.rmtree(Path(arguments.output_dir).parent, ignore_errors=True)
     say(f"Saved to {options.save_path}")
     metrics["measured_on"] = measured_on
     return LoadedModel(model=model, tokenizer=tokenizer, source=source), metrics

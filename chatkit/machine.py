@@ -73,6 +73,7 @@ class Machine:
     gflops: float  # calibrated matrix-product rate
     busy: float = 0.0  # the share of the CPU other programs used while it was measured
     memory: MemoryLimit = ASSUMED_MEMORY  # what the run may use
+    measured_by: str = ""  # the model's own work that set the rate, where it was not the calibration
 
     @property
     def rate(self) -> float:
@@ -83,6 +84,8 @@ class Machine:
     def how(self) -> str:
         kind = "bf16" if self.device.startswith("cuda") else "fp32"
         text = f"calibrated on this machine: {kind} matrix product at {self.gflops:.0f} GFLOP/s"
+        if self.measured_by:
+            text = f"measured on this machine {self.measured_by}: as a {kind} matrix product at {self.gflops:.0f} GFLOP/s"
         if self.busy >= BUSY_SHARE:
             text += (f"; the machine looks busy (other programs use {self.busy:.0%} of the CPU), so this may change"
                      " (a --time-budget is kept all the same)")

@@ -163,13 +163,15 @@ class TrainOptions(Common, Hardware, Lora):
     time_budget: Optional[str] = option(None, "finish the whole run, saved model included, within DURATION (90s, "
                                               "30m, 2h): trains on what fits, with a schedule for that many steps",
                                         metavar="DURATION", check=_parsed_by("parse_duration"))
-    # Random by default: surprise measured worse on the shared export (docs/PERFORMANCE.md, "Choosing what a
-    # budget trains"): the base model's loss ranks text in a language it knows less above the user's own facts.
-    budget_selection: str = option("random", "what a --time-budget too short for one pass over the data trains: "
-                                             "a random sample of whole conversations (random, the default), or the "
-                                             "exchanges the base model finds most surprising, scored once and kept "
-                                             "for later runs, over 3 epochs (surprise; experimental)",
-                                   choices=("random", "surprise"))
+    # What the base model does not know of the user's world first: on the shared export with made-up facts
+    # it is what made a budget teach them (docs/PERFORMANCE.md, "Choosing what a budget trains").
+    budget_selection: str = option("surprise", "what a --time-budget shorter than the whole schedule trains: "
+                                               "first the exchanges holding words the base model does not know "
+                                               "that recur across your conversations, several times each (read "
+                                               "once, forward only, and kept for later runs), then whole "
+                                               "conversations (surprise, the default); or only a random sample of "
+                                               "whole conversations (random)",
+                                   choices=("surprise", "random"))
     dry_run: bool = option(False, "print the plan (size, steps, time, memory) and exit without training")
     preferences: Optional[str] = option(None, "after the supervised training, learn from preference pairs "
                                               "(convert_chatgpt_export.py --preferences): DPO on the LoRA adapter",

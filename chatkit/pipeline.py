@@ -2,7 +2,7 @@
 loaded, the data prepared, the Trainer run, preferences learned, the model published with its report.
 
 Each stage hands the next a frozen value: the options as asked (TrainOptions), the run as planned
-(planning.RunPlan), the trainer's settings (engine.EngineSettings, built once from the plan)."""
+(planning.RunPlan), the trainer's one configuration (engine.ChatTrainingArguments, built once from the plan)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def _train(options: TrainOptions) -> dict:
     from transformers import set_seed
 
     from .engine import run_trainer
+    from .focus import learn_focus
 
     set_seed(options.seed)  # the adapter's initial weights too, so --seed repeats the whole run
     model, tokenizer = prepare_model(options, source, placement, tokenizer, run.gradient_checkpointing)
@@ -71,38 +72,38 @@ def _train(options: TrainOptions) -> dict:
     report = ReportRun(run, data, placement)
     if not options.lora:  # the base model's side, before its weights change
         report.measure_base(model, tokenizer)
-    settings = engine_settings(run, make_deadline(options, run.plan, checkpoint, prepared.tokens()))
-    result = run_trainer(model, tokenizer, prepared.train, prepared.val, settings, placement.device,
-                         placement.dtype, checkpoint, teacher=prepared.teacher)
+    deadline = make_deadline(options, run.plan, checkpoint, prepared.tokens())
+    arguments = trainer_arguments(run, placement, has_val=bool(prepared.val))
+    result = run_trainer(model, tokenizer, prepared.train, prepared.val, arguments, checkpoint,
+                         teacher=prepared.teacher, deadline=deadline)
     if result.interrupted:
         say(f"Stopped early; checkpoint saved in {result.checkpoint}. Continue with the same command plus "
             f"--resume {options.output}")
         return {"interrupted": True, "checkpoint": result.checkpoint}
-    if data.preferences:
-        result.metrics.update(learn_preferences(options, result.trainer.model, data.preferences, settings.deadline,
-                                                run.plan.parts.get("preferences", 0.0)))
-    budget = budget_record(run.plan, settings.deadline, result.metrics)
-    if budget is not None:
-        result.metrics["time_budget"] = budget
-    return finish(result, tokenizer, run, source, prepared.rehearsal, report)
+    if prepared.focus:  # a budget's focus stage, after the conversations
+        result = learn_focus(run, placement, tokenizer, prepared, deadline, result)
+    preferred = learn_preferences(options, result.trainer.model, data.preferences, deadline,
+                                  run.plan.parts.get("preferences", 0.0)) if data.preferences else {}
+    budget = budget_record(run.plan, deadline, result.metrics | preferred)
+    return finish(result, tokenizer, run, source, prepared.rehearsal, report,
+                  preferred | ({"time_budget": budget} if budget is not None else {}))
 
 
-def engine_settings(run: RunPlan, deadline=None):
-    """The trainer's settings, built once from the run as planned."""
-    from .engine import EngineSettings
+def trainer_arguments(run: RunPlan, placement: Placement, has_val: bool):
+    """The trainer's one configuration, built once from the run as planned."""
+    from .engine import ChatTrainingArguments
 
     options = run.options
     output = Path(options.output)
-    return EngineSettings(
+    return ChatTrainingArguments.for_run(
         checkpoints_dir=str(output / CHECKPOINTS), logs_dir=str(output / RUNS), epochs=run.epochs,
-        batch_size=run.batch_size, learning_rate=options.effective_learning_rate,
-        gradient_accumulation_steps=options.gradient_accumulation_steps, lr_scheduler=options.lr_scheduler,
-        warmup_ratio=options.warmup_ratio, weight_decay=options.weight_decay, logging_steps=options.logging_steps,
-        eval_steps=options.eval_steps, save_steps=options.save_steps, seed=options.seed,
-        gradient_checkpointing=bool(run.gradient_checkpointing), packing=options.packing,
+        batch_size=run.batch_size, learning_rate=options.effective_learning_rate, device=placement.device,
+        dtype=placement.dtype, has_val=has_val, gradient_accumulation_steps=options.gradient_accumulation_steps,
+        lr_scheduler=options.lr_scheduler, warmup_ratio=options.warmup_ratio, weight_decay=options.weight_decay,
+        logging_steps=options.logging_steps, eval_steps=options.eval_steps, save_steps=options.save_steps,
+        seed=options.seed, gradient_checkpointing=bool(run.gradient_checkpointing), packing=options.packing,
         early_stopping_patience=options.early_stopping_patience, neftune_alpha=options.neftune_alpha,
-        max_batch_tokens=run.max_batch_tokens, deadline=deadline,
-    )
+        max_batch_tokens=run.max_batch_tokens)
 
 
 def describe_run(run: RunPlan, source: ModelSource, placement: Placement) -> str:
@@ -117,20 +118,26 @@ def describe_run(run: RunPlan, source: ModelSource, placement: Placement) -> str
 
 
 def finish(result, tokenizer, run: RunPlan, source: ModelSource, rehearsal: Rehearsal,
-           report: Optional[ReportRun] = None) -> dict:
-    """Save the trained model, write its report and say where it is and how well it did."""
-    options, metrics = run.options, result.metrics
+           report: Optional[ReportRun] = None, after_training: Optional[dict] = None) -> dict:
+    """Save the trained model, write its report and say where it is and how well it did. The run's figures
+    are put together here, once: the Trainer's, what followed training (`after_training`), the rehearsal's
+    and the report's. Returns them."""
+    options = run.options
+    metrics = result.metrics | (after_training or {})
     if run.rehearsal:
-        metrics.update(rehearsal_examples=len(rehearsal.conversations), rehearsal_s=round(rehearsal.seconds, 1))
+        metrics |= {"rehearsal_examples": len(rehearsal.conversations), "rehearsal_s": round(rehearsal.seconds, 1)}
     if not result.trainer.is_world_process_zero():
         return metrics
+    model = result.trainer.model
+    trained = report.measure_trained(model, tokenizer) if report else None
+    if report:
+        metrics |= report.figures(trained)
     info = run_record(tokenizer, options, source, metrics, rehearsal.conversations, run.plan,
                       {"trained": len(report.data.conversations), "validation": len(report.data.val_conversations)}
                       if report else None, recorded=run.recorded_options())
-    model = result.trainer.model
     with RunFolder(options).staging() as staging:  # published whole: the model, its report and its record
         save_model(staging, model, tokenizer, options, info)
-        reported = report.write(staging, model, tokenizer, source, metrics, result.trainer.state,
+        reported = report.write(staging, trained, source, metrics, result.trainer.state,
                                 info["reproducibility"]) if report else ""
         write_training_info(staging, info)
     say(done_text(options, metrics, reported))

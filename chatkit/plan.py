@@ -66,14 +66,19 @@ class Plan:
     memory_limit_bytes: Optional[int] = None  # what the run may use
     memory_limit: Optional[str] = None  # ... where that figure came from, and how to set it
 
-    units: str = "conversations"  # what was chosen from: conversations, or single exchanges by surprise
+    focus_exchanges: int = 0  # exchanges holding what the model does not know of the user's world ...
+    focus_repeats: int = 0  # ... each trained this many times in the focus stage after the conversations ...
+    focus_steps: int = 0  # ... in this many steps
 
     def describe(self) -> str:
         kept = f"{self.conversations} of {self.of_conversations}" if self.selection else f"{self.conversations}"
-        lines = [f"plan: {kept} {self.units}, {self.examples} examples, {self.tokens:,} tokens "
+        lines = [f"plan: {kept} conversations, {self.examples} examples, {self.tokens:,} tokens "
                  f"({self.trained_tokens:,} trained); {self.epochs:g} epoch{'s' if self.epochs != 1 else ''}, {self.steps} steps "
                  f"of up to {self.batch_size} example{'s' if self.batch_size != 1 else ''}" + (f" and {self.max_batch_tokens} tokens"
                                                            if self.max_batch_tokens else "")]
+        if self.focus_exchanges:
+            lines.append(f"  then the focus: {self.focus_exchanges} exchanges x {self.focus_repeats}, {self.focus_steps} "
+                         f"steps of up to {FOCUS_BATCH} examples")
         if self.selection:
             lines.append(f"  time budget: {self.selection}")
         parts = ", ".join(f"{name} {duration(seconds)}" for name, seconds in self.parts.items() if seconds >= 1)
@@ -112,9 +117,20 @@ AUTO_MIN_STEPS_PER_EPOCH = 16
 AUTO_TARGET_STEPS = 140  # optimizer updates the schedule aims for
 AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 3, 20
 BUDGET_MARGIN = 0.9  # plan for 90% of a time budget: estimates are within about 15%
-# A budget too short for one pass trains the most surprising exchanges this many times: a fact seen in
-# several passes is learned, one seen once is not (docs/PERFORMANCE.md, "Choosing what a budget trains").
-SURPRISE_EPOCHS = 3
+# A budget shorter than the schedule ends with a focus stage: the exchanges that hold what the model does
+# not know of the user's world (selection.py), this many times each, within this share of the training
+# time, after the conversations and with a learning-rate schedule of its own. A fact seen once is not
+# learned; mixed among the conversations, eight times were not enough either: the conversations' steps
+# wash it out (docs/PERFORMANCE.md, "Choosing what a budget trains").
+FOCUS_REPEATS = 8
+FOCUS_SHARE = 1 / 3
+# ... in steps of at most 3 examples: a fact is learned in optimizer steps, not tokens (on the quality set
+# batch 3 recalled 12 facts where batch 6 recalled 9).
+FOCUS_BATCH = 3
+# ... with the openings of this many trained conversations, of this many tokens, held where the
+# conversations left them (focus.py)
+FOCUS_ANCHORS = 16
+FOCUS_ANCHOR_TOKENS = 256
 BUDGET_VAL_EXAMPLES = 16  # validation examples kept under a time budget (each evaluation costs time)
 BUDGET_MIN_VAL_EXAMPLES = 4  # ... and under a budget too short for 16
 OVERHEAD_SHARE = 0.5  # under a budget, optional work is left out until training has at least half of it
@@ -145,8 +161,9 @@ class Request:
     report_prompt_tokens: int = 0  # tokens of the prompts it answers
     preference_tokens: List[int] = field(default_factory=list)  # per preference pair: chosen + rejected tokens
     preference_epochs: int = 0  # DPO passes over the pairs
-    order: Optional[List[int]] = None  # the order a budget takes the units in (None: seeded random)
-    spent_s: float = 0.0  # seconds spent choosing before the plan (scoring the exchanges)
+    # per exchange a budget trains first, the most valuable first: (tokens, trained tokens)
+    focus: List[Tuple[int, int]] = field(default_factory=list)
+    spent_s: float = 0.0  # seconds spent choosing before the plan (reading the exchanges)
 
 
 def auto_batch(examples: int, requested: Optional[int]) -> int:
@@ -177,6 +194,9 @@ class Choice:
     report_answers: bool = True  # False: the report's answers left out to fit a time budget
     val_examples: Optional[int] = None  # validation examples kept (None: all)
     max_batch_tokens: Optional[int] = None  # padded tokens a step, lowered where memory needs it
+    focus: int = 0  # the first `focus` of the request's focus exchanges are trained in the focus stage ...
+    focus_copies: int = 0  # ... this many times each
+    shortened: bool = False  # a time budget took passes or conversations from the schedule
 
 
 def _trained(request: Request, kept: Sequence[Kept]) -> float:
@@ -184,13 +204,20 @@ def _trained(request: Request, kept: Sequence[Kept]) -> float:
     return sum(request.trained[i] * sum(request.lengths[i][:n]) / max(1, sum(request.lengths[i])) for i, n in kept)
 
 
-def _epoch(request: Request, kept: Sequence[Kept], rows: int, shape: Shape, machine: Machine, checkpointing):
-    """(batches, epoch seconds, peak bytes) for one pass over the kept conversations."""
+Focus = Tuple[int, int]  # how many of the request's focus exchanges, and their copies in an epoch
+
+
+def _epoch(request: Request, kept: Sequence[Kept], rows: int, shape: Shape, machine: Machine, checkpointing,
+           focus: Focus = (0, 0)):
+    """(batches, epoch seconds, peak bytes) for one pass over the kept conversations (and focus exchanges)."""
     from .examples import token_batches
 
-    lengths = [length for i, n in kept for length in request.lengths[i][:n]] + list(request.extra)
+    count, copies = focus
+    lengths = ([length for i, n in kept for length in request.lengths[i][:n]] + list(request.extra)
+               + [length for length, _ in request.focus[:count]] * copies)
     tokens = sum(lengths)
-    share = (_trained(request, kept) + sum(request.extra) // 2) / tokens if tokens else 1.0
+    trained = _trained(request, kept) + sum(request.extra) // 2 + copies * sum(t for _, t in request.focus[:count])
+    share = trained / tokens if tokens else 1.0
     batches = token_batches(lengths, rows, request.max_batch_tokens or 10**9, request.seed)
     widths = batch_widths(lengths, batches)
     seconds = training_seconds(widths, [len(b) for b in batches], shape, machine, share, request.lora)
@@ -207,30 +234,31 @@ def choose(request: Request, shape: Shape, machine: Machine) -> Choice:
     rows = auto_batch(sum(len(examples) for examples in request.lengths) + len(request.extra), request.batch_size)
     request, checkpointing, (batches, epoch_s, peak) = _fit_memory(request, kept, rows, shape, machine)
     planned = epochs = auto_epochs(math.ceil(len(batches) / request.gradient_accumulation_steps), request.epochs)
-    selection, shed, val_kept, val_tokens = None, [], None, request.val_tokens
+    selection, shed, val_kept, val_tokens, focus, focus_batches = None, [], None, request.val_tokens, (0, 0), None
     if request.budget_s is not None:
         request, shed = _shed_to_fit(request, shape, machine, rows, checkpointing)
         # validation as the budget left it: at most 16 examples, or 4 where it gave way
         val_kept, val_tokens = request.val_examples, request.val_tokens
         usable = request.budget_s * BUDGET_MARGIN - _fixed_seconds(request, shape, machine)
         passes = affordable(usable, epoch_s + evaluation_seconds(val_tokens, shape, machine, 1))
-        if passes < epochs:
+        if passes < epochs and request.focus:
+            kept, epochs, focus, focus_batches = _fit_with_focus(request, shape, machine, rows, checkpointing, usable,
+                                                                 val_tokens, epochs)
+            batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
+        elif passes < epochs:
             epochs = float(max(1, math.floor(passes)))
-        if passes < 1 and request.order is not None:  # the most surprising exchanges, repeated
-            epochs = float(request.epochs or SURPRISE_EPOCHS)
-            kept = _fit(request, shape, machine, rows, checkpointing,
-                        (usable - evaluation_seconds(val_tokens, shape, machine, math.ceil(epochs))) / epochs)
-            batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
-        elif passes < 1:
-            kept = _fit(request, shape, machine, rows, checkpointing,
-                        usable - evaluation_seconds(val_tokens, shape, machine, 1))
-            batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
-        if kept != everything or epochs != planned or shed:
-            selection = "; ".join(shed + [_selection_text(request, kept, epochs, budget=request.budget_s)])
+            if passes < 1:
+                kept = _fit(request, shape, machine, rows, checkpointing,
+                            usable - evaluation_seconds(val_tokens, shape, machine, 1))
+                batches, epoch_s, peak = _epoch(request, kept, rows, shape, machine, checkpointing)
+        if kept != everything or epochs != planned or shed or focus[0]:
+            selection = "; ".join(shed + [_selection_text(request, kept, epochs, request.budget_s, focus)])
     return Choice(_plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, val_tokens,
-                        math.ceil(epochs), shape, machine, selection), kept, rows, epochs, checkpointing,
+                        math.ceil(epochs), shape, machine, selection, focus, focus_batches), kept, rows, epochs,
+                  checkpointing,
                   rehearsal=request.rehearsal, report_answers=request.report_answers > 0, val_examples=val_kept,
-                  max_batch_tokens=request.max_batch_tokens)
+                  max_batch_tokens=request.max_batch_tokens, focus=focus[0], focus_copies=focus[1],
+                  shortened=kept != everything or epochs != planned)
 
 
 def _fit_memory(request: Request, kept: Sequence[Kept], rows: int, shape: Shape, machine: Machine):
@@ -319,6 +347,34 @@ def _check_minimum(request: Request, shape: Shape, machine: Machine, rows: int, 
             f"{duration(math.ceil(needed))}")
 
 
+def _fit_with_focus(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool, usable: float,
+                    val_tokens: int, planned: float):
+    """(conversations kept, epochs, focus, the focus stage's (batches, seconds)) for a budget shorter than the
+    schedule: the focus stage's exchanges, FOCUS_REPEATS times each in steps of FOCUS_BATCH, within FOCUS_SHARE
+    of `usable` (the most valuable first; the rehearsal examples go with them); then, in what is left, every
+    conversation for as many passes as fit, or one pass over a random sample of whole ones."""
+    openings = [min(FOCUS_ANCHOR_TOKENS, examples[0]) for examples in request.lengths if examples][:FOCUS_ANCHORS]
+    held = replace(request, extra=list(request.extra) + openings)
+
+    def stage(count: int):
+        return _epoch(held, [], FOCUS_BATCH, shape, machine, checkpointing, (count, FOCUS_REPEATS))
+
+    evaluation = evaluation_seconds(val_tokens, shape, machine, 1)
+    low, high = 0, len(request.focus)  # the most exchanges whose repeats fit the share (cost grows with count)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if stage(middle)[1] + evaluation <= FOCUS_SHARE * usable else (low, middle - 1)
+    batches, seconds, _ = stage(low)
+    rest = usable - (seconds + evaluation if low else 0.0)
+    everything = [(i, len(examples)) for i, examples in enumerate(request.lengths)]
+    passes = affordable(rest, _epoch(request, everything, rows, shape, machine, checkpointing)[1] + evaluation)
+    if passes >= 1:
+        kept, epochs = everything, float(min(planned, math.floor(passes)))
+    else:
+        kept, epochs = _fit(request, shape, machine, rows, checkpointing, rest - evaluation), 1.0
+    return kept, epochs, (low, FOCUS_REPEATS if low else 0), (len(batches), seconds) if low else None
+
+
 def _fit(request: Request, shape: Shape, machine: Machine, rows: int, checkpointing: bool,
          seconds: float) -> List[Kept]:
     """Whole conversations taken in a seeded random order, each one kept if the single pass over those kept
@@ -326,8 +382,7 @@ def _fit(request: Request, shape: Shape, machine: Machine, rows: int, checkpoint
     least the shortest conversation. Measured against taking every conversation's opening first, which
     trains more conversations but did no better (docs/PERFORMANCE.md, "Choosing what a budget trains")."""
     kept: List[Kept] = []
-    order = request.order if request.order is not None else sample_conversations(len(request.lengths), request.seed)
-    for index in order:
+    for index in sample_conversations(len(request.lengths), request.seed):
         trial = kept + [(index, len(request.lengths[index]))]
         if request.lengths[index] and _epoch(request, trial, rows, shape, machine, checkpointing)[1] <= seconds:
             kept = trial
@@ -341,39 +396,41 @@ def _shortest(request: Request) -> Kept:
     return index, len(request.lengths[index]) if request.lengths else 0
 
 
-def _selection_text(request: Request, kept: Sequence[Kept], epochs: float, budget: float) -> str:
+def _selection_text(request: Request, kept: Sequence[Kept], epochs: float, budget: float, focus: Focus) -> str:
     whole = len(kept) == len(request.lengths)
-    if request.order is not None and not whole:
-        return (f"the {len(kept)} most surprising of {len(request.lengths)} exchanges (the base model's loss on "
-                f"them; near-duplicates left out), {epochs:g} epochs, to finish within {duration(budget)}; the "
-                "learning-rate schedule is set for these steps")
     which = "every conversation" if whole else (f"a random sample of {len(kept)} of {len(request.lengths)} "
                                                 f"conversations (seeded by --seed)")
-    return (f"{which}, {epochs:g} epoch{'s' if epochs != 1 else ''}, to finish within {duration(budget)}; "
+    then = (f"; then the {focus[0]} exchanges that hold most of the words the model does not know and that recur "
+            f"across your conversations, {focus[1]} times each" if focus[0] else "")
+    return (f"{which}, {epochs:g} epoch{'s' if epochs != 1 else ''}{then}, to finish within {duration(budget)}; "
             "the learning-rate schedule is set for these steps")
 
 
 def _plan(request, kept, batches, rows, epochs, checkpointing, epoch_s, peak, val_tokens, evaluations, shape,
-          machine, selection) -> Plan:
-    tokens = sum(length for i, n in kept for length in request.lengths[i][:n])
+          machine, selection, focus: Focus = (0, 0), focus_stage: Optional[Tuple[int, float]] = None) -> Plan:
+    count, copies = focus
+    focus_steps, focus_s = focus_stage or (0, 0.0)
+    evaluations += 1 if focus_steps else 0  # the focus stage's, at its end
+    tokens = sum(length for i, n in kept for length in request.lengths[i][:n])  # the conversations' (the focus: below)
     steps = math.ceil(len(batches) / request.gradient_accumulation_steps * epochs)
     parts = {"start": STARTUP_S, "scoring": request.spent_s,
              "rehearsal": rehearsal_seconds(request.rehearsal, request.ranking_tokens, shape, machine),
-             "training": epoch_s * epochs,
+             "training": epoch_s * epochs, "focus": focus_s,
              "evaluation": evaluation_seconds(val_tokens, shape, machine, evaluations) if val_tokens else 0.0,
              "preferences": preference_seconds(request.preference_tokens, request.preference_epochs, shape, machine),
              "saving": SAVE_S,
              "report": report_seconds(request.report_answers, request.report_tokens, shape, machine,
                                   request.report_prompt_tokens)}
     return Plan(conversations=len(kept), examples=sum(n for _, n in kept), tokens=tokens,
-                trained_tokens=round(_trained(request, kept)), epochs=epochs, steps=steps, batch_size=rows,
+                trained_tokens=round(_trained(request, kept)),
+                epochs=epochs, steps=steps, batch_size=rows,
                 max_batch_tokens=request.max_batch_tokens, gradient_checkpointing=checkpointing,
                 estimated_seconds=round(sum(parts.values()), 1), estimated_peak_bytes=int(peak),
                 estimate=machine.how, parts={k: round(v, 1) for k, v in parts.items()}, selection=selection,
                 of_conversations=len(request.lengths), weights=_weights_text(shape),
                 memory_limit_bytes=int(machine.memory.bytes),
                 memory_limit=machine.memory.how + ("" if machine.memory.asked else "; --max-memory sets it"),
-                units="exchanges" if request.order is not None else "conversations")
+                focus_exchanges=count, focus_repeats=copies, focus_steps=focus_steps)
 
 
 def _weights_text(shape: Shape) -> Optional[str]:

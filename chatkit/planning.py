@@ -7,7 +7,7 @@ import dataclasses
 import time
 from typing import List, Optional, Tuple
 
-from .costs import Shape
+from .costs import Shape, reading_seconds
 from .device import Placement, training_paths
 from .dpo import tokenize_preferences
 from .examples import trained_tokens
@@ -32,10 +32,9 @@ def default_batch_tokens(placement: Placement) -> int:
     return 1024 if placement.device == "cpu" else 16384
 
 
-def make_plan(run: RunPlan, data: Data, shape: Shape, machine: Machine, order: Optional[List[int]] = None,
-              spent_s: float = 0.0) -> Choice:
+def make_plan(run: RunPlan, data: Data, shape: Shape, machine: Machine, spent_s: float = 0.0) -> Choice:
     """How big, how long and how much memory for the model's `shape` on the calibrated `machine`; under
-    --time-budget, what fits (`order`: the units to take first, `spent_s`: the seconds choosing them took)."""
+    --time-budget, what fits (the data's focus exchanges first; `spent_s`: the seconds choosing them took)."""
     options = run.options
     questions = report_questions(run, report_chosen(run, data))
     request = Request(
@@ -51,7 +50,8 @@ def make_plan(run: RunPlan, data: Data, shape: Shape, machine: Machine, order: O
         report_tokens=sum(len(e["input_ids"]) for e in report_examples(data, options.time_budget)[0]),
         report_prompt_tokens=2 * prompt_tokens(questions),
         preference_tokens=data.preferences.pair_tokens() if data.preferences else [],
-        preference_epochs=options.dpo_epochs, order=order, spent_s=spent_s)
+        preference_epochs=options.dpo_epochs, spent_s=spent_s,
+        focus=[(len(e["input_ids"]), trained_tokens([e])) for e in data.focus])
     return choose(request, shape, machine)
 
 
@@ -72,13 +72,14 @@ def plan_run(options: TrainOptions, source: ModelSource, placement: Placement) -
     bits = 4 if options.load_in_4bit else 8 if options.load_in_8bit else 32
     shape, machine = Shape.from_config(config, bits), calibrate(placement.device, options.max_memory)
     choice = make_plan(run, data, shape, machine)
-    if options.time_budget and options.budget_selection == "surprise" and len(choice.kept) < len(data.train):
-        data, choice = choose_by_surprise(run, source, placement, data, choice, tokenizer, shape, machine)
+    if options.time_budget and options.budget_selection == "surprise" and choice.shortened:
+        data, choice, machine = choose_focus(run, source, placement, data, tokenizer, shape, machine)
     run = dataclasses.replace(run, batch_size=choice.batch_size, epochs=choice.epochs,
                               gradient_checkpointing=choice.gradient_checkpointing, rehearsal=choice.rehearsal,
                               max_batch_tokens=choice.max_batch_tokens, plan=choice.plan,
-                              report=options.report if choice.report_answers else "none")
-    data = data.keep(choice.kept, choice.val_examples)
+                              report=options.report if choice.report_answers else "none",
+                              focus_copies=choice.focus_copies)
+    data = data.keep(choice.kept, choice.val_examples, choice.focus)
     say_plan(run, data, placement)
     return run, data, tokenizer
 
@@ -97,13 +98,14 @@ def say_plan(run: RunPlan, data: Data, placement: Placement) -> None:
             "without training; a GPU is much faster (docs/HUGGINGFACE-TRAINING-GUIDE.md)")
 
 
-SCORE_SHARE = 1 / 3  # of a time budget, at most, for scoring exchanges not scored before
+SCORE_SHARE = 1 / 3  # of a time budget, at most, for reading exchanges not read before
 
 
-def choose_by_surprise(run: RunPlan, source: ModelSource, placement: Placement, data: Data, first: Choice,
-                       tokenizer, shape: Shape, machine: Machine) -> Tuple[Data, Choice]:
-    """A budget too short for one pass: the data as single exchanges, the base model's most surprising
-    first (scored once, forward only, and cached), near-duplicates left out; the plan made again on them."""
+def choose_focus(run: RunPlan, source: ModelSource, placement: Placement, data: Data, tokenizer, shape: Shape,
+                 machine: Machine) -> Tuple[Data, Choice, Machine]:
+    """A budget shorter than the schedule: every exchange read by the base model (forward only, once, cached),
+    the ones holding words it does not know that recur across the user's conversations found, and the plan
+    made again with them first (selection.py); the machine's rate as reading measured it."""
     import gc
     import random
 
@@ -111,33 +113,46 @@ def choose_by_surprise(run: RunPlan, source: ModelSource, placement: Placement, 
     from .adapters import quantization_config
 
     options = run.options
-    units = selection.exchange_units(data.conversations)
-    unit_data = tokenize_data(run, tokenizer, units, data.val_conversations)
-    unit_data.preferences = data.preferences
+    units, owners = selection.exchange_units(data.conversations)
+    vocabulary = selection.Vocabulary(tokenizer)
+    worth = selection.candidates(units, owners, vocabulary)
     cache = selection.ScoreCache(selection.model_key(source))
-    todo = selection.missing(units, cache)
-    # forward only: about a third of a training step's cost per token, at the first plan's rate
-    per_token = first.plan.parts.get("training", 0.0) / max(1.0, first.plan.tokens * first.plan.epochs) / 3
-    room = SCORE_SHARE * parse_duration(options.time_budget) / max(per_token, 1e-9)
+    todo = [i for i in selection.missing(units, cache) if i in set(worth)]
+    room = SCORE_SHARE * parse_duration(options.time_budget)
     random.Random(options.seed).shuffle(todo)
-    while todo and selection.score_tokens(units, todo) > room:  # more than a budget's share: a seeded sample
-        todo = todo[:len(todo) * 3 // 4]
-    started, estimate = time.perf_counter(), selection.score_tokens(units, todo) * per_token
-    if todo and options.dry_run:  # the plan only: scoring's estimated time counted, nothing scored
-        say(f"selection: {len(todo)} exchanges would be scored with the base model first (about "
-            f"{duration(estimate)}); the plan below takes them in a random order")
-        return unit_data, make_plan(run, unit_data, shape, machine, spent_s=estimate,
-                                    order=selection.surprise_order([None] * len(units), [], options.seed))
+    while todo and reading_seconds(selection.score_tokens(units, todo), shape, machine) > room:
+        todo = todo[:len(todo) * 3 // 4]  # more than a budget's share: a seeded sample
+    started, estimate = time.perf_counter(), reading_seconds(selection.score_tokens(units, todo), shape, machine)
+    if todo and options.dry_run:  # the plan only: reading's estimated time counted, nothing read
+        say(f"selection: {len(todo)} exchanges would be read by the base model first (about {duration(estimate)}); "
+            "the plan below does not yet hold the exchanges it would train first")
+        return data, make_plan(run, data, shape, machine, spent_s=estimate), machine
     if todo:
         selection.say_scoring(len(todo), estimate)
         loaded = load_model(source, placement, quantization_config=quantization_config(options, placement),
                             tokenizer=tokenizer)
+        read_started = time.perf_counter()
         selection.score(loaded.model, tokenizer, units, cache, todo)
+        machine = measured_machine(machine, estimate, time.perf_counter() - read_started)
         del loaded
         gc.collect()
     spent = time.perf_counter() - started
-    scores = [cache.scores.get(selection.unit_key(unit)) for unit in units]
+    words = selection.recurring(units, owners, cache, vocabulary)
     left_out = selection.near_duplicates(units)
-    order = selection.surprise_order(scores, left_out, options.seed)
-    say(selection.describe(len(units), len(todo), spent, len(left_out), sum(s is None for s in scores)))
-    return unit_data, make_plan(run, unit_data, shape, machine, order=order, spent_s=spent)
+    examples = {i: selection.focus_example(units[i], tokenizer, run.max_length, options.system_prompt,
+                                           options.train_on_prompt) for i, found in enumerate(words) if found}
+    examples = {i: example for i, example in examples.items() if example is not None}
+    order = selection.focus_order(words, {i: e["length"] for i, e in examples.items()}, left_out)
+    unread = len(set(worth) & set(selection.missing(units, cache)))
+    say(selection.describe(len(units), len(worth), len(todo), spent, len(left_out), unread, [words[i] for i in order]))
+    data = dataclasses.replace(data, focus=[examples[i] for i in order])
+    return data, make_plan(run, data, shape, machine, spent_s=spent), machine
+
+
+def measured_machine(machine: Machine, estimate: float, seconds: float) -> Machine:
+    """The machine's rate as reading the exchanges measured it: a minute or more of the model's own work says
+    more than the calibration's fraction of a second (within a factor of 2 of it)."""
+    if estimate <= 0 or seconds <= 0:
+        return machine
+    return dataclasses.replace(machine, gflops=machine.gflops * min(2.0, max(0.5, estimate / seconds)),
+                               measured_by="while reading the exchanges")

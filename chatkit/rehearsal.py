@@ -191,8 +191,7 @@ def answer_states(model, tokenizer, prompts: List[str], system_prompt: Optional[
                 _, cache = run(model, input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True)
                 cache.batch_repeat_interleave(len(rest))
             positions = torch.arange(shared, shared + width, device=device).expand(len(rest), -1)
-            hidden, _ = run(model, input_ids=input_ids, position_ids=positions, past_key_values=cache,
-                            use_cache=cache is not None)
+            hidden, _ = run(model, cache, input_ids=input_ids, position_ids=positions, use_cache=cache is not None)
             ends = torch.tensor([len(ids) - 1 for ids in rest], device=device)
             states.append(hidden[torch.arange(len(rest), device=device), ends].float())
     return torch.cat(states)
@@ -266,19 +265,25 @@ class Teacher:
     ids: "object"  # LongTensor [positions, k]
     logprobs: "object"  # FloatTensor [positions, k]
 
+    def joined(self, other: "Teacher") -> "Teacher":
+        """This table with `other`'s rows after its own (attach `other` with `start` = this table's rows)."""
+        import torch
 
-def attach_teacher(model, examples: List[dict], top_k: int = TEACHER_TOP_K) -> Teacher:
+        return Teacher(torch.cat([self.ids, other.ids]), torch.cat([self.logprobs, other.logprobs]))
+
+
+def attach_teacher(model, examples: List[dict], top_k: int = TEACHER_TOP_K, start: int = 0) -> Teacher:
     """Record the model's top-k next-token log-probabilities at every trained position of `examples`.
 
-    Each example gets `teacher_index`: per token, the row of the returned table that holds the
-    model's distribution for predicting it, or -1.
+    Each example gets `teacher_index`: per token, the row of the returned table (counted from `start`,
+    where it goes after another table's rows) that holds the model's distribution for predicting it, or -1.
     """
     import torch
 
     from .formatting import IGNORE_INDEX
 
     device = next(model.parameters()).device
-    ids_rows, logprob_rows, total = [], [], 0
+    ids_rows, logprob_rows, total = [], [], start
     with _evaluating(model):
         for example in examples:
             input_ids = torch.tensor([example["input_ids"]], device=device)

@@ -35,10 +35,11 @@ class Data:
     report: ExampleReport
     val_conversations: List[List[dict]] = dataclasses.field(default_factory=list)
     preferences: Optional["Preferences"] = None  # with --preferences: the pairs, tokenized
+    focus: List[dict] = dataclasses.field(default_factory=list)  # exchanges a budget trains first (selection.py)
 
-    def keep(self, kept: Sequence[Tuple[int, int]], val_examples: Optional[int]) -> "Data":
-        """The conversations a plan kept, each (index, its first n examples); fewer validation examples under a
-        time budget."""
+    def keep(self, kept: Sequence[Tuple[int, int]], val_examples: Optional[int], focus: int = 0) -> "Data":
+        """The conversations a plan kept, each (index, its first n examples), and its first `focus` focus
+        exchanges; fewer validation examples under a time budget."""
         val = self.val if val_examples is None else self.val[:val_examples]
         train = [self.train[i][:n] for i, n in kept]
         examples = [example for group in train for example in group]
@@ -51,7 +52,7 @@ class Data:
             tokens=sum(len(e["input_ids"]) for e in examples),
             trained_tokens=trained_tokens(examples))
         return Data([self.conversations[i] for i, _ in kept], train, val, report, self.val_conversations,
-                    self.preferences)
+                    self.preferences, self.focus[:focus])
 
     def user_prompts(self) -> List[str]:
         return [m["content"] for c in self.conversations for m in c if m["role"] == "user"]
@@ -124,6 +125,8 @@ class Prepared:
     val: List[dict]
     rehearsal: Rehearsal
     teacher: object = None
+    focus: List[dict] = dataclasses.field(default_factory=list)  # the focus stage's examples (selection.py)
+    focus_exchanges: int = 0
 
     def tokens(self) -> int:
         """The tokens one epoch trains on."""
@@ -131,6 +134,9 @@ class Prepared:
 
     def describe(self, report: ExampleReport, packing: bool) -> str:
         text = f"training on {report.describe()}"
+        if self.focus_exchanges:
+            text += (f"; then {self.focus_exchanges} exchange{'s' if self.focus_exchanges != 1 else ''} holding "
+                     f"recurring words, {len(self.focus)} examples with the rehearsal's")
         if self.rehearsal.conversations:
             count = len(self.rehearsal.conversations)
             text += f", with {count} rehearsal example{'s' if count != 1 else ''}"
@@ -143,18 +149,20 @@ def prepare_examples(run: "RunPlan", model, tokenizer, data: Data, rehearsal: Re
     """Training and validation examples, with the model's own rehearsal answers mixed in."""
     options = run.options
     train = [example for examples in data.train for example in examples]
+    focus = [dict(example) for example in data.focus for _ in range(run.focus_copies)]
     val, teacher = data.val, None
     if rehearsal.conversations:
         rehearsed = tokenize_examples(rehearsal.conversations, tokenizer, run.max_length, options.system_prompt,
                                       options.train_on_prompt)
         teacher = attach_teacher(model, rehearsed)
-        for example in train:
+        for example in train + focus:
             example["teacher_index"] = [-1] * len(example["input_ids"])
         train += rehearsed
+        focus += rehearsed if focus else []
     if options.packing:
         train = pack_examples(train, run.max_length)
         val = pack_examples(val, run.max_length) if val else []
-    return Prepared(train, val, rehearsal, teacher)
+    return Prepared(train, val, rehearsal, teacher, focus, len(data.focus))
 
 
 def ranking_tokens(data: Data) -> int:

@@ -156,8 +156,7 @@ def base_model_spec(source: ModelSource) -> str:
 def run_record(tokenizer, options: TrainOptions, source: ModelSource, metrics: dict,
                rehearsed: Sequence[List[dict]] = (), plan=None, conversations: Optional[dict] = None,
                recorded: Optional[dict] = None) -> dict:
-    """The chatkit.json record of a trained model; `metrics` is held by reference, so figures added later
-    (the report's) are in it when it is written."""
+    """The chatkit.json record of a trained model."""
     return training_info(
         "lora" if options.lora else "full", tokenizer.chat_template,
         base_model=base_model_spec(source) if options.lora else None, system_prompt=options.system_prompt,

@@ -27,6 +27,7 @@ class RunPlan:
     epochs: Optional[float] = None
     gradient_checkpointing: Optional[bool] = None
     report: str = "full"
+    focus_copies: int = 0  # each focus exchange's copies in the focus stage, after the conversations
     plan: Optional[Plan] = None
 
     @classmethod

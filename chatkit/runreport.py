@@ -59,19 +59,27 @@ class ReportRun:
         with adapter_off(model):
             self.base = self._measure(model, tokenizer)
 
-    def write(self, folder: Path, model, tokenizer, source: ModelSource, metrics: dict, state, record: dict) -> str:
-        """report.md, loss.png and README.md in `folder` (the model's staging folder); returns the line to print."""
+    def measure_trained(self, model, tokenizer) -> Side:
+        """The trained model's side (and, for LoRA, the base model's: the same weights with the adapter off)."""
         import time
 
-        from .report import measure_both, plot_loss, summary_line, write_texts
+        from .report import measure_both
 
-        if self.base is None:  # LoRA: the same weights with the adapter switched off
-            started = time.perf_counter()
-            self.base, trained = measure_both(model, tokenizer, self.questions, self.examples,
-                                              self.options.system_prompt)
-            self.seconds += time.perf_counter() - started
-        else:
-            trained = self._measure(model, tokenizer)
+        if self.base is not None:
+            return self._measure(model, tokenizer)
+        started = time.perf_counter()
+        self.base, trained = measure_both(model, tokenizer, self.questions, self.examples, self.options.system_prompt)
+        self.seconds += time.perf_counter() - started
+        return trained
+
+    def figures(self, trained: Side) -> dict:
+        """What the run's record says of the report."""
+        return {"report_s": round(self.seconds, 1), "loss_before": self.base.loss, "loss_after": trained.loss}
+
+    def write(self, folder: Path, trained: Side, source: ModelSource, metrics: dict, state, record: dict) -> str:
+        """report.md, loss.png and README.md in `folder` (the model's staging folder); returns the line to print."""
+        from .report import plot_loss, summary_line, write_texts
+
         output = Path(self.options.output)
         plot_loss(state.log_history, folder / PLOT_FILE)
         facts = RunFacts(output=str(output), data_files=[Path(f).name for f in self.options.data],
@@ -86,6 +94,5 @@ class ReportRun:
                          system_prompts=system_prompts(self.data.conversations, self.options.system_prompt),
                          record=record)
         write_texts(folder, facts, self.base, trained, self.chosen, adapter=self.options.lora)
-        metrics.update(report_s=round(self.seconds, 1), loss_before=self.base.loss, loss_after=trained.loss)
         summary = summary_line(self.base, trained, len(self.chosen))
         return f"Report: {output / REPORT_FILE} ({summary}; {self.seconds:.0f} s)"

@@ -104,7 +104,8 @@ def test_modules_and_classes_stay_small_and_the_run_reads_as_stages():
 
 
 def test_only_the_family_table_names_families():
-    """A family's special cases are fields of families.FAMILIES; no other module compares a family's name."""
+    """A family's chat and training rules are fields of families.FAMILIES, its GGUF special cases its
+    architecture's converter class (ggufconvert.py); no other module compares a family's name."""
     for path in sorted(PACKAGE.glob("*.py")):
         if path.name == "families.py":
             continue

@@ -56,11 +56,11 @@ def test_mps_training_arguments_use_no_mixed_precision_and_the_fused_lora_takes_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from chatkit.engine import EngineSettings, training_arguments
+    from chatkit.engine import ChatTrainingArguments
     from chatkit.kernels import fuse_lora
 
-    arguments = training_arguments(EngineSettings(checkpoints_dir="/tmp/x", epochs=1, batch_size=1,
-                                                  learning_rate=1e-3), "mps", "float32", has_val=False)
+    arguments = ChatTrainingArguments.for_run(checkpoints_dir="/tmp/x", epochs=1, batch_size=1, learning_rate=1e-3,
+                                              device="mps", dtype="float32", has_val=False)
     assert (arguments.fp16, arguments.bf16, arguments.use_cpu, arguments.dataloader_pin_memory) == (
         False, False, False, False)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),

@@ -49,6 +49,25 @@ def test_every_family_row_has_a_test_model():
     assert {"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mistral", "gpt2"} <= set(BUILDERS)
 
 
+def test_each_architecture_has_its_converter_registered_as_llama_cpp_registers_them(family_dirs):
+    """One converter class per architecture, found by the model's Hugging Face architecture; the families that
+    share llama.cpp's Llama graph (SmolLM, Llama 3, Mistral) share its class."""
+    from transformers import AutoModelForCausalLM
+
+    from chatkit import ggufconvert
+    from chatkit.families import gguf_families
+
+    graphs = {}
+    for name in BUILDERS:
+        model = AutoModelForCausalLM.from_pretrained(family_dirs(name))
+        converter = ggufconvert.converter_for(model)
+        assert type(converter) is ggufconvert.CONVERTERS[model.config.architectures[0]]
+        graphs[name] = converter.graph
+    assert graphs == {"llama": "LLAMA", "llama3": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3",
+                      "gemma2": "GEMMA2", "gemma3": "GEMMA3", "phi3": "PHI3", "gpt2": "GPT2"}
+    assert gguf_families(ggufconvert.converts) == ", ".join(family.name for family in FAMILIES)
+
+
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_labels_are_exactly_the_answers_and_their_end_of_turn(family_dirs, name):
     """Token by token: the trained tokens are each answer and the token closing it, nothing else."""

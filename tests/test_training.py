@@ -324,13 +324,16 @@ def test_embedding_noise_changes_what_is_learned_the_same_way_each_run(tmp_path,
     assert all(torch.equal(noisy[k], again[k]) for k in noisy)
     assert any(not torch.allclose(noisy[k], quiet[k]) for k in noisy if "lora_B" in k)
     assert json.loads((tmp_path / "noisy" / "chatkit.json").read_text())["options"]["neftune_alpha"] == 5.0
-    from chatkit.pipeline import engine_settings
+    from chatkit.device import choose_placement
+    from chatkit.pipeline import trainer_arguments
     from chatkit.runplan import RunPlan
 
-    settings = engine_settings(RunPlan.asked(options_module.TrainOptions(data=[], epochs=1, batch_size=1)))
-    assert engine.training_arguments(settings, "cpu", "float32", False).neftune_noise_alpha is None
-    noisy = engine_settings(RunPlan.asked(options_module.TrainOptions(data=[], epochs=1, batch_size=1, neftune_alpha=5)))
-    assert engine.training_arguments(noisy, "cpu", "float32", False).neftune_noise_alpha == 5.0
+    cpu = choose_placement("cpu", "float32")
+    settings = trainer_arguments(RunPlan.asked(options_module.TrainOptions(data=[], epochs=1, batch_size=1)), cpu, False)
+    assert settings.neftune_noise_alpha is None
+    noisy = trainer_arguments(RunPlan.asked(options_module.TrainOptions(data=[], epochs=1, batch_size=1, neftune_alpha=5)),
+                              cpu, False)
+    assert noisy.neftune_noise_alpha == 5.0
 
 
 def test_seed_repeats_the_whole_run_in_one_process(tmp_path, tiny_llama):
