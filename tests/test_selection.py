@@ -196,10 +196,12 @@ def test_a_budget_for_more_than_a_pass_keeps_every_conversation_and_the_focus_st
     assert roomy.focus == 0 and roomy.epochs == 5 and "focus" not in roomy.plan.describe()  # the schedule fits
 
 
-def surprise_run(tmp_path, tiny_llama, monkeypatch, efficiency=1e-7):
+def surprise_run(tmp_path, tiny_llama, monkeypatch, efficiency=2e-6):
     monkeypatch.setattr(plan, "STARTUP_S", 0.0)
     monkeypatch.setattr(plan, "SAVE_S", 0.0)
     monkeypatch.setattr(machine, "EFFICIENCY", {"cpu": efficiency})  # as if this machine were very slow
+    fixed = machine.Machine("cpu", 150.0)  # the same rate whatever machine runs the test
+    monkeypatch.setattr(planning, "calibrate", lambda *args: fixed)
     monkeypatch.setattr(plan, "_minimum", lambda *args: 0.0)  # (so slow that nothing would fit)
     monkeypatch.setattr(plan, "report_seconds", lambda *args: 0.0)  # the budget is the training's
     conversations = [talk((f"Question {i}?", f"Answer {i}."), (f"More {i}?", f"Yes {i}.")) for i in range(20)]
