@@ -127,10 +127,6 @@ FOCUS_SHARE = 1 / 3
 # ... in steps of at most 3 examples: a fact is learned in optimizer steps, not tokens (on the quality set
 # batch 3 recalled 12 facts where batch 6 recalled 9).
 FOCUS_BATCH = 3
-# ... with the openings of this many trained conversations, of this many tokens, held where the
-# conversations left them (focus.py)
-FOCUS_ANCHORS = 16
-FOCUS_ANCHOR_TOKENS = 256
 BUDGET_VAL_EXAMPLES = 16  # validation examples kept under a time budget (each evaluation costs time)
 BUDGET_MIN_VAL_EXAMPLES = 4  # ... and under a budget too short for 16
 OVERHEAD_SHARE = 0.5  # under a budget, optional work is left out until training has at least half of it
@@ -353,11 +349,8 @@ def _fit_with_focus(request: Request, shape: Shape, machine: Machine, rows: int,
     schedule: the focus stage's exchanges, FOCUS_REPEATS times each in steps of FOCUS_BATCH, within FOCUS_SHARE
     of `usable` (the most valuable first; the rehearsal examples go with them); then, in what is left, every
     conversation for as many passes as fit, or one pass over a random sample of whole ones."""
-    openings = [min(FOCUS_ANCHOR_TOKENS, examples[0]) for examples in request.lengths if examples][:FOCUS_ANCHORS]
-    held = replace(request, extra=list(request.extra) + openings)
-
     def stage(count: int):
-        return _epoch(held, [], FOCUS_BATCH, shape, machine, checkpointing, (count, FOCUS_REPEATS))
+        return _epoch(request, [], FOCUS_BATCH, shape, machine, checkpointing, (count, FOCUS_REPEATS))
 
     evaluation = evaluation_seconds(val_tokens, shape, machine, 1)
     low, high = 0, len(request.focus)  # the most exchanges whose repeats fit the share (cost grows with count)

@@ -49,6 +49,11 @@ STANDOUT_MARGIN = 5.0
 # such a candidate (an unknown word in two conversations' read parts) are read at all.
 RECUR_CONVERSATIONS = 2
 RECUR_SHARE = 0.75
+# A focus exchange is trained 8 times, so it must be about those words: at least one recurring word in this
+# many tokens. Where one is incidental to a long answer (a Dutch word, a library's name), the exchange is
+# left to its conversation: repeated, such exchanges pulled the whole model towards them (held-out loss
+# 1.99 against the starter's 1.83 at 30 minutes, docs/PERFORMANCE.md).
+FOCUS_TOKENS_PER_WORD = 80
 DUPLICATE_SHINGLE = 5  # words per shingle
 DUPLICATE_JACCARD = 0.9  # exchanges this alike are one: the first is kept
 _WORD = re.compile(r"\w+")
@@ -244,10 +249,11 @@ def recurring(units: Sequence[List[dict]], owners: Sequence[int], cache: ScoreCa
 
 
 def focus_order(words: Sequence[List[str]], lengths: Dict[int, int], left_out: Sequence[int]) -> List[int]:
-    """The units holding recurring standout words, the most of them per token first (ties in data order),
-    near-duplicates and units with no example (`lengths`) left out."""
+    """The units holding recurring standout words, at least one per FOCUS_TOKENS_PER_WORD tokens, the most of
+    them per token first (ties in data order), near-duplicates and units with no example (`lengths`) left out."""
     skip = set(left_out)
-    chosen = [i for i, found in enumerate(words) if found and i not in skip and i in lengths]
+    chosen = [i for i, found in enumerate(words) if found and i not in skip and i in lengths
+              and len(found) * FOCUS_TOKENS_PER_WORD >= lengths[i]]
     return sorted(chosen, key=lambda i: (-len(words[i]) / max(1, lengths[i]), i))
 
 
@@ -315,15 +321,24 @@ def common_words(words: Sequence[List[str]], count: int = 6) -> List[str]:
 
 def describe(units: int, worth: int, read: int, seconds: float, duplicates: int, unread: int,
              words: Sequence[List[str]]) -> str:
-    done = f"{read} read in {duration(seconds)}, the rest kept from earlier runs" if read else (
-        "all read by an earlier run")
+    done = _who_read(worth, read, worth - read - unread, seconds)
     focus = sum(1 for found in words if found)
     return (f"selection: {worth} of {units} exchanges hold words the model's vocabulary lacks that recur; read by "
             f"the base model ({done})"
             + (f"; {unread} not read" if unread else "")
             + f"; {focus} hold words it does not know that recur across your conversations"
             + (f" ({', '.join(common_words(words))})" if focus else "")
-            + (f"; {duplicates} near-duplicates left out" if duplicates else ""))
+            + (f"; {duplicates} near-duplicate{'s' * (duplicates != 1)} left out" if duplicates else ""))
+
+
+def _who_read(worth: int, read: int, kept: int, seconds: float) -> str:
+    """How the exchanges worth reading were read: by this run, or by earlier runs (`kept` in the cache)."""
+    if not worth:
+        return "nothing to read"
+    if kept == worth:
+        return "all read by an earlier run"
+    parts = ([f"{read} read in {duration(seconds)}"] if read else []) + ([f"{kept} by earlier runs"] if kept else [])
+    return ", ".join(parts) or "none yet"
 
 
 def say_scoring(count: int, seconds: float) -> None:

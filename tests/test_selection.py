@@ -98,6 +98,8 @@ def test_the_focus_is_the_most_recurring_words_per_token_with_near_duplicates_le
     words = [["river"], ["river"], ["ada", "brook"], ["ada", "brook"], []]
     lengths = {0: 80, 1: 81, 2: 20, 3: 30, 4: 15}
     assert selection.focus_order(words, lengths, [1]) == [2, 3, 0]
+    lengths[0] = selection.FOCUS_TOKENS_PER_WORD + 1  # one recurring word incidental to a long answer
+    assert selection.focus_order(words, lengths, [1]) == [2, 3]
     assert selection.common_words([["ada", "brook"], ["ada"], ["river"]]) == ["ada", "brook", "river"]
 
 
@@ -169,8 +171,7 @@ def test_a_budget_trains_a_sample_of_conversations_then_the_focus_exchanges_repe
     assert choice.plan.estimated_seconds <= budget and 5 < len(choice.kept) < 50
     random = plan.choose(request(budget=budget), SHAPE, MACHINE)
     assert len(choice.kept) < len(random.kept)  # the focus stage took part of the training time ...
-    held = [90] * 8 + [plan.FOCUS_ANCHOR_TOKENS] * plan.FOCUS_ANCHORS  # the rehearsal's and the held openings
-    stage = plan._epoch(request(focus=focus, extra=held), [], plan.FOCUS_BATCH, SHAPE, MACHINE,
+    stage = plan._epoch(request(focus=focus), [], plan.FOCUS_BATCH, SHAPE, MACHINE,  # with the rehearsal's examples
                         choice.gradient_checkpointing, (choice.focus, 8))
     assert choice.plan.parts["focus"] == pytest.approx(stage[1], abs=0.1)  # ... in steps of 3, within its share
     assert stage[1] <= plan.FOCUS_SHARE * (random.plan.parts["training"] + random.plan.parts["evaluation"])
@@ -239,9 +240,9 @@ def test_a_budget_run_trains_the_recurring_words_exchanges_first_from_an_earlier
     assert f"training on {info['plan']['conversations']} examples" in err
     assert f"then 3 exchanges holding recurring words, {3 * plan.FOCUS_REPEATS} examples" in err
     assert "focus: 3 exchanges holding words the model did not know, 8 times each" in err
-    stage = info["metrics"]["focus"]  # after the conversations: 24 examples and 16 held openings in steps of 3
-    assert stage["steps"] == 14 and stage["exchanges"] == 3 and stage["train_loss"] > 0
-    assert info["metrics"]["steps"] == info["plan"]["steps"] + 14
+    stage = info["metrics"]["focus"]  # after the conversations: 24 examples in steps of 3
+    assert stage["steps"] == 8 and stage["exchanges"] == 3 and stage["train_loss"] > 0
+    assert info["metrics"]["steps"] == info["plan"]["steps"] + 8
     assert train("random", "--budget-selection", "random") == 0
     info = json.loads((tmp_path / "random" / "chatkit.json").read_text())
     assert info["plan"]["focus_exchanges"] == 0 and "reading" not in capsys.readouterr().err
@@ -257,7 +258,7 @@ def test_a_first_budget_run_reads_what_its_share_allows_and_a_second_reads_the_r
     monkeypatch.setattr(planning, "SCORE_SHARE", 1e9)
     assert train("second") == 0
     err = capsys.readouterr().err
-    assert f"reading {43 - read} exchanges with the base model" in err and "the rest kept from earlier runs" in err
+    assert f"reading {43 - read} exchanges with the base model" in err and f"{read} by earlier runs" in err
     cached = json.loads(next((chatkit_cache / "surprise").glob("*.json")).read_text())["standout"]
     assert len(cached) == 43
     assert train("third") == 0
@@ -304,26 +305,42 @@ def test_the_focus_stage_keeps_the_runs_deadline_with_its_own_planned_steps():
     assert "the focus stage stopped after 30 of 40 planned steps" in first.describe()
 
 
-def test_the_focus_stage_holds_the_openings_of_trained_conversations_where_the_conversations_left_them(tiny_llama):
-    import torch
+def test_the_focus_stage_trains_the_rehearsal_examples_with_their_teacher_beside_the_focus(monkeypatch):
+    from types import SimpleNamespace
 
-    from chatkit import focus
+    from chatkit import engine, focus
     from chatkit.formatting import IGNORE_INDEX
-    from chatkit.models import load_model, resolve_model
-    from chatkit.rehearsal import Teacher
     from chatkit.rundata import Prepared
 
-    loaded = load_model(resolve_model(str(tiny_llama)))
-    train = [{"input_ids": list(range(5, 5 + n)), "labels": [IGNORE_INDEX] * 3 + list(range(8, 5 + n)),
-              "length": n, "teacher_index": [-1] * n} for n in (40, 300, 20)]
+    seen = {}
+
+    def run_trainer(model, tokenizer, examples, val, arguments, teacher=None, deadline=None):
+        seen.update(examples=examples, teacher=teacher, batch=arguments.per_device_train_batch_size)
+        state = SimpleNamespace(global_step=len(examples) // 3, log_history=[{"loss": 1.0, "step": 1}])
+        return engine.RunResult(SimpleNamespace(model=model, state=state), {"train_loss": 1.0})
+
+    monkeypatch.setattr(focus, "run_trainer", run_trainer)
+    conversation = {"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX, 6, 7, 8], "length": 4}
     rehearsed = {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7], "length": 3, "teacher_index": [-1, 0, 1]}
-    old = Teacher(torch.zeros(2, 32, dtype=torch.long), torch.zeros(2, 32))
-    prepared = Prepared(train + [rehearsed], [], None, old)
-    held, teacher = focus.anchors(loaded.model, prepared, seed=0)
-    assert sorted(e["length"] for e in held) == [20, 40, plan.FOCUS_ANCHOR_TOKENS]  # not the rehearsal's
-    rows = [i for e in held for i in e["teacher_index"] if i >= 0]
-    assert sorted(rows) == list(range(2, 2 + sum(e["length"] - 3 for e in held)))  # after the rehearsal's rows
-    assert len(teacher.ids) == 2 + len(rows) and torch.equal(teacher.ids[:2], old.ids)
+    exchange = {"input_ids": [9, 10], "labels": [IGNORE_INDEX, 10], "length": 2}
+    teacher = object()
+    prepared = Prepared([dict(conversation, teacher_index=[-1] * 4), rehearsed], [], None, teacher,
+                        focus=[exchange] * 8, focus_exchanges=1)
+    options = SimpleNamespace(output="out", effective_learning_rate=1e-4, lr_scheduler="cosine", warmup_ratio=0.0,
+                              weight_decay=0.0, logging_steps=1, seed=0)
+    run = SimpleNamespace(options=options, gradient_checkpointing=False, max_batch_tokens=0, focus_copies=8,
+                          plan=None)
+    placement = SimpleNamespace(device="cpu", dtype="float32")
+    first = engine.RunResult(SimpleNamespace(model="model", state=SimpleNamespace(global_step=10, log_history=[])),
+                             {"steps": 10, "train_runtime_s": 5.0})
+    result = focus.learn_focus(run, placement, None, prepared, None, first)
+    assert seen["examples"][-1] is rehearsed and seen["teacher"] is teacher and seen["batch"] == plan.FOCUS_BATCH
+    assert [e["input_ids"] for e in seen["examples"][:-1]] == [[9, 10]] * 8  # the focus, not the conversations
+    assert all(e["teacher_index"] == [-1, -1] for e in seen["examples"][:-1])  # a table the collator can pad
+    assert result.metrics["steps"] == 13 and result.metrics["focus"]["repeats"] == 8
+    prepared.train, prepared.teacher = [dict(conversation, teacher_index=[-1] * 4)], None  # no rehearsal
+    focus.learn_focus(run, placement, None, prepared, None, first)
+    assert seen["examples"] == [exchange] * 8 and seen["teacher"] is None
 
 
 def test_ctrl_c_in_the_focus_stage_keeps_the_model_with_the_steps_taken(tmp_path, tiny_llama, capsys, monkeypatch,
