@@ -2,7 +2,8 @@
 base model does not know of the user's world (selection.py), several times each, with a learning-rate
 schedule and an optimizer of its own. Mixed among the conversations the same repeats taught no fact: the
 conversations' steps washed them out (docs/PERFORMANCE.md, "Choosing what a budget trains"). The
-rehearsal's examples, when the run has them, go with the focus (plan.py counts them in the stage).
+rehearsal's examples, when the run has them, go with the focus (rundata.prepare_examples puts them there;
+plan.py counts them in the stage).
 
 Imported only when training runs: it imports the engine, which imports torch.
 """
@@ -34,13 +35,9 @@ def learn_focus(run, placement, tokenizer, prepared, deadline, first: RunResult)
         max_batch_tokens=run.max_batch_tokens)
     say(f"focus: {prepared.focus_exchanges} exchanges holding words the model did not know, "
         f"{run.focus_copies} times each")
-    rehearsal = [e for e in prepared.train if max(e.get("teacher_index") or [-1]) >= 0]
-    examples = [dict(e, teacher_index=[-1] * len(e["input_ids"])) if rehearsal else e
-                for e in prepared.focus] + rehearsal
-    tokens = sum(len(example["input_ids"]) for example in examples)
-    second = run_trainer(first.trainer.model, tokenizer, examples, prepared.val, arguments,
-                         teacher=prepared.teacher if rehearsal else None,
-                         deadline=focus_deadline(deadline, run.plan, tokens))
+    tokens = sum(len(example["input_ids"]) for example in prepared.focus)
+    second = run_trainer(first.trainer.model, tokenizer, prepared.focus, prepared.val, arguments,
+                         teacher=prepared.teacher, deadline=focus_deadline(deadline, run.plan, tokens))
     offset = first.trainer.state.global_step
     history = [dict(entry, step=entry.get("step", 0) + offset) for entry in second.trainer.state.log_history]
     second.trainer.state.log_history = first.trainer.state.log_history + history

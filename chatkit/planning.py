@@ -117,7 +117,8 @@ def choose_focus(run: RunPlan, source: ModelSource, placement: Placement, data: 
     vocabulary = selection.Vocabulary(tokenizer)
     worth = selection.candidates(units, owners, vocabulary)
     cache = selection.ScoreCache(selection.model_key(source))
-    todo = [i for i in selection.missing(units, cache) if i in set(worth)]
+    to_read = set(worth) & set(selection.missing(units, cache))  # worth reading, not read by an earlier run
+    todo = sorted(to_read)
     room = SCORE_SHARE * parse_duration(options.time_budget)
     random.Random(options.seed).shuffle(todo)
     while todo and reading_seconds(selection.score_tokens(units, todo), shape, machine) > room:
@@ -143,7 +144,7 @@ def choose_focus(run: RunPlan, source: ModelSource, placement: Placement, data: 
                                            options.train_on_prompt) for i, found in enumerate(words) if found}
     examples = {i: example for i, example in examples.items() if example is not None}
     order = selection.focus_order(words, {i: e["length"] for i, e in examples.items()}, left_out)
-    unread = len(set(worth) & set(selection.missing(units, cache)))
+    unread = len(to_read - set(todo))
     say(selection.describe(len(units), len(worth), len(todo), spent, len(left_out), unread, [words[i] for i in order]))
     data = dataclasses.replace(data, focus=[examples[i] for i in order])
     return data, make_plan(run, data, shape, machine, spent_s=spent), machine

@@ -305,12 +305,11 @@ def test_the_focus_stage_keeps_the_runs_deadline_with_its_own_planned_steps():
     assert "the focus stage stopped after 30 of 40 planned steps" in first.describe()
 
 
-def test_the_focus_stage_trains_the_rehearsal_examples_with_their_teacher_beside_the_focus(monkeypatch):
+def test_the_focus_stage_trains_the_rehearsal_examples_once_with_their_teacher_beside_the_focus(monkeypatch):
     from types import SimpleNamespace
 
-    from chatkit import engine, focus
+    from chatkit import engine, focus, rundata
     from chatkit.formatting import IGNORE_INDEX
-    from chatkit.rundata import Prepared
 
     seen = {}
 
@@ -319,27 +318,37 @@ def test_the_focus_stage_trains_the_rehearsal_examples_with_their_teacher_beside
         state = SimpleNamespace(global_step=len(examples) // 3, log_history=[{"loss": 1.0, "step": 1}])
         return engine.RunResult(SimpleNamespace(model=model, state=state), {"train_loss": 1.0})
 
+    table = object()
+
+    def attach_teacher(model, examples, start=0):
+        for example in examples:
+            example["teacher_index"] = [-1] + list(range(len(example["input_ids"]) - 1))
+        return table
+
     monkeypatch.setattr(focus, "run_trainer", run_trainer)
+    monkeypatch.setattr(rundata, "attach_teacher", attach_teacher)
+    monkeypatch.setattr(rundata, "tokenize_examples", lambda *args: [
+        {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7], "length": 3}])
     conversation = {"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX, 6, 7, 8], "length": 4}
-    rehearsed = {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7], "length": 3, "teacher_index": [-1, 0, 1]}
     exchange = {"input_ids": [9, 10], "labels": [IGNORE_INDEX, 10], "length": 2}
-    teacher = object()
-    prepared = Prepared([dict(conversation, teacher_index=[-1] * 4), rehearsed], [], None, teacher,
-                        focus=[exchange] * 8, focus_exchanges=1)
     options = SimpleNamespace(output="out", effective_learning_rate=1e-4, lr_scheduler="cosine", warmup_ratio=0.0,
-                              weight_decay=0.0, logging_steps=1, seed=0)
+                              weight_decay=0.0, logging_steps=1, seed=0, system_prompt=None, train_on_prompt=False,
+                              packing=False)
     run = SimpleNamespace(options=options, gradient_checkpointing=False, max_batch_tokens=0, focus_copies=8,
-                          plan=None)
+                          plan=None, max_length=64)
     placement = SimpleNamespace(device="cpu", dtype="float32")
     first = engine.RunResult(SimpleNamespace(model="model", state=SimpleNamespace(global_step=10, log_history=[])),
                              {"steps": 10, "train_runtime_s": 5.0})
+    data = SimpleNamespace(train=[[conversation]], focus=[exchange], val=[])
+    rehearsal = SimpleNamespace(conversations=[["a rehearsal conversation"]])
+    prepared = rundata.prepare_examples(run, "model", None, data, rehearsal)
     result = focus.learn_focus(run, placement, None, prepared, None, first)
-    assert seen["examples"][-1] is rehearsed and seen["teacher"] is teacher and seen["batch"] == plan.FOCUS_BATCH
-    assert [e["input_ids"] for e in seen["examples"][:-1]] == [[9, 10]] * 8  # the focus, not the conversations
+    assert seen["teacher"] is table and seen["batch"] == plan.FOCUS_BATCH
+    assert [e["input_ids"] for e in seen["examples"]] == [[9, 10]] * 8 + [[5, 6, 7]]  # the rehearsal's once
     assert all(e["teacher_index"] == [-1, -1] for e in seen["examples"][:-1])  # a table the collator can pad
     assert result.metrics["steps"] == 13 and result.metrics["focus"]["repeats"] == 8
-    prepared.train, prepared.teacher = [dict(conversation, teacher_index=[-1] * 4)], None  # no rehearsal
-    focus.learn_focus(run, placement, None, prepared, None, first)
+    prepared = rundata.prepare_examples(run, "model", None, data, SimpleNamespace(conversations=[]))
+    focus.learn_focus(run, placement, None, prepared, None, first)  # no rehearsal: the focus alone
     assert seen["examples"] == [exchange] * 8 and seen["teacher"] is None
 
 
