@@ -49,7 +49,7 @@ STANDOUT_MARGIN = 5.0
 # such a candidate (an unknown word in two conversations' read parts) are read at all.
 RECUR_CONVERSATIONS = 2
 RECUR_SHARE = 0.75
-# A focus exchange is trained 8 times, so it must be about those words: at least one recurring word in this
+# A focus exchange is trained 8 to 16 times, so it must be about those words: at least one recurring word in this
 # many tokens. Where one is incidental to a long answer (a Dutch word, a library's name), the exchange is
 # left to its conversation: repeated, such exchanges pulled the whole model towards them (held-out loss
 # 1.99 against the starter's 1.83 at 30 minutes, docs/PERFORMANCE.md).
