@@ -11,7 +11,7 @@ model does not know of the user's world), whole conversations alone, or each con
 A budget shorter than the schedule trains part of it. `--budget-selection surprise` (the toolkit's default,
 "surprise" here) reads every exchange's answer opening with the base model (forward only, cached), finds
 the words it does not know that stand out in several conversations, trains whole conversations as
-they fit and then, in a focus stage of its own, the exchanges holding those words 8 times each.
+they fit and then, in a focus stage of its own, the exchanges holding those words 8 to 16 times each.
 "Whole conversations" (`--budget-selection random`) takes whole conversations in a seeded random order,
 each one that still fits. "Openings first" takes every conversation's first example (its opening
 exchanges, up to --max-length) before any conversation's second, the conversations in the same order.
@@ -160,6 +160,59 @@ def rank_facts(conversations: list, train_indices: list, facts: list) -> dict:
     return out
 
 
+class Yardsticks:
+    """What a trained model is measured by: the real export's held-out conversations, the facts' questions
+    in words no mention used, and their right answers."""
+
+    def __init__(self, facts, tokenizer, held_out, questions, fact_answers):
+        self.facts, self.tokenizer = facts, tokenizer
+        self.held_out, self.questions, self.fact_answers = held_out, questions, fact_answers
+
+    @classmethod
+    def make(cls, conversations: list, val_indices: list, facts: list, tokenizer, max_length: int) -> "Yardsticks":
+        from chatkit.examples import tokenize_examples
+
+        held_out = tokenize_examples([conversations[i] for i in val_indices], tokenizer, max_length)
+        questions = [{"question": HELD_OUT_TEMPLATE.format(role=f["role"]), "expect": [f["name"]]} for f in facts]
+        fact_answers = tokenize_examples([[{"role": "user", "content": q["question"]},
+                                           {"role": "assistant", "content": ANSWER.format(**f)}]
+                                          for q, f in zip(questions, facts)], tokenizer, max_length)
+        return cls(facts, tokenizer, held_out, questions, fact_answers)
+
+    def measure(self, model: str, names_only: bool = False, held_out: bool = True) -> dict:
+        """The figures of the model in folder `model`: the right name likeliest, and unless `names_only` the
+        held-out loss (unless not `held_out`), the fact answers' loss and the facts recalled (greedy)."""
+        import torch
+
+        from chatkit.models import load_model
+        from chatkit.report import mean_loss
+
+        loaded = load_model(model).model
+        with torch.no_grad():
+            figures = {"right_name_likeliest": names_preferred(loaded, self.tokenizer, self.facts)}
+            if names_only:
+                return figures
+            if held_out:
+                figures["held_out_loss"] = round(mean_loss(loaded, self.held_out), 4)
+            figures["fact_answer_loss"] = round(mean_loss(loaded, self.fact_answers), 4)
+        del loaded
+        answers = ask(model, self.questions)
+        return figures | {"facts_recalled": sum(correct(a, q["expect"]) for a, q in zip(answers, self.questions))}
+
+
+def planted_export(path: str, facts: int, mentions: int, seed: int):
+    """(conversations with the facts planted, training indices, validation indices, facts), as the trainer
+    splits them (seeded, before tokenizing)."""
+    from chatkit.datasets import default_val_split, read_conversations, split_train_val
+
+    conversations, _ = read_conversations([path])
+    indices = list(range(len(conversations)))
+    train_indices, val_indices = split_train_val(indices, default_val_split(len(indices)), seed)
+    made = make_facts(facts)
+    planted = plant(conversations, train_indices, made, min(mentions, len(TRAIN_TEMPLATES)), seed)
+    return conversations, train_indices, val_indices, made, planted
+
+
 def train(rule: str, data: Path, budget: str, output: Path, extra: list) -> dict:
     flags = ["--data", str(data), "--output", str(output), "--time-budget", budget, "--report", "none", *extra,
              *RULE_FLAGS[rule]]
@@ -203,19 +256,13 @@ def main() -> int:
 
         shutil.rmtree(cache_dir() / "surprise", ignore_errors=True)
 
-    from chatkit.datasets import default_val_split, read_conversations, split_train_val
-    from chatkit.examples import tokenize_examples
-    from chatkit.models import load_model, load_tokenizer, resolve_model
+    from chatkit.models import load_tokenizer, resolve_model
     from chatkit.options import STARTER_MODEL
     from chatkit.output import set_verbosity
-    from chatkit.report import mean_loss
 
     set_verbosity()
-    conversations, _ = read_conversations([args.data])
-    indices = list(range(len(conversations)))
-    train_indices, val_indices = split_train_val(indices, default_val_split(len(indices)), args.seed)
-    facts = make_facts(args.facts)
-    planted = plant(conversations, train_indices, facts, min(args.mentions, len(TRAIN_TEMPLATES)), args.seed)
+    conversations, train_indices, val_indices, facts, planted = planted_export(args.data, args.facts, args.mentions,
+                                                                               args.seed)
     if args.rank_facts:
         print(json.dumps(rank_facts(conversations, train_indices, facts), indent=2))
         return 0
@@ -224,26 +271,11 @@ def main() -> int:
     data.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations))
 
     tokenizer = load_tokenizer(resolve_model(STARTER_MODEL))
-    held_out = tokenize_examples([conversations[i] for i in val_indices], tokenizer, args.max_length)
-    questions = [{"question": HELD_OUT_TEMPLATE.format(role=f["role"]), "expect": [f["name"]]} for f in facts]
-    fact_answers = tokenize_examples([[{"role": "user", "content": q["question"]},
-                                       {"role": "assistant", "content": ANSWER.format(**f)}]
-                                      for q, f in zip(questions, facts)], tokenizer, args.max_length)
+    yardsticks = Yardsticks.make(conversations, val_indices, facts, tokenizer, args.max_length)
     extra = ["--max-length", str(args.max_length), "--seed", str(args.seed)]
 
     def measure(model: str, names_only: bool = False) -> dict:
-        import torch
-
-        loaded = load_model(model).model
-        with torch.no_grad():
-            figures = {"right_name_likeliest": names_preferred(loaded, tokenizer, facts)}
-            if names_only:
-                return figures
-            figures |= {"held_out_loss": round(mean_loss(loaded, held_out), 4),
-                        "fact_answer_loss": round(mean_loss(loaded, fact_answers), 4)}
-        del loaded
-        answers = ask(model, questions)
-        return figures | {"facts_recalled": sum(correct(a, q["expect"]) for a, q in zip(answers, questions))}
+        return yardsticks.measure(model, names_only)
 
     if args.measure is not None:  # models trained on this --data (and --seed) by an earlier run
         print(json.dumps({model: measure(model, names_only=True) for model in args.measure}, indent=2))
@@ -257,8 +289,8 @@ def main() -> int:
             results[f"{rule}, {budget}"] = run | measure(str(output))
             print(json.dumps({f"{rule}, {budget}": results[f"{rule}, {budget}"]}), file=sys.stderr, flush=True)
     print(json.dumps({"conversations": len(conversations), "held_out_conversations": len(val_indices),
-                      "held_out_examples": len(held_out), "facts": len(facts), "mentions_planted": planted,
-                      "results": results}, indent=2))
+                      "held_out_examples": len(yardsticks.held_out), "facts": len(facts), "mentions_planted": planted,
+                      "work": str(work), "results": results}, indent=2))
     return 0
 
 
