@@ -124,9 +124,13 @@ BUDGET_MARGIN = 0.9  # plan for 90% of a time budget: estimates are within about
 # wash it out (docs/PERFORMANCE.md, "Choosing what a budget trains").
 FOCUS_REPEATS = 8
 FOCUS_SHARE = 1 / 3
-# When every such exchange fits with room in the share to spare, they are repeated more, up to this many
-# times: on the shared export at 30 minutes, 16 repeats recalled 12 planted facts of 12 where 8 recalled 9.
+# When every such exchange fits with room in the share to spare, and they are at least FOCUS_MANY, they are
+# repeated more, up to this many times: on the shared export at 30 minutes, 16 repeats recalled 12 planted
+# facts of 12 where 8 recalled 9. A handful of exchanges repeated 16 times pull the model towards their
+# answers instead (5 minutes on the shared export, 2 exchanges: the report's loss 2.298 -> 2.363 at 16
+# repeats, -> 2.236 at 8).
 FOCUS_MAX_REPEATS = 16
+FOCUS_MANY = 12
 # ... in steps of at most 3 examples: a fact is learned in optimizer steps, not tokens (on the quality set
 # batch 3 recalled 12 facts where batch 6 recalled 9).
 FOCUS_BATCH = 3
@@ -351,8 +355,8 @@ def _fit_with_focus(request: Request, shape: Shape, machine: Machine, rows: int,
     """(conversations kept, epochs, focus, the focus stage's (batches, seconds)) for a budget shorter than the
     schedule: the focus stage's exchanges, FOCUS_REPEATS times each in steps of FOCUS_BATCH, within FOCUS_SHARE
     of `usable` (the most valuable first; the rehearsal examples go with them), and more times each, up to
-    FOCUS_MAX_REPEATS, where they all fit with room to spare; then, in what is left, every conversation for as
-    many passes as fit, or one pass over a random sample of whole ones."""
+    FOCUS_MAX_REPEATS, where they all fit with room to spare and are FOCUS_MANY or more; then, in what is left,
+    every conversation for as many passes as fit, or one pass over a random sample of whole ones."""
     def fits(count: int, copies: int = FOCUS_REPEATS) -> bool:
         stage = _epoch(request, [], FOCUS_BATCH, shape, machine, checkpointing, (count, copies))
         return stage[1] + evaluation <= FOCUS_SHARE * usable
@@ -363,7 +367,7 @@ def _fit_with_focus(request: Request, shape: Shape, machine: Machine, rows: int,
         middle = (low + high + 1) // 2
         low, high = (middle, high) if fits(middle) else (low, middle - 1)
     copies = FOCUS_REPEATS if low else 0
-    while low and copies < FOCUS_MAX_REPEATS and fits(low, copies + 1):
+    while low >= FOCUS_MANY and copies < FOCUS_MAX_REPEATS and fits(low, copies + 1):
         copies += 1
     batches, seconds, _ = _epoch(request, [], FOCUS_BATCH, shape, machine, checkpointing, (low, copies))
     rest = usable - (seconds + evaluation if low else 0.0)

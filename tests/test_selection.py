@@ -190,31 +190,36 @@ def test_a_budget_for_more_than_a_pass_keeps_every_conversation_and_the_focus_st
     budget = full.parts["training"] / 5 * 2.6 + full.parts["evaluation"] / 5 * 3 + 60  # about 2.6 passes
     choice = plan.choose(request(budget=budget, epochs=5, focus=[(60, 20)] * 10), SHAPE, MACHINE)
     assert len(choice.kept) == 100 and choice.epochs == 2 and choice.focus == 10
-    # every focus exchange fits with room in the stage's share: each is repeated the most times
-    assert choice.focus_copies == plan.FOCUS_MAX_REPEATS == 16 and choice.plan.focus_repeats == 16
-    stage = plan._epoch(request(focus=[(60, 20)] * 10), [], plan.FOCUS_BATCH, SHAPE, MACHINE,
-                        choice.gradient_checkpointing, (10, 16))
-    assert choice.plan.parts["focus"] == pytest.approx(stage[1], abs=0.1) and choice.plan.focus_steps == len(stage[0])
+    # fewer than FOCUS_MANY exchanges: 8 times each, though the stage's share has room for more
+    assert choice.focus_copies == 8 and choice.plan.focus_repeats == 8
     assert choice.plan.estimated_seconds <= budget
     assert plan.choose(request(budget=budget, epochs=5), SHAPE, MACHINE).epochs == 2  # today's rule: 2 passes
     roomy = plan.choose(request(budget=10 * budget, epochs=5, focus=[(60, 20)] * 10), SHAPE, MACHINE)
     assert roomy.focus == 0 and roomy.epochs == 5 and "focus" not in roomy.plan.describe()  # the schedule fits
 
 
-def test_the_focus_exchanges_are_repeated_as_often_as_the_stages_share_allows_between_8_and_16_times():
+def test_many_focus_exchanges_are_repeated_as_often_as_the_stages_share_allows_up_to_16_times():
     full = plan.choose(request(epochs=5), SHAPE, MACHINE).plan
-    budget = full.parts["training"] / 5 * 0.3 + full.parts["evaluation"] / 5 * 3 + 60  # a third of a pass
-    choice = plan.choose(request(budget=budget, epochs=5, focus=[(60, 20)] * 10), SHAPE, MACHINE)
-    assert choice.focus == 10 and plan.FOCUS_REPEATS < choice.focus_copies < plan.FOCUS_MAX_REPEATS
+    many = [(60, 20)] * plan.FOCUS_MANY
 
-    def stage(copies):
-        return plan._epoch(request(focus=[(60, 20)] * 10), [], plan.FOCUS_BATCH, SHAPE, MACHINE,
-                           choice.gradient_checkpointing, (10, copies))[1]
+    def budget(passes):
+        return full.parts["training"] / 5 * passes + full.parts["evaluation"] / 5 * 3 + 60
 
-    assert choice.plan.parts["focus"] == pytest.approx(stage(choice.focus_copies), abs=0.1)
-    assert choice.plan.estimated_seconds <= budget
-    tighter = plan.choose(request(budget=budget * 0.6, epochs=5, focus=[(60, 20)] * 10), SHAPE, MACHINE)
-    assert 0 < tighter.focus < 10 and tighter.focus_copies == plan.FOCUS_REPEATS  # more exchanges before more repeats
+    def stage(count, copies, checkpointing):
+        return plan._epoch(request(focus=many), [], plan.FOCUS_BATCH, SHAPE, MACHINE, checkpointing, (count, copies))
+
+    roomy = plan.choose(request(budget=budget(2.6), epochs=5, focus=many), SHAPE, MACHINE)
+    assert roomy.focus == plan.FOCUS_MANY and roomy.focus_copies == plan.FOCUS_MAX_REPEATS == 16
+    batches, seconds, _ = stage(plan.FOCUS_MANY, 16, roomy.gradient_checkpointing)
+    assert roomy.plan.parts["focus"] == pytest.approx(seconds, abs=0.1) and roomy.plan.focus_steps == len(batches)
+    assert "then the focus: 12 exchanges x 16" in roomy.plan.describe()
+    choice = plan.choose(request(budget=budget(0.35), epochs=5, focus=many), SHAPE, MACHINE)
+    assert choice.focus == plan.FOCUS_MANY and plan.FOCUS_REPEATS < choice.focus_copies < plan.FOCUS_MAX_REPEATS
+    assert choice.plan.parts["focus"] == pytest.approx(stage(12, choice.focus_copies, choice.gradient_checkpointing)[1],
+                                                       abs=0.1)
+    assert choice.plan.estimated_seconds <= budget(0.35)
+    tighter = plan.choose(request(budget=budget(0.2), epochs=5, focus=many), SHAPE, MACHINE)
+    assert 0 < tighter.focus < 12 and tighter.focus_copies == plan.FOCUS_REPEATS  # more exchanges before more repeats
 
 
 def surprise_run(tmp_path, tiny_llama, monkeypatch, efficiency=2e-6):
@@ -255,15 +260,15 @@ def test_a_budget_run_trains_the_recurring_words_exchanges_first_from_an_earlier
     assert "all read by an earlier run" in err and "3 hold words it does not know" in err and "(ada, brook)" in err
     assert "selection: 43 of 43 exchanges hold words the model's vocabulary lacks" in err  # a tiny vocabulary
     info = json.loads((tmp_path / "focus" / "chatkit.json").read_text())
-    # three short exchanges fit the stage's share with room to spare: each is repeated the most times
-    assert info["plan"]["focus_exchanges"] == 3 and info["plan"]["focus_repeats"] == plan.FOCUS_MAX_REPEATS == 16
+    # three exchanges, fewer than FOCUS_MANY: 8 times each, though the share has room for more
+    assert info["plan"]["focus_exchanges"] == 3 and info["plan"]["focus_repeats"] == plan.FOCUS_REPEATS
     assert info["plan"]["examples"] == info["plan"]["conversations"]
     assert f"training on {info['plan']['conversations']} examples" in err
-    assert "then 3 exchanges holding recurring words, 48 examples" in err
-    assert "focus: 3 exchanges holding words the model did not know, 16 times each" in err
-    stage = info["metrics"]["focus"]  # after the conversations: 48 examples in steps of 3
-    assert stage["steps"] == 16 and stage["exchanges"] == 3 and stage["train_loss"] > 0
-    assert info["metrics"]["steps"] == info["plan"]["steps"] + 16
+    assert f"then 3 exchanges holding recurring words, {3 * plan.FOCUS_REPEATS} examples" in err
+    assert "focus: 3 exchanges holding words the model did not know, 8 times each" in err
+    stage = info["metrics"]["focus"]  # after the conversations: 24 examples in steps of 3
+    assert stage["steps"] == 8 and stage["exchanges"] == 3 and stage["train_loss"] > 0
+    assert info["metrics"]["steps"] == info["plan"]["steps"] + 8
     assert train("random", "--budget-selection", "random") == 0
     info = json.loads((tmp_path / "random" / "chatkit.json").read_text())
     assert info["plan"]["focus_exchanges"] == 0 and "reading" not in capsys.readouterr().err
