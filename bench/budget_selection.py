@@ -273,9 +273,7 @@ def main() -> int:
     tokenizer = load_tokenizer(resolve_model(STARTER_MODEL))
     yardsticks = Yardsticks.make(conversations, val_indices, facts, tokenizer, args.max_length)
     extra = ["--max-length", str(args.max_length), "--seed", str(args.seed)]
-
-    def measure(model: str, names_only: bool = False) -> dict:
-        return yardsticks.measure(model, names_only)
+    measure = yardsticks.measure
 
     if args.measure is not None:  # models trained on this --data (and --seed) by an earlier run
         print(json.dumps({model: measure(model, names_only=True) for model in args.measure}, indent=2))

@@ -39,7 +39,7 @@ def conversations_checkpoint(run: Path) -> Path:
     return max(found)[1]
 
 
-def focus_examples(conversations: list, train_indices: list, tokenizer, count: int, max_length: int) -> list:
+def focus_examples(conversations: list, train_indices: list, tokenizer, max_length: int) -> list:
     """The focus exchanges' examples, as planning.choose_focus orders them from the cached reading."""
     from chatkit import selection
     from chatkit.models import resolve_model
@@ -48,10 +48,7 @@ def focus_examples(conversations: list, train_indices: list, tokenizer, count: i
     units, owners = selection.exchange_units([conversations[i] for i in train_indices])
     cache = selection.ScoreCache(selection.model_key(resolve_model(STARTER_MODEL)))
     words = selection.recurring(units, owners, cache, selection.Vocabulary(tokenizer))
-    examples = {i: selection.focus_example(units[i], tokenizer, max_length) for i, found in enumerate(words) if found}
-    examples = {i: example for i, example in examples.items() if example is not None}
-    order = selection.focus_order(words, {i: e["length"] for i, e in examples.items()}, selection.near_duplicates(units))
-    return [examples[i] for i in order[:count]]
+    return selection.focus_examples(units, words, selection.near_duplicates(units), tokenizer, max_length)[1]
 
 
 def main() -> int:
@@ -83,26 +80,27 @@ def main() -> int:
         print(json.dumps({args.measure: yardsticks.measure(args.measure, held_out=args.held_out)}))
         return 0
 
+    from types import SimpleNamespace
+
     from chatkit.engine import ChatTrainingArguments, run_trainer
-    from chatkit.examples import tokenize_examples
-    from chatkit.rehearsal import attach_teacher
     from chatkit.plan import FOCUS_BATCH
+    from chatkit.rehearsal import Rehearsal
+    from chatkit.rundata import prepare_examples
 
     plan = json.loads((run / "chatkit.json").read_text())["plan"]
     count = plan["focus_exchanges"] if args.exchanges is None else args.exchanges
     repeats = plan["focus_repeats"] if args.repeats is None else args.repeats
-    chosen = focus_examples(conversations, train_indices, tokenizer, count, args.max_length)
-    examples = [dict(example) for example in chosen for _ in range(repeats)]
-    teacher = None
-    rehearsal = run / "checkpoints" / "rehearsal.json"
-    if not args.no_rehearsal and rehearsal.is_file():
-        rehearsed = tokenize_examples(json.loads(rehearsal.read_text())["conversations"], tokenizer, args.max_length)
-        base = load_model(STARTER_MODEL).model.eval()
-        teacher = attach_teacher(base, rehearsed)  # as the run attached it: the base model's answers
-        del base
-        for example in examples:
-            example["teacher_index"] = [-1] * len(example["input_ids"])
-        examples += rehearsed
+    chosen = focus_examples(conversations, train_indices, tokenizer, args.max_length)[:count]
+    saved = run / "checkpoints" / "rehearsal.json"
+    answers = [] if args.no_rehearsal or not saved.is_file() else json.loads(saved.read_text())["conversations"]
+    # as the run prepared them: the focus repeated, the rehearsal's examples once with the base model as teacher
+    options = SimpleNamespace(system_prompt=None, train_on_prompt=False, packing=False)
+    base = load_model(STARTER_MODEL).model.eval() if answers else None
+    prepared = prepare_examples(SimpleNamespace(options=options, max_length=args.max_length, focus_copies=repeats),
+                                base, tokenizer, SimpleNamespace(train=[], val=[], focus=chosen),
+                                Rehearsal(conversations=answers, asked=len(answers)))
+    del base
+    examples, teacher = prepared.focus, prepared.teacher
     variant = f"{len(chosen)}x{repeats}-{args.lr_scheduler}-{args.learning_rate:g}" + ("-alone" if args.no_rehearsal else "")
     output = Path(args.output or work / f"focus-{variant}")
     model = load_model(str(conversations_checkpoint(run)), adapter_trainable=True).model

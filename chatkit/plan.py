@@ -357,9 +357,11 @@ def _fit_with_focus(request: Request, shape: Shape, machine: Machine, rows: int,
     of `usable` (the most valuable first; the rehearsal examples go with them), and more times each, up to
     FOCUS_MAX_REPEATS, where they all fit with room to spare and are FOCUS_MANY or more; then, in what is left,
     every conversation for as many passes as fit, or one pass over a random sample of whole ones."""
+    def stage(count: int, copies: int = FOCUS_REPEATS):
+        return _epoch(request, [], FOCUS_BATCH, shape, machine, checkpointing, (count, copies))
+
     def fits(count: int, copies: int = FOCUS_REPEATS) -> bool:
-        stage = _epoch(request, [], FOCUS_BATCH, shape, machine, checkpointing, (count, copies))
-        return stage[1] + evaluation <= FOCUS_SHARE * usable
+        return stage(count, copies)[1] + evaluation <= FOCUS_SHARE * usable
 
     evaluation = evaluation_seconds(val_tokens, shape, machine, 1)
     low, high = 0, len(request.focus)  # the most exchanges whose repeats fit the share (cost grows with count)
@@ -369,7 +371,7 @@ def _fit_with_focus(request: Request, shape: Shape, machine: Machine, rows: int,
     copies = FOCUS_REPEATS if low else 0
     while low >= FOCUS_MANY and copies < FOCUS_MAX_REPEATS and fits(low, copies + 1):
         copies += 1
-    batches, seconds, _ = _epoch(request, [], FOCUS_BATCH, shape, machine, checkpointing, (low, copies))
+    batches, seconds, _ = stage(low, copies)
     rest = usable - (seconds + evaluation if low else 0.0)
     everything = [(i, len(examples)) for i, examples in enumerate(request.lengths)]
     passes = affordable(rest, _epoch(request, everything, rows, shape, machine, checkpointing)[1] + evaluation)

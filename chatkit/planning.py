@@ -140,13 +140,11 @@ def choose_focus(run: RunPlan, source: ModelSource, placement: Placement, data: 
     spent = time.perf_counter() - started
     words = selection.recurring(units, owners, cache, vocabulary)
     left_out = selection.near_duplicates(units)
-    examples = {i: selection.focus_example(units[i], tokenizer, run.max_length, options.system_prompt,
-                                           options.train_on_prompt) for i, found in enumerate(words) if found}
-    examples = {i: example for i, example in examples.items() if example is not None}
-    order = selection.focus_order(words, {i: e["length"] for i, e in examples.items()}, left_out)
+    order, focus = selection.focus_examples(units, words, left_out, tokenizer, run.max_length, options.system_prompt,
+                                            options.train_on_prompt)
     unread = len(to_read - set(todo))
     say(selection.describe(len(units), len(worth), len(todo), spent, len(left_out), unread, [words[i] for i in order]))
-    data = dataclasses.replace(data, focus=[examples[i] for i in order])
+    data = dataclasses.replace(data, focus=focus)
     return data, make_plan(run, data, shape, machine, spent_s=spent), machine
 
 

@@ -257,6 +257,17 @@ def focus_order(words: Sequence[List[str]], lengths: Dict[int, int], left_out: S
     return sorted(chosen, key=lambda i: (-len(words[i]) / max(1, lengths[i]), i))
 
 
+def focus_examples(units: Sequence[List[dict]], words: Sequence[List[str]], left_out: Sequence[int], tokenizer,
+                   max_length: int, system_prompt: Optional[str] = None,
+                   train_on_prompt: bool = False) -> Tuple[List[int], List[dict]]:
+    """(the focus units in the order they are trained, focus_order's, and their examples in that order)."""
+    examples = {i: focus_example(units[i], tokenizer, max_length, system_prompt, train_on_prompt)
+                for i, found in enumerate(words) if found}
+    examples = {i: example for i, example in examples.items() if example is not None}
+    order = focus_order(words, {i: e["length"] for i, e in examples.items()}, left_out)
+    return order, [examples[i] for i in order]
+
+
 def focus_example(unit: List[dict], tokenizer, max_length: int, system_prompt: Optional[str] = None,
                   train_on_prompt: bool = False) -> Optional[dict]:
     """The example a focus unit trains: the end of the question and the answer's opening that was read (an
